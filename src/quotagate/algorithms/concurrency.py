@@ -1,0 +1,31 @@
+"""Concurrency leases: at most ``limit`` holders at once, each slot expiring at a deadline.
+
+A slot is a lease rather than a counter so that a holder that crashes without releasing cannot
+keep it forever: expired leases are dropped before counting.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["ConcurrencyResult", "concurrency"]
+
+#: Advised wait when every slot is taken: when one frees is unknowable, so clients poll gently.
+RETRY_AFTER_US = 1_000_000
+
+
+class ConcurrencyResult(NamedTuple):
+    verdict: int
+    held: int
+    """Live leases before this request."""
+    remaining: int
+    retry_after: int
+
+
+def concurrency(held: int, limit: int) -> ConcurrencyResult:
+    """Decide whether one more slot fits beside ``held`` live (unexpired) leases."""
+    if limit < 1:
+        return ConcurrencyResult(2, held, 0, 0)
+    if held < limit:
+        return ConcurrencyResult(0, held, limit - held - 1, 0)
+    return ConcurrencyResult(1, held, 0, RETRY_AFTER_US)

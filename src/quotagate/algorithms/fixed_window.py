@@ -1,0 +1,48 @@
+"""Fixed window counting, aligned to the calendar (a window of length ``w`` ends at ``k * w``).
+
+For users who want "1000 per day, reset at midnight UTC". A client may spend a window's
+capacity at its end and the next one's at its start: that is the known price of the algorithm.
+State is ``(window_end, count)``; a state from an older window counts as empty.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["FixedWindowResult", "fixed_window", "fixed_window_adjust"]
+
+
+class FixedWindowResult(NamedTuple):
+    verdict: int
+    window_end: int
+    new_count: int
+    remaining: int
+    reset_after: int
+    retry_after: int
+
+
+def fixed_window(
+    window_end: int | None, count: int, now: int, capacity: int, length: int, cost: int
+) -> FixedWindowResult:
+    """Decide one fixed-window limit; all times in microseconds."""
+    current_end = (now // length + 1) * length
+    used = count if window_end == current_end else 0
+    reset_after = current_end - now
+    if cost > capacity:
+        return FixedWindowResult(2, current_end, used, max(0, capacity - used), reset_after, 0)
+    if used + cost <= capacity:
+        return FixedWindowResult(
+            0, current_end, used + cost, capacity - used - cost, reset_after, 0
+        )
+    return FixedWindowResult(
+        1, current_end, used, max(0, capacity - used), reset_after, reset_after
+    )
+
+
+def fixed_window_adjust(
+    window_end: int | None, count: int, now: int, length: int, delta: int
+) -> tuple[int, int]:
+    """Charge or refund units in the current window: ``(window_end, new_count)``, count >= 0."""
+    current_end = (now // length + 1) * length
+    used = count if window_end == current_end else 0
+    return current_end, max(0, used + delta)

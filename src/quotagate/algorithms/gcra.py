@@ -1,0 +1,56 @@
+"""GCRA, the generic cell rate algorithm (ITU-T I.371), as a virtual scheduling rule.
+
+State is one number per (client, limit): the theoretical arrival time ``tat``. A rate of
+``capacity`` per period has emission interval ``interval`` and tolerance ``capacity * interval``,
+so a full bucket (``tat <= now``) admits ``capacity`` units at once, then one per interval.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["GcraResult", "gcra", "gcra_adjust"]
+
+
+class GcraResult(NamedTuple):
+    verdict: int
+    """0 allowed, 1 limited, 2 too large (cost above capacity: can never pass)."""
+    new_tat: int
+    """State to store when the whole decision admits (unchanged ``base`` otherwise)."""
+    remaining: int
+    reset_after: int
+    retry_after: int
+
+
+def gcra(tat: int | None, now: int, capacity: int, interval: int, cost: int) -> GcraResult:
+    """Decide one GCRA limit; all times in microseconds.
+
+    Args:
+        tat: stored theoretical arrival time, or None when the bucket is full (no state).
+        now: current time.
+        capacity: units per period (the burst a full bucket admits).
+        interval: emission interval, ``period / capacity``.
+        cost: units this request takes (0 only reads).
+    """
+    base = now if tat is None or tat < now else tat
+    tolerance = capacity * interval
+    if cost > capacity:
+        remaining = max(0, (tolerance - (base - now)) // interval)
+        return GcraResult(2, base, remaining, base - now, 0)
+    new_tat = base + cost * interval
+    if new_tat - now <= tolerance:
+        return GcraResult(0, new_tat, (tolerance - (new_tat - now)) // interval, new_tat - now, 0)
+    remaining = max(0, (tolerance - (base - now)) // interval)
+    return GcraResult(1, base, remaining, base - now, new_tat - tolerance - now)
+
+
+def gcra_adjust(tat: int | None, now: int, interval: int, delta: int) -> int | None:
+    """Charge (``delta > 0``) or refund (``delta < 0``) units after the fact.
+
+    Not clamped above: a charge may put the client in debt (its ``tat`` beyond the tolerance),
+    so later requests wait until the debt is paid. A refund stops at full: returns None (the
+    state can be deleted) when the bucket is full again.
+    """
+    base = now if tat is None or tat < now else tat
+    new_tat = base + delta * interval
+    return None if new_tat <= now else new_tat

@@ -1,0 +1,25 @@
+"""The one exception tree of quotagate.
+
+    QuotagateError
+     ├── ConfigError    bad rate text, bad config value, bad argument
+     └── StorageError   the storage backend failed or timed out (raised from the driver's error)
+
+Decisions are values, not exceptions: a rejected request is a ``Decision`` with
+``allowed == False``; these exceptions are for things that are broken.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "QuotagateError", "StorageError"]
+
+
+class QuotagateError(Exception):
+    """Root of every error quotagate raises on purpose."""
+
+
+class ConfigError(QuotagateError, ValueError):
+    """A rate, setting or argument is invalid; the message names the bad value."""
+
+
+class StorageError(QuotagateError):
+    """The storage backend could not answer (connection lost, timeout, script error)."""

@@ -1,0 +1,136 @@
+"""Rates: ``"60/minute; 1000/day"`` -> ``(Rate(60, 60.0), Rate(1000, 86400.0))``.
+
+Accepted forms: ``60/minute``, ``60 per minute``, ``10/second``, ``100/5 minutes``, ``60/min``,
+``3/h``; several separated by ``;`` or ``,``. Parsing is cached: the hot path passes the same
+strings again and again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from .errors import ConfigError
+
+__all__ = ["Rate", "RateLike", "as_rates", "parse_rate", "parse_rates"]
+
+_MICROS = 1_000_000
+
+_UNIT_SECONDS: dict[str, int] = {}
+for _names, _seconds in (
+    (("s", "sec", "secs", "second", "seconds"), 1),
+    (("m", "min", "mins", "minute", "minutes"), 60),
+    (("h", "hr", "hrs", "hour", "hours"), 3600),
+    (("d", "day", "days"), 86400),
+    (("w", "week", "weeks"), 7 * 86400),
+):
+    for _name in _names:
+        _UNIT_SECONDS[_name] = _seconds
+
+# Largest unit first, for rendering a period back to words.
+_UNIT_NAMES = (("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+
+_RATE_RE = re.compile(
+    r"^\s*(?P<amount>\d+)\s*(?:/|\bper\b)\s*(?P<multiple>\d+)?\s*(?P<unit>[a-z]+)\s*$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``amount`` units per ``period`` seconds.
+
+    Under GCRA a full bucket admits ``amount`` at once, then one every ``period / amount``.
+    """
+
+    amount: int
+    period: float
+    #: Length of the period in whole microseconds: the unit of all storage arithmetic, so that
+    #: Python and the Redis Lua script compute with exact integers and agree to the microsecond.
+    period_us: int = field(init=False, repr=False, compare=False)
+    #: GCRA emission interval in microseconds (``period / amount``, at least 1).
+    interval_us: int = field(init=False, repr=False, compare=False)
+    #: Stable text used in storage keys, e.g. ``60/60s``.
+    key_suffix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.amount, bool) or not isinstance(self.amount, int) or self.amount < 1:
+            raise ConfigError(f"rate amount must be a positive integer, got {self.amount!r}")
+        if not self.period > 0:
+            raise ConfigError(f"rate period must be positive seconds, got {self.period!r}")
+        period_us = round(self.period * _MICROS)
+        object.__setattr__(self, "period_us", period_us)
+        object.__setattr__(self, "interval_us", max(1, round(period_us / self.amount)))
+        object.__setattr__(self, "key_suffix", f"{self.amount}/{self.period:g}s")
+
+    @property
+    def emission_interval(self) -> float:
+        """Seconds between two admissions at a steady pace."""
+        return self.period / self.amount
+
+    @property
+    def unit_text(self) -> str:
+        """The period in words: ``minute``, ``5 minutes``, ``90 seconds``."""
+        for name, seconds in _UNIT_NAMES:
+            if self.period % seconds == 0:
+                multiple = int(self.period // seconds)
+                return name if multiple == 1 else f"{multiple} {name}s"
+        return f"{self.period:g} seconds"
+
+    def __str__(self) -> str:
+        return f"{self.amount}/{self.unit_text}"
+
+
+RateLike = str | Rate | Sequence[Rate]
+
+
+def parse_rate(text: str) -> Rate:
+    """Parse one rate such as ``"60/minute"`` or ``"100 per 5 minutes"``.
+
+    Raises:
+        ConfigError: the text is not a rate; the message quotes it.
+    """
+    match = _RATE_RE.match(text)
+    if match is None:
+        raise ConfigError(f'expected "N/unit" like "60/minute", got {text.strip()!r}')
+    unit = match["unit"].lower()
+    seconds = _UNIT_SECONDS.get(unit)
+    if seconds is None:
+        raise ConfigError(
+            f"unknown time unit {match['unit']!r} in {text.strip()!r} "
+            "(use second, minute, hour, day or week)"
+        )
+    multiple = int(match["multiple"]) if match["multiple"] else 1
+    amount = int(match["amount"])
+    if amount < 1 or multiple < 1:
+        raise ConfigError(f"rate must be positive, got {text.strip()!r}")
+    return Rate(amount, float(seconds * multiple))
+
+
+@lru_cache(maxsize=4096)
+def parse_rates(text: str) -> tuple[Rate, ...]:
+    """Parse ``"60/minute; 1000/day"`` (``;`` or ``,`` between rates) into Rate values.
+
+    Raises:
+        ConfigError: any part is not a rate, or the text holds no rate at all.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"expected rate text like '60/minute', got {text!r}")
+    parts = [part for part in re.split(r"[;,]", text) if part.strip()]
+    if not parts:
+        raise ConfigError(f'expected "N/unit" like "60/minute", got {text!r}')
+    return tuple(parse_rate(part) for part in parts)
+
+
+def as_rates(rates: RateLike) -> tuple[Rate, ...]:
+    """Normalize what the public API accepts (text, one Rate, or a sequence) to a tuple."""
+    if isinstance(rates, str):
+        return parse_rates(rates)
+    if isinstance(rates, Rate):
+        return (rates,)
+    result = tuple(rates)
+    if not result or not all(isinstance(rate, Rate) for rate in result):
+        raise ConfigError(f"expected rate text or Rate values, got {rates!r}")
+    return result

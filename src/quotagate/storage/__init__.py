@@ -1,0 +1,95 @@
+"""Storages: where limit state lives.
+
+``MemoryStorage`` (embedded default, per process), ``RedisStorage`` (shared; one Lua call per
+decision) and ``FallbackStorage`` (Redis first, memory while Redis is down). Pick one by URL
+with ``storage_from_url``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal, cast
+
+from ..errors import ConfigError
+from .base import FIXED_WINDOW, GCRA, Args, Storage, StorageMode, mask_url, split_query
+from .fallback import FallbackPolicy, FallbackStorage
+from .memory import MemoryStorage
+
+if TYPE_CHECKING:
+    from .redis import RedisStorage
+
+__all__ = [
+    "FIXED_WINDOW",
+    "GCRA",
+    "Args",
+    "FallbackPolicy",
+    "FallbackStorage",
+    "MemoryStorage",
+    "RedisStorage",
+    "Storage",
+    "StorageMode",
+    "mask_url",
+    "storage_from_url",
+]
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
+_OUR_PARAMS = ("fallback", "fallback_share", "timeout_ms", "prefix", "max_keys")
+
+
+def __getattr__(name: str) -> object:
+    # RedisStorage is imported on first use so that memory-only users never import redis-py.
+    if name == "RedisStorage":
+        from .redis import RedisStorage
+
+        return RedisStorage
+    raise AttributeError(name)
+
+
+def storage_from_url(
+    url: str = "memory://",
+    *,
+    fallback: FallbackPolicy | Literal["none"] | None = None,
+    fallback_share: float | None = None,
+    timeout: float | None = None,
+    prefix: str | None = None,
+) -> Storage:
+    """Build a storage from a URL.
+
+    ``memory://`` (``?max_keys=N``) is process memory. ``redis://``, ``rediss://``, ``unix://``
+    and ``redis+cluster://`` are Redis, wrapped in a ``FallbackStorage`` with policy ``memory``
+    unless ``fallback`` (argument or ``?fallback=`` query) says ``allow``, ``deny`` or ``none``
+    (no fallback: outages raise ``StorageError``). Other query parameters of ours:
+    ``fallback_share``, ``timeout_ms`` (default 100) and ``prefix`` (default ``qg``).
+
+    Raises:
+        ConfigError: unknown scheme or a bad parameter value; the message names it.
+    """
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    rest, params = split_query(url, _OUR_PARAMS)
+    if scheme == "memory":
+        try:
+            max_keys = int(params.get("max_keys", 1_000_000))
+        except ValueError:
+            raise ConfigError(f"max_keys must be an integer, got {params['max_keys']!r}") from None
+        return MemoryStorage(max_keys=max_keys)
+    if scheme not in _REDIS_SCHEMES:
+        raise ConfigError(
+            f"unsupported storage URL {mask_url(url)!r}: expected memory:// or redis://host:port/db"
+        )
+    from .redis import RedisStorage
+
+    policy = fallback or params.get("fallback", "memory")
+    try:
+        share = fallback_share if fallback_share is not None else float(params.get("fallback_share", 1.0))
+        call_timeout = timeout if timeout is not None else int(params.get("timeout_ms", 100)) / 1000
+    except ValueError as exc:
+        raise ConfigError(f"bad storage URL parameter in {mask_url(url)!r}: {exc}") from None
+    primary = RedisStorage(
+        rest,
+        prefix=prefix if prefix is not None else params.get("prefix", "qg"),
+        timeout=call_timeout,
+    )
+    if policy == "none":
+        return primary
+    if policy not in ("memory", "allow", "deny"):
+        raise ConfigError(f"fallback must be memory, allow, deny or none, got {policy!r}")
+    return FallbackStorage(primary, policy=cast(FallbackPolicy, policy), share=share)

@@ -1,0 +1,79 @@
+"""The storage seam: one wire format that MemoryStorage and the Redis Lua scripts both run.
+
+A decision is a small program: ``keys`` (one state key per limit, then the lease set) and
+``args`` (``n``, then ``algorithm, capacity, interval_us, cost`` per limit, then optionally
+``lease_limit, lease_ttl_us, lease_id``). Every storage answers it with the same flat list of
+integers (see ``lua/decide.lua``), so the engine is written once and the property test can
+compare storages value for value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, Protocol, runtime_checkable
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from ..decision import Lease
+
+__all__ = ["FIXED_WINDOW", "GCRA", "Args", "Storage", "StorageMode", "mask_url", "split_query"]
+
+#: Algorithm codes on the wire.
+GCRA = 1
+FIXED_WINDOW = 2
+
+StorageMode = Literal["memory", "redis", "fallback"]
+Args = Sequence[int | str]
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where limit state lives. Constructors only store arguments; ``start`` connects."""
+
+    @property
+    def mode(self) -> StorageMode:
+        """Where decisions are being made right now."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def decide(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        """Run one decision (see module docstring); ``now_us`` overrides the clock (tests)."""
+        ...
+
+    async def adjust(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        """Charge or refund: ``args`` as for decide with a signed delta in place of the cost.
+
+        Returns ``[now_us, remaining, reset_after_us, ...]`` (two values per limit).
+        """
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give a concurrency slot back; releasing an expired or unknown lease is a no-op."""
+        ...
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def split_query(url: str, names: Sequence[str]) -> tuple[str, dict[str, str]]:
+    """Split quotagate's own query parameters (``names``) off a storage URL."""
+    parts = urlsplit(url)
+    ours: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        (ours.__setitem__(name, value) if name in names else rest.append((name, value)))
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours

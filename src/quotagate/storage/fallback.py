@@ -1,0 +1,197 @@
+"""Redis first, process memory while Redis is down: the seed tutorial's "fallback, with a
+logged warning", done so that limits keep being enforced and nothing is silently dropped.
+
+A circuit breaker: the first failed call opens it (ONE warning), every decision then runs in
+memory without waiting on Redis, a background probe retries Redis with backoff, and the first
+good probe closes it again (ONE info line).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Literal
+
+from ..decision import Lease
+from ..errors import ConfigError, StorageError
+from .base import GCRA, Args, Storage, StorageMode
+from .memory import MemoryStorage
+
+__all__ = ["UNAVAILABLE", "FallbackPolicy", "FallbackStorage"]
+
+logger = logging.getLogger("quotagate")
+
+FallbackPolicy = Literal["memory", "allow", "deny"]
+
+#: Verdict code (beside 0 allowed, 1 limited, 2 too large) for "storage down, policy deny".
+UNAVAILABLE = 3
+
+
+class FallbackStorage:
+    """Wrap a shared storage (Redis) with an in-process fallback.
+
+    Args:
+        primary: the shared storage, normally a ``RedisStorage``.
+        policy: while the primary is down: ``memory`` limits in this process, ``allow`` admits
+            everything (counted as unlimited), ``deny`` rejects everything (503 in the gateway).
+        share: in ``memory`` mode each process admits this share of every limit, so that N
+            replicas falling back together do not admit N times the traffic (``1/N``).
+        probe_interval: first wait before re-probing the primary; doubles up to ``max_probe_interval``.
+    """
+
+    def __init__(
+        self,
+        primary: Storage,
+        *,
+        policy: FallbackPolicy = "memory",
+        share: float = 1.0,
+        memory: MemoryStorage | None = None,
+        probe_interval: float = 0.25,
+        max_probe_interval: float = 2.0,
+    ) -> None:
+        if policy not in ("memory", "allow", "deny"):
+            raise ConfigError(f"fallback must be memory, allow or deny, got {policy!r}")
+        if not 0 < share <= 1:
+            raise ConfigError(f"fallback_share must be in (0, 1], got {share!r}")
+        self.primary = primary
+        self.policy: FallbackPolicy = policy
+        self.share = share
+        self.memory = memory or MemoryStorage()
+        self.probe_interval = probe_interval
+        self.max_probe_interval = max_probe_interval
+        #: How many outages began since start (for metrics).
+        self.outages = 0
+        self._down_since: float | None = None
+        self._next_probe_at = 0.0
+        self._probe_task: asyncio.Task[None] | None = None
+
+    @property
+    def mode(self) -> StorageMode:
+        return "redis" if self._down_since is None else "fallback"
+
+    @property
+    def server_version(self) -> str | None:
+        return getattr(self.primary, "server_version", None)
+
+    async def start(self) -> None:
+        """Start the primary; if it is down, start in fallback rather than refuse to serve."""
+        try:
+            await self.primary.start()
+        except StorageError as exc:
+            self._trip(exc)
+
+    async def aclose(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            self._probe_task = None
+        await self.primary.aclose()
+
+    async def __aenter__(self) -> FallbackStorage:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def decide(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        if self._down_since is None:
+            try:
+                return await self.primary.decide(keys, args, now_us)
+            except StorageError as exc:
+                self._trip(exc)
+        return self._decide_degraded(keys, args, now_us)
+
+    async def adjust(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        if self._down_since is None:
+            try:
+                return await self.primary.adjust(keys, args, now_us)
+            except StorageError as exc:
+                self._trip(exc)
+        now = self.memory.now_us() if now_us is None else now_us
+        if self.policy == "memory":
+            return self.memory.adjust_now(keys, self._scaled(args), now)
+        n = int(args[0])
+        out = [now]
+        for i in range(n):
+            out += (int(args[2 + 4 * i]), 0)
+        return out
+
+    async def release(self, lease: Lease) -> None:
+        # The lease may come from either side of an outage; releasing where it is absent is a
+        # no-op, and a Redis lease that cannot be released now expires at its deadline.
+        await self.memory.release(lease)
+        if self._down_since is None:
+            try:
+                await self.primary.release(lease)
+            except StorageError as exc:
+                self._trip(exc)
+
+    def _decide_degraded(self, keys: Sequence[str], args: Args, now_us: int | None) -> list[int]:
+        now = self.memory.now_us() if now_us is None else now_us
+        if self.policy == "memory":
+            return self.memory.decide_now(keys, self._scaled(args), now)
+        n = int(args[0])
+        leased = len(args) > 1 + 4 * n
+        if self.policy == "allow":
+            out = [0, 1 if leased else 0, now]
+            for i in range(n):
+                out += (int(args[2 + 4 * i]), 0, 0)
+            if leased:
+                out += (int(args[1 + 4 * n]), 0, 0)
+            return out
+        retry_after = max(1_000_000, round((self._next_probe_at - time.monotonic()) * 1e6))
+        out = [UNAVAILABLE, 0, now]
+        for _ in range(n + (1 if leased else 0)):
+            out += (0, 0, retry_after)
+        return out
+
+    def _scaled(self, args: Args) -> Args:
+        """Args with every capacity cut to ``share`` (GCRA keeps its period)."""
+        if self.share >= 1:
+            return args
+        scaled = list(args)
+        n = int(args[0])
+        for i in range(n):
+            at = 1 + 4 * i
+            capacity = int(args[at + 1])
+            smaller = max(1, int(capacity * self.share))
+            scaled[at + 1] = smaller
+            if int(args[at]) == GCRA:
+                scaled[at + 2] = max(1, int(args[at + 2]) * capacity // smaller)
+        if len(args) > 1 + 4 * n:
+            scaled[1 + 4 * n] = max(1, int(int(args[1 + 4 * n]) * self.share))
+        return scaled
+
+    def _trip(self, exc: BaseException) -> None:
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        self.outages += 1
+        logger.warning(
+            "quotagate: shared storage unavailable (%s); fallback policy %r until it is back",
+            exc,
+            self.policy,
+        )
+        self._probe_task = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        wait = self.probe_interval
+        while True:
+            self._next_probe_at = time.monotonic() + wait
+            await asyncio.sleep(wait)
+            try:
+                await self.primary.start()  # reconnects, reloads scripts, re-reads the version
+            except StorageError:
+                wait = min(wait * 2, self.max_probe_interval)
+                continue
+            break
+        down_for = time.monotonic() - (self._down_since or time.monotonic())
+        self._down_since = None
+        self._probe_task = None
+        logger.info("quotagate: shared storage is back after %.1f s; shared limits restored", down_for)

@@ -1,0 +1,192 @@
+"""In-process storage: the embedded default, and the fallback while Redis is down.
+
+Runs the same program as ``lua/decide.lua`` on a dict, synchronously inside one ``await``, so a
+decision is atomic on the event loop without a lock. Memory is bounded: states whose bucket is
+full again are dropped (when read, and a few per call from the least recently used end), and at
+``max_keys`` the least recently used state is evicted; a decision is never refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from .._types import Clock
+from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, gcra_adjust
+from ..decision import Lease
+from ..errors import ConfigError
+from .base import GCRA, Args, StorageMode
+
+__all__ = ["MemoryStorage"]
+
+# GCRA: theoretical arrival time; fixed window: (window_end, count); leases: {id: expires_at}.
+_State = int | tuple[int, int] | dict[str, int]
+
+_SWEEP_PER_CALL = 2
+
+
+class MemoryStorage:
+    """Limit state in this process's memory.
+
+    Args:
+        clock: seconds as a float; ``time.time`` by default, a ``FakeClock`` in tests.
+        max_keys: most states kept; past it the least recently used is evicted.
+    """
+
+    def __init__(self, clock: Clock | None = None, max_keys: int = 1_000_000) -> None:
+        if max_keys < 1:
+            raise ConfigError(f"max_keys must be at least 1, got {max_keys!r}")
+        self.clock: Clock = clock or time.time
+        self.max_keys = max_keys
+        self._states: OrderedDict[str, _State] = OrderedDict()
+
+    @property
+    def mode(self) -> StorageMode:
+        return "memory"
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __aenter__(self) -> MemoryStorage:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def now_us(self) -> int:
+        return round(self.clock() * 1_000_000)
+
+    async def decide(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        return self.decide_now(keys, args, self.now_us() if now_us is None else now_us)
+
+    def decide_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
+        """The synchronous body of ``decide`` (FallbackStorage calls it directly)."""
+        states = self._states
+        n = int(args[0])
+        out = [0, 0, now]
+        verdict = 0
+        writes: list[tuple[str, _State]] = []
+        for i in range(n):
+            algorithm, capacity, interval, cost = (int(v) for v in args[1 + 4 * i : 5 + 4 * i])
+            key = keys[i]
+            stored = states.get(key)
+            if algorithm == GCRA:
+                tat = stored if isinstance(stored, int) else None
+                g = gcra(tat, now, capacity, interval, cost)
+                v, remaining, reset_after, retry_after = g[0], g[2], g[3], g[4]
+                if v == 0 and cost > 0:
+                    writes.append((key, g.new_tat))
+            else:
+                end, count = stored if isinstance(stored, tuple) else (None, 0)
+                f = fixed_window(end, count, now, capacity, interval, cost)
+                v, remaining, reset_after, retry_after = f[0], f[3], f[4], f[5]
+                if v == 0 and cost > 0:
+                    writes.append((key, (f.window_end, f.new_count)))
+            verdict = max(verdict, v)
+            out += (remaining, reset_after, retry_after)
+
+        lease: tuple[str, dict[str, int], str, int] | None = None
+        lease_at = 1 + 4 * n
+        if len(args) > lease_at:
+            limit, ttl, lease_id = int(args[lease_at]), int(args[lease_at + 1]), str(args[lease_at + 2])
+            lease_key = keys[n]
+            stored = states.get(lease_key)
+            leases = stored if isinstance(stored, dict) else {}
+            for held_id in [k for k, expires in leases.items() if expires <= now]:
+                del leases[held_id]
+            c = concurrency(len(leases), limit)
+            verdict = max(verdict, c.verdict)
+            out += (c.remaining, 0, c.retry_after)
+            lease = (lease_key, leases, lease_id, now + ttl)
+
+        out[0] = verdict
+        if verdict == 0:
+            for key, value in writes:
+                self._put(key, value)
+            if lease is not None:
+                lease_key, leases, lease_id, expires = lease
+                leases[lease_id] = expires
+                self._put(lease_key, leases)
+                out[1] = 1
+        self._sweep(now)
+        return out
+
+    async def adjust(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        return self.adjust_now(keys, args, self.now_us() if now_us is None else now_us)
+
+    def adjust_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
+        """The synchronous body of ``adjust``."""
+        states = self._states
+        out = [now]
+        for i in range(int(args[0])):
+            algorithm, capacity, interval, delta = (int(v) for v in args[1 + 4 * i : 5 + 4 * i])
+            key = keys[i]
+            stored = states.get(key)
+            if algorithm == GCRA:
+                new_tat = gcra_adjust(stored if isinstance(stored, int) else None, now, interval, delta)
+                if new_tat is None:
+                    states.pop(key, None)
+                    out += (capacity, 0)
+                else:
+                    self._put(key, new_tat)
+                    reset_after = new_tat - now
+                    out += (max(0, (capacity * interval - reset_after) // interval), reset_after)
+            else:
+                end, count = stored if isinstance(stored, tuple) else (None, 0)
+                end, count = fixed_window_adjust(end, count, now, interval, delta)
+                self._put(key, (end, count))
+                out += (max(0, capacity - count), end - now)
+        return out
+
+    async def release(self, lease: Lease) -> None:
+        leases = self._states.get(lease.key)
+        if isinstance(leases, dict):
+            leases.pop(lease.id, None)
+            if not leases:
+                del self._states[lease.key]
+
+    def _put(self, key: str, value: _State) -> None:
+        states = self._states
+        states[key] = value
+        states.move_to_end(key)
+        if len(states) > self.max_keys:
+            states.popitem(last=False)
+
+    def _sweep(self, now: int) -> None:
+        """Drop a few full-again states from the least recently used end."""
+        states = self._states
+        for _ in range(_SWEEP_PER_CALL):
+            if not states:
+                return
+            key = next(iter(states))
+            if not _is_spent(states[key], now):
+                return
+            del states[key]
+
+    def sweep(self, now_us: int | None = None) -> int:
+        """Drop every state that no longer limits anyone; returns how many were dropped."""
+        now = self.now_us() if now_us is None else now_us
+        spent = [key for key, value in self._states.items() if _is_spent(value, now)]
+        for key in spent:
+            del self._states[key]
+        return len(spent)
+
+
+def _is_spent(value: _State, now: int) -> bool:
+    """True when a state is equivalent to no state: full bucket, past window, no live lease."""
+    if isinstance(value, int):
+        return value <= now
+    if isinstance(value, tuple):
+        return value[0] <= now
+    return all(expires <= now for expires in value.values())

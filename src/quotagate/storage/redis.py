@@ -1,0 +1,266 @@
+"""Redis storage: every decision is ONE EVALSHA of ``lua/decide.lua``, timed by Redis ``TIME``.
+
+Concurrent decisions are coalesced: while one pipeline is on the wire, new calls queue, and the
+next flush sends all of them in one pipeline (still one EVALSHA per decision, but one round trip
+and one syscall for the lot). A lone caller pays no queueing: it sends at once.
+
+Keys look like ``qg:{<client>}:60/60s``: the ``{...}`` hash tag puts one client's keys in one
+Redis Cluster slot, so a decision touches one slot. Only this module imports ``redis``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from .._types import Clock
+from ..decision import Lease
+from ..errors import ConfigError, StorageError
+from .base import Args, StorageMode, mask_url
+
+__all__ = ["RedisStorage", "load_script"]
+
+logger = logging.getLogger("quotagate")
+
+_Pending = tuple[str, Sequence[str], list[Any], "asyncio.Future[list[int]]"]
+
+
+def load_script(name: str) -> str:
+    """Text of a packaged Lua script (``decide`` or ``adjust``)."""
+    return resources.files("quotagate.storage").joinpath(f"lua/{name}.lua").read_text("utf-8")
+
+
+class RedisStorage:
+    """Limit state in Redis (7+, or Valkey), shared by every instance that points at it.
+
+    Args:
+        url: ``redis://[:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``, or
+            ``redis+cluster://host:port`` for Redis Cluster.
+        prefix: first part of every key.
+        timeout: seconds one call may take before it fails with ``StorageError``.
+        client: an existing ``redis.asyncio`` client to use instead of ``url`` (not closed by us).
+        clock: decide by this clock instead of Redis ``TIME``: for tests with a fake clock only
+            (every instance must then share the clock; keys get no expiry).
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "qg",
+        timeout: float = 0.1,
+        max_connections: int = 64,
+        client: aioredis.Redis | RedisCluster | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ConfigError(f"a key prefix cannot hold a hash tag brace, got {prefix!r}")
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
+        self.url = url
+        self.prefix = prefix + ":" if prefix else ""
+        self.timeout = timeout
+        self.max_connections = max_connections
+        self.server_version: str | None = None
+        self.clock = clock
+        self._client = client
+        self._owns_client = client is None
+        self._decide_lua = load_script("decide")
+        self._adjust_lua = load_script("adjust")
+        self._shas = {
+            "decide": hashlib.sha1(self._decide_lua.encode()).hexdigest(),
+            "adjust": hashlib.sha1(self._adjust_lua.encode()).hexdigest(),
+        }
+        self._pending: list[_Pending] = []
+        self._flushing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def mode(self) -> StorageMode:
+        return "redis"
+
+    @property
+    def client(self) -> aioredis.Redis | RedisCluster:
+        if self._client is None:
+            raise StorageError("RedisStorage is not started: call `await storage.start()`")
+        return self._client
+
+    async def start(self) -> None:
+        """Connect, check the server answers, and load the scripts."""
+        if self._client is None:
+            self._client = _client_from_url(self.url, self.timeout, self.max_connections)
+        try:
+            async with asyncio.timeout(max(self.timeout, 2.0)):
+                info = await self._client.info("server")
+                if isinstance(self._client, RedisCluster):
+                    info = next(iter(info.values())) if info else {}
+                self.server_version = str(
+                    info.get("valkey_version") or info.get("redis_version") or "unknown"
+                )
+                await self._load_scripts()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"cannot reach Redis at {mask_url(self.url)}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._client is not None and self._owns_client:
+            await self._client.aclose()
+            self._client = None
+
+    async def __aenter__(self) -> RedisStorage:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def ping(self) -> None:
+        """Raise StorageError unless Redis answers within the timeout."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"Redis did not answer PING: {exc!r}") from exc
+
+    def redis_key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def decide(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        return await self._call("decide", keys, args, now_us)
+
+    async def adjust(
+        self, keys: Sequence[str], args: Args, now_us: int | None = None
+    ) -> list[int]:
+        return await self._call("adjust", keys, args, now_us)
+
+    async def release(self, lease: Lease) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.client.zrem(self.redis_key(lease.key), lease.id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"Redis release failed: {exc!r}") from exc
+
+    async def _call(
+        self, script: str, keys: Sequence[str], args: Args, now_us: int | None
+    ) -> list[int]:
+        if now_us is None and self.clock is not None:
+            now_us = round(self.clock() * 1_000_000)
+        prefix = self.prefix
+        full_keys = [prefix + key for key in keys]
+        argv: list[Any] = ["" if now_us is None else now_us, *args]
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._pending.append((script, full_keys, argv, future))
+        if not self._flushing:
+            # Nothing on the wire: this caller flushes right away (no queueing for a lone caller).
+            self._flushing = True
+            await self._flush()
+        return await future
+
+    async def _flush(self) -> None:
+        """Send every queued call in one pipeline; loop while more queued meanwhile."""
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._send(batch)
+                if self._pending:
+                    # Others queued behind this batch: hand the next flush to a task so that
+                    # the caller who flushed is not kept waiting for strangers' round trips.
+                    task = asyncio.get_running_loop().create_task(self._flush_again())
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    return
+        except BaseException:
+            self._flushing = False
+            raise
+        self._flushing = False
+
+    async def _flush_again(self) -> None:
+        await self._flush()
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                replies = await self._execute(batch)
+                missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+                if missing:
+                    # Redis restarted or SCRIPT FLUSH: load again and resend just those.
+                    await self._load_scripts()
+                    again = await self._execute([batch[i] for i in missing])
+                    for i, reply in zip(missing, again, strict=True):
+                        replies[i] = reply
+        except (RedisError, OSError, TimeoutError) as exc:
+            error = StorageError(f"Redis call failed: {exc!r}")
+            error.__cause__ = exc
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        except BaseException as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(StorageError(f"Redis call interrupted: {exc!r}"))
+            raise
+        for (*_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, Exception):
+                error = StorageError(f"Redis script failed: {reply}")
+                error.__cause__ = reply
+                future.set_exception(error)
+            else:
+                future.set_result(reply)
+
+    async def _execute(self, batch: list[_Pending]) -> list[Any]:
+        client = self.client
+        if len(batch) == 1:
+            script, keys, argv, _ = batch[0]
+            try:
+                return [await client.evalsha(self._shas[script], len(keys), *keys, *argv)]  # type: ignore[misc]
+            except NoScriptError as exc:
+                return [exc]
+        pipe = client.pipeline(transaction=False)
+        for script, keys, argv, _ in batch:
+            pipe.evalsha(self._shas[script], len(keys), *keys, *argv)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _load_scripts(self) -> None:
+        client = self.client
+        for lua, sha in ((self._decide_lua, self._shas["decide"]), (self._adjust_lua, self._shas["adjust"])):
+            if isinstance(client, RedisCluster):
+                await client.script_load(lua)  # the cluster client loads it on every primary
+            else:
+                loaded = await client.script_load(lua)
+                if loaded != sha:
+                    raise StorageError(f"Redis returned SHA {loaded} for a script expected as {sha}")
+
+
+def _client_from_url(url: str, timeout: float, max_connections: int) -> aioredis.Redis | RedisCluster:
+    """Build the redis-py client; quotagate's own settings fail fast (no driver retries)."""
+    parts = urlsplit(url)
+    common: dict[str, Any] = {
+        "socket_timeout": max(timeout, 0.05) * 10,
+        "socket_connect_timeout": max(timeout, 0.05) * 10,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+        scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
+        return RedisCluster.from_url(urlunsplit(parts._replace(scheme=scheme)), **common)
+    if parts.scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+        raise ConfigError(f"unsupported storage URL scheme {parts.scheme!r} in {mask_url(url)}")
+    if parts.scheme.startswith("valkey"):
+        parts = parts._replace(scheme=parts.scheme.replace("valkey", "redis"))
+    return aioredis.Redis.from_url(urlunsplit(parts), max_connections=max_connections, **common)
