@@ -1,0 +1,167 @@
+"""Redis-only behaviour: real redis-server processes, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from support import RedisServer
+
+import quotagate as qg
+
+pytestmark = pytest.mark.redis
+
+
+# Sent once per new connection, not per decision.
+_HANDSHAKE = {"HELLO", "CLIENT", "SELECT", "AUTH"}
+
+
+async def _top_level_commands(url: str, work: Callable[[], Awaitable[None]]) -> list[str]:
+    """Names of the commands clients sent while ``work`` ran (MONITOR; script internals excluded)."""
+    client = aioredis.Redis.from_url(url)
+    seen: list[str] = []
+    try:
+        async with client.monitor() as monitor:
+            async def collect() -> None:
+                while True:
+                    entry = await monitor.next_command()
+                    name = entry["command"].split()[0].upper()
+                    if entry.get("client_type") != "lua" and name not in _HANDSHAKE:
+                        seen.append(name)
+
+            collector = asyncio.create_task(collect())
+            await asyncio.sleep(0.05)
+            await work()
+            await client.execute_command("ECHO", "done")  # a marker we wait for
+            while "ECHO" not in seen:
+                await asyncio.sleep(0.01)
+            collector.cancel()
+    finally:
+        await client.aclose()
+    return seen[: seen.index("ECHO")]
+
+
+async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
+
+        async def work() -> None:
+            for _ in range(20):
+                await limiter.hit_many(
+                    [
+                        qg.Hit("{c}:req", "60/minute; 1000/day"),
+                        qg.Hit("{c}:tok", "40000/minute", cost=350),
+                        qg.Hit("{c}:day", "5000/day", algorithm="fixed_window"),
+                    ],
+                    acquire=qg.Acquire("{c}:conc", 100),
+                )
+
+        commands = await _top_level_commands(redis_server.url, work)
+    assert commands == ["EVALSHA"] * 20
+
+
+async def test_keys_carry_the_prefix_and_hash_tag(redis_server: RedisServer, key_prefix: str) -> None:
+    async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
+        await limiter.hit_many([qg.Hit("{client-a}:req", "60/minute"), qg.Hit("{client-a}:tok", "10/minute", cost=2)])
+        client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            keys = sorted(await client.keys(f"{key_prefix}:*"))
+            ttls = [await client.pttl(key) for key in keys]
+        finally:
+            await client.aclose()
+    assert keys == [f"{key_prefix}:{{client-a}}:req:60/60s", f"{key_prefix}:{{client-a}}:tok:10/60s"]
+    assert all(0 < ttl <= 12_000 for ttl in ttls)  # state expires once the bucket is full again
+
+
+async def test_concurrent_callers_are_batched_and_exact(redis_server: RedisServer, key_prefix: str) -> None:
+    async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=2.0)) as limiter:
+        decisions = await asyncio.gather(*(limiter.hit("hot", "50/hour") for _ in range(200)))
+    assert sum(d.allowed for d in decisions) == 50
+
+
+async def test_script_flush_is_survived(redis_server: RedisServer, key_prefix: str) -> None:
+    async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
+        assert (await limiter.hit("k", "2/minute")).allowed
+        client = aioredis.Redis.from_url(redis_server.url)
+        await client.script_flush()
+        await client.aclose()
+        assert (await limiter.hit("k", "2/minute")).allowed  # NOSCRIPT -> reloaded, resent
+        assert not (await limiter.hit("k", "2/minute")).allowed
+
+
+async def test_redis_time_is_the_clock(redis_server: RedisServer, key_prefix: str) -> None:
+    async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
+        lease = await limiter.acquire("{a}:conc", 1, ttl=30)
+        client = aioredis.Redis.from_url(redis_server.url)
+        seconds, micros = await client.time()
+        await client.aclose()
+    assert lease is not None
+    server_now = seconds * 1_000_000 + micros
+    assert 0 < lease.expires_at_us - server_now <= 30_000_000
+
+
+def test_two_processes_share_one_limit(redis_server: RedisServer, key_prefix: str) -> None:
+    worker = textwrap.dedent(
+        f"""
+        import asyncio, quotagate as qg
+        async def main():
+            storage = qg.RedisStorage({redis_server.url!r}, prefix={key_prefix!r}, timeout=5.0)
+            async with qg.RateLimiter(storage, overlimit_cache=False) as limiter:
+                decisions = await asyncio.gather(*(limiter.hit("shared", "50/hour") for _ in range(50)))
+            print(sum(d.allowed for d in decisions))
+        asyncio.run(main())
+        """
+    )
+    processes = [
+        subprocess.Popen([sys.executable, "-c", worker], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    admitted = []
+    for process in processes:
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0
+        admitted.append(int(out.strip()))
+    assert sum(admitted) == 50
+
+
+async def test_a_redis_storage_reports_outages_as_storage_errors(key_prefix: str) -> None:
+    with RedisServer() as server:
+        storage = qg.RedisStorage(server.url, prefix=key_prefix, timeout=0.1)
+        await storage.start()
+        try:
+            server.stop()
+            with pytest.raises(qg.StorageError):
+                await storage.decide(["{k}:x"], [1, 1, 10, 1_000_000, 1])
+        finally:
+            await storage.aclose()
+
+
+async def test_start_fails_clearly_when_redis_is_absent() -> None:
+    from support import free_port
+
+    storage = qg.RedisStorage(f"redis://:pw@127.0.0.1:{free_port()}/0", timeout=0.1)
+    with pytest.raises(qg.StorageError, match=r"cannot reach Redis at redis://:\*\*\*@127\.0\.0\.1"):
+        await storage.start()
+    await storage.aclose()
+
+
+async def test_a_paused_redis_costs_at_most_the_timeout(key_prefix: str) -> None:
+    with RedisServer() as server:
+        storage = qg.RedisStorage(server.url, prefix=key_prefix, timeout=0.1)
+        await storage.start()
+        server.pause()
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(qg.StorageError):
+                await storage.decide(["{k}:x"], [1, 1, 10, 1_000_000, 1])
+            assert loop.time() - started < 0.5
+        finally:
+            server.resume()
+            await storage.aclose()

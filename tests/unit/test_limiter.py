@@ -1,0 +1,168 @@
+"""Engine behaviour that does not depend on the backend: memory with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+import quotagate as qg
+
+
+@pytest.fixture
+def storage(clock: qg.FakeClock) -> qg.MemoryStorage:
+    return qg.MemoryStorage(clock=clock)
+
+
+class CountingStorage(qg.MemoryStorage):
+    """Memory storage that counts the calls it answers."""
+
+    calls = 0
+
+    async def decide(self, keys, args, now_us=None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return await super().decide(keys, args, now_us)
+
+
+async def test_hit_many_is_one_storage_call(clock: qg.FakeClock) -> None:
+    storage = CountingStorage(clock=clock)
+    limiter = qg.RateLimiter(storage)
+    await limiter.hit_many(
+        [
+            qg.Hit("{c}:req", "60/minute; 1000/day"),
+            qg.Hit("{c}:tok", "40000/minute", cost=350),
+            qg.Hit("{c}:day", "5000/day", algorithm="fixed_window"),
+        ],
+        acquire=qg.Acquire("{c}:conc", 4),
+    )
+    assert storage.calls == 1
+
+
+async def test_overlimit_cache_answers_repeats_without_the_storage(clock: qg.FakeClock) -> None:
+    storage = CountingStorage(clock=clock)
+    limiter = qg.RateLimiter(storage)
+    for _ in range(2):
+        await limiter.hit("k", "2/minute")
+    first = await limiter.hit("k", "2/minute")
+    assert not first.allowed
+    calls = storage.calls
+    clock.advance(10)
+    again = await limiter.hit("k", "2/minute")
+    assert storage.calls == calls  # answered in process
+    assert not again.allowed
+    assert again.retry_after == pytest.approx(first.retry_after - 10)
+    # A smaller cost is a different question: it goes to the storage.
+    await limiter.hit("k", "2/minute", cost=0)
+    assert storage.calls == calls + 1
+    clock.advance(20)  # past retry_after: the storage decides again, and admits
+    assert (await limiter.hit("k", "2/minute")).allowed
+
+
+async def test_overlimit_cache_forgets_after_a_refund(clock: qg.FakeClock) -> None:
+    limiter = qg.RateLimiter(qg.MemoryStorage(clock=clock))
+    await limiter.hit("k", "10/minute", cost=10)
+    assert not (await limiter.hit("k", "10/minute")).allowed
+    await limiter.adjust("k", "10/minute", delta=-5)
+    assert (await limiter.hit("k", "10/minute")).allowed
+
+
+async def test_overlimit_cache_can_be_turned_off(clock: qg.FakeClock) -> None:
+    storage = CountingStorage(clock=clock)
+    limiter = qg.RateLimiter(storage, overlimit_cache=False)
+    for _ in range(5):
+        await limiter.hit("k", "1/minute")
+    assert storage.calls == 5
+
+
+async def test_memory_drops_state_whose_bucket_is_full_again(
+    storage: qg.MemoryStorage, clock: qg.FakeClock
+) -> None:
+    limiter = qg.RateLimiter(storage)
+    for i in range(100):
+        await limiter.hit(f"client-{i}", "10/minute")
+    assert len(storage) == 100
+    clock.advance(6)  # every bucket is full again
+    for i in range(30):
+        await limiter.hit(f"new-{i}", "10/minute", cost=0)  # reads store nothing
+    assert len(storage) == 40  # two swept per call, least recently used first
+    assert storage.sweep() == 40
+    assert len(storage) == 0
+
+
+async def test_memory_caps_its_keys_and_evicts_least_recently_used(clock: qg.FakeClock) -> None:
+    storage = qg.MemoryStorage(clock=clock, max_keys=3)
+    limiter = qg.RateLimiter(storage, overlimit_cache=False)
+    for key in ("a", "b", "c"):
+        await limiter.hit(key, "1/minute")
+    await limiter.hit("a", "5/minute")  # state for a new (key, rate): evicts the LRU one
+    assert len(storage) == 3
+    assert (await limiter.hit("a", "1/minute")).allowed is True  # "a" was the LRU: evicted
+    assert not (await limiter.hit("c", "1/minute")).allowed  # "c" kept its state
+
+
+async def test_memory_flood_of_keys_stays_bounded(clock: qg.FakeClock) -> None:
+    storage = qg.MemoryStorage(clock=clock, max_keys=1000)
+    limiter = qg.RateLimiter(storage)
+    for i in range(5000):
+        decision = await limiter.hit(f"ip:10.0.{i // 256}.{i % 256}", "60/minute")
+        assert decision.allowed  # never refused because of the cap
+    assert len(storage) == 1000
+
+
+async def test_decision_values() -> None:
+    limiter = qg.RateLimiter("memory://")
+    decision = await limiter.hit("k", "10/minute")
+    assert decision.allowed
+    assert decision.reason == "allowed"
+    assert decision.retry_after == 0.0
+    assert (decision.limit, decision.remaining) == (10, 9)
+    with pytest.raises(AttributeError):
+        decision.allowed = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("cost", [-1, 1.5, True])
+async def test_bad_cost_is_a_config_error(cost: object) -> None:
+    limiter = qg.RateLimiter()
+    with pytest.raises(qg.ConfigError, match="cost"):
+        await limiter.hit("k", "10/minute", cost=cost)  # type: ignore[arg-type]
+
+
+async def test_bad_algorithm_is_a_config_error() -> None:
+    with pytest.raises(qg.ConfigError, match="algorithm"):
+        await qg.RateLimiter().hit("k", "10/minute", algorithm="leaky")  # type: ignore[arg-type]
+
+
+def test_storage_from_url() -> None:
+    assert isinstance(qg.storage_from_url("memory://"), qg.MemoryStorage)
+    assert qg.storage_from_url("memory://?max_keys=10").max_keys == 10  # type: ignore[attr-defined]
+    fallback = qg.storage_from_url("redis://127.0.0.1:1/0")
+    assert isinstance(fallback, qg.FallbackStorage)
+    assert fallback.policy == "memory"
+    plain = qg.storage_from_url("redis://127.0.0.1:1/0?fallback=none&timeout_ms=50&prefix=x")
+    assert isinstance(plain, qg.RedisStorage)
+    assert plain.timeout == 0.05
+    assert plain.url == "redis://127.0.0.1:1/0"
+    deny = qg.storage_from_url("redis://127.0.0.1:1/0", fallback="deny")
+    assert isinstance(deny, qg.FallbackStorage)
+    assert deny.policy == "deny"
+    assert isinstance(qg.storage_from_url("redis+cluster://127.0.0.1:7000"), qg.FallbackStorage)
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("mongodb://x", "unsupported storage URL"),
+        ("redis://h/0?fallback=maybe", "fallback must be"),
+        ("redis://h/0?timeout_ms=soon", "bad storage URL parameter"),
+        ("memory://?max_keys=lots", "max_keys"),
+    ],
+)
+def test_storage_from_url_errors(url: str, match: str) -> None:
+    with pytest.raises(qg.ConfigError, match=match):
+        qg.storage_from_url(url)
+
+
+def test_mask_url_hides_the_password() -> None:
+    from quotagate.storage import mask_url
+
+    assert mask_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
+    assert mask_url("redis://user:s3cret@h:6379/0") == "redis://user:***@h:6379/0"
+    assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
