@@ -4,9 +4,9 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from support import RedisServer
 
 import quotagate as qg
+from support import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +41,10 @@ async def storage(
         yield redis_storage
     finally:
         await redis_storage.aclose()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A skipped test is not a passing one: fail the run if anything was skipped."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and reporter.stats.get("skipped") and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

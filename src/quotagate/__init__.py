@@ -1,11 +1,11 @@
 """quotagate: rate limiting for AI (LLM inference) APIs.
 
-    import quotagate as qg
+import quotagate as qg
 
-    async with qg.RateLimiter("memory://") as limiter:
-        decision = await limiter.hit("client-a", "60/minute; 1000/day")
-        if not decision.allowed:
-            ...  # 429, Retry-After: ceil(decision.retry_after)
+async with qg.RateLimiter("memory://") as limiter:
+    decision = await limiter.hit("client-a", "60/minute; 1000/day")
+    if not decision.allowed:
+        ...  # 429, Retry-After: ceil(decision.retry_after)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from typing import Literal
 
 __all__ = ["Algorithm", "Clock", "Reason"]
 
-#: Returns the current time in seconds (float). ``time.time`` in production, a ``FakeClock`` in tests.
+#: The current time in seconds: ``time.time`` in production, a ``FakeClock`` in tests.
 Clock = Callable[[], float]
 
 #: How a limit counts: GCRA (smooth, the default) or calendar-aligned fixed windows.

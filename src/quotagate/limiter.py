@@ -19,7 +19,6 @@ from .decision import Decision, Lease, LimitState
 from .errors import ConfigError
 from .rates import Rate, RateLike, as_rates
 from .storage import FIXED_WINDOW, GCRA, Storage, storage_from_url
-from .storage.fallback import UNAVAILABLE
 
 __all__ = ["Acquire", "Hit", "RateLimiter", "hash_tagged"]
 
@@ -145,9 +144,7 @@ class RateLimiter:
         if delta < 0:
             self._forget(hash_tagged(key))
         return tuple(
-            LimitState(
-                state_key, rate, rate.amount, out[1 + 2 * i], out[2 + 2 * i] / _MICROS, 0.0
-            )
+            LimitState(state_key, rate, rate.amount, out[1 + 2 * i], out[2 + 2 * i] / _MICROS, 0.0)
             for i, (state_key, rate, _) in enumerate(meta)
         )
 
@@ -235,7 +232,10 @@ def _plan(hits: Iterable[Hit], *, adjusting: bool) -> _Plan:
 
 
 def _decision(
-    out: Sequence[int], meta: Sequence[tuple[str, Rate, int]], acquire: Acquire | None, lease_id: str
+    out: Sequence[int],
+    meta: Sequence[tuple[str, Rate, int]],
+    acquire: Acquire | None,
+    lease_id: str,
 ) -> Decision:
     """Turn a storage answer into a Decision, picking the most restrictive limit."""
     verdict = out[0]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
-from support import RedisServer
 
 from quotagate.algorithms import fixed_window, gcra
 from quotagate.storage import FIXED_WINDOW, GCRA
 from quotagate.storage.redis import RedisStorage
+from support import RedisServer
 
 NOW = 1_800_000_000_000_000
 S = 1_000_000  # one second in µs
@@ -40,13 +40,17 @@ FW_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "tat", "cost", "expected"), GCRA_CASES, ids=[c[0] for c in GCRA_CASES])
+@pytest.mark.parametrize(
+    ("name", "tat", "cost", "expected"), GCRA_CASES, ids=[c[0] for c in GCRA_CASES]
+)
 def test_gcra_python(name: str, tat: int | None, cost: int, expected: tuple[int, ...]) -> None:
     result = gcra(tat, NOW, 10, 6 * S, cost)
     assert (result.verdict, result.remaining, result.reset_after, result.retry_after) == expected
 
 
-@pytest.mark.parametrize(("name", "state", "cost", "expected"), FW_CASES, ids=[c[0] for c in FW_CASES])
+@pytest.mark.parametrize(
+    ("name", "state", "cost", "expected"), FW_CASES, ids=[c[0] for c in FW_CASES]
+)
 def test_fixed_window_python(
     name: str, state: tuple[int, int] | None, cost: int, expected: tuple[int, ...]
 ) -> None:
@@ -70,7 +74,9 @@ async def _lua(server: RedisServer, stored: str | None, args: list[int]) -> list
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize(("name", "tat", "cost", "expected"), GCRA_CASES, ids=[c[0] for c in GCRA_CASES])
+@pytest.mark.parametrize(
+    ("name", "tat", "cost", "expected"), GCRA_CASES, ids=[c[0] for c in GCRA_CASES]
+)
 async def test_gcra_lua(
     redis_server: RedisServer, name: str, tat: int | None, cost: int, expected: tuple[int, ...]
 ) -> None:
@@ -79,7 +85,9 @@ async def test_gcra_lua(
 
 
 @pytest.mark.redis
-@pytest.mark.parametrize(("name", "state", "cost", "expected"), FW_CASES, ids=[c[0] for c in FW_CASES])
+@pytest.mark.parametrize(
+    ("name", "state", "cost", "expected"), FW_CASES, ids=[c[0] for c in FW_CASES]
+)
 async def test_fixed_window_lua(
     redis_server: RedisServer,
     name: str,

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 import redis.asyncio as aioredis
-from support import RedisServer
 
 import quotagate as qg
+from support import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -19,9 +19,9 @@ def _fallback(server: RedisServer, prefix: str, **kwargs: object) -> qg.Fallback
     return qg.FallbackStorage(primary, probe_interval=0.05, max_probe_interval=0.1, **kwargs)  # type: ignore[arg-type]
 
 
-async def _until(predicate: object, timeout: float = 10.0) -> None:
+async def _until(predicate: object, within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not predicate():  # type: ignore[operator]
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.02)

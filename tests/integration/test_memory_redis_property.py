@@ -10,16 +10,22 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import RedisServer
 
 import quotagate as qg
 from quotagate.storage import FIXED_WINDOW, GCRA
 from quotagate.storage.redis import RedisStorage
+from support import RedisServer
 
 pytestmark = pytest.mark.redis
 
 START = 1_800_000_000_000_000
-RATES = [qg.Rate(3, 1.0), qg.Rate(10, 60.0), qg.Rate(7, 60.0), qg.Rate(1000, 86400.0), qg.Rate(5, 10.0)]
+RATES = [
+    qg.Rate(3, 1.0),
+    qg.Rate(10, 60.0),
+    qg.Rate(7, 60.0),
+    qg.Rate(1000, 86400.0),
+    qg.Rate(5, 10.0),
+]
 KEYS = ["{a}:req", "{a}:tok", "{b}:req"]
 
 limit_spec = st.tuples(
@@ -39,7 +45,9 @@ step = st.one_of(
 )
 
 
-def _program(limits: list[tuple[tuple[str, qg.Rate, int], int]]) -> tuple[list[str], list[int | str]]:
+def _program(
+    limits: list[tuple[tuple[str, qg.Rate, int], int]],
+) -> tuple[list[str], list[int | str]]:
     keys: list[str] = []
     args: list[int | str] = [len(limits)]
     for (key, rate, algorithm), amount in limits:
@@ -56,14 +64,18 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
     loop.close()
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(steps=st.lists(step, min_size=1, max_size=25))
 def test_memory_and_redis_agree(
     redis_server: RedisServer, loop: asyncio.AbstractEventLoop, steps: list[tuple[str, list, int]]
 ) -> None:
     async def run() -> None:
         memory = qg.MemoryStorage()
-        redis_storage = RedisStorage(redis_server.url, prefix=f"p{uuid.uuid4().hex[:10]}", timeout=2.0)
+        redis_storage = RedisStorage(
+            redis_server.url, prefix=f"p{uuid.uuid4().hex[:10]}", timeout=2.0
+        )
         await redis_storage.start()
         try:
             now = START

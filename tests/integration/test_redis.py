@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from support import RedisServer
 
 import quotagate as qg
+from support import RedisServer
 
 pytestmark = pytest.mark.redis
 
@@ -22,24 +22,27 @@ _HANDSHAKE = {"HELLO", "CLIENT", "SELECT", "AUTH"}
 
 
 async def _top_level_commands(url: str, work: Callable[[], Awaitable[None]]) -> list[str]:
-    """Names of the commands clients sent while ``work`` ran (MONITOR; script internals excluded)."""
+    """Commands clients sent while ``work`` ran (MONITOR; script internals excluded)."""
     client = aioredis.Redis.from_url(url)
     seen: list[str] = []
+    marker_seen = asyncio.Event()
     try:
         async with client.monitor() as monitor:
+
             async def collect() -> None:
                 while True:
                     entry = await monitor.next_command()
                     name = entry["command"].split()[0].upper()
                     if entry.get("client_type") != "lua" and name not in _HANDSHAKE:
                         seen.append(name)
+                    if name == "ECHO":
+                        marker_seen.set()
 
             collector = asyncio.create_task(collect())
             await asyncio.sleep(0.05)
             await work()
             await client.execute_command("ECHO", "done")  # a marker we wait for
-            while "ECHO" not in seen:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(marker_seen.wait(), 10)
             collector.cancel()
     finally:
         await client.aclose()
@@ -66,21 +69,32 @@ async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
     assert commands == ["EVALSHA"] * 20
 
 
-async def test_keys_carry_the_prefix_and_hash_tag(redis_server: RedisServer, key_prefix: str) -> None:
+async def test_keys_carry_the_prefix_and_hash_tag(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
     async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
-        await limiter.hit_many([qg.Hit("{client-a}:req", "60/minute"), qg.Hit("{client-a}:tok", "10/minute", cost=2)])
+        await limiter.hit_many(
+            [qg.Hit("{client-a}:req", "60/minute"), qg.Hit("{client-a}:tok", "10/minute", cost=2)]
+        )
         client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
             keys = sorted(await client.keys(f"{key_prefix}:*"))
             ttls = [await client.pttl(key) for key in keys]
         finally:
             await client.aclose()
-    assert keys == [f"{key_prefix}:{{client-a}}:req:60/60s", f"{key_prefix}:{{client-a}}:tok:10/60s"]
+    assert keys == [
+        f"{key_prefix}:{{client-a}}:req:60/60s",
+        f"{key_prefix}:{{client-a}}:tok:10/60s",
+    ]
     assert all(0 < ttl <= 12_000 for ttl in ttls)  # state expires once the bucket is full again
 
 
-async def test_concurrent_callers_are_batched_and_exact(redis_server: RedisServer, key_prefix: str) -> None:
-    async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=2.0)) as limiter:
+async def test_concurrent_callers_are_batched_and_exact(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    async with qg.RateLimiter(
+        qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=2.0)
+    ) as limiter:
         decisions = await asyncio.gather(*(limiter.hit("hot", "50/hour") for _ in range(200)))
     assert sum(d.allowed for d in decisions) == 50
 
@@ -113,7 +127,8 @@ def test_two_processes_share_one_limit(redis_server: RedisServer, key_prefix: st
         async def main():
             storage = qg.RedisStorage({redis_server.url!r}, prefix={key_prefix!r}, timeout=5.0)
             async with qg.RateLimiter(storage, overlimit_cache=False) as limiter:
-                decisions = await asyncio.gather(*(limiter.hit("shared", "50/hour") for _ in range(50)))
+                hits = (limiter.hit("shared", "50/hour") for _ in range(50))
+                decisions = await asyncio.gather(*hits)
             print(sum(d.allowed for d in decisions))
         asyncio.run(main())
         """
@@ -146,7 +161,9 @@ async def test_start_fails_clearly_when_redis_is_absent() -> None:
     from support import free_port
 
     storage = qg.RedisStorage(f"redis://:pw@127.0.0.1:{free_port()}/0", timeout=0.1)
-    with pytest.raises(qg.StorageError, match=r"cannot reach Redis at redis://:\*\*\*@127\.0\.0\.1"):
+    with pytest.raises(
+        qg.StorageError, match=r"cannot reach Redis at redis://:\*\*\*@127\.0\.0\.1"
+    ):
         await storage.start()
     await storage.aclose()
 

@@ -32,7 +32,8 @@ def test_parse_several(separator: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["60 per min utes", "sixty/minute", "60/fortnight", "", ";", "0/minute", "-1/minute", "60"]
+    "text",
+    ["60 per min utes", "sixty/minute", "60/fortnight", "", ";", "0/minute", "-1/minute", "60"],
 )
 def test_bad_text_raises_config_error_naming_it(text: str) -> None:
     with pytest.raises(qg.ConfigError) as info:

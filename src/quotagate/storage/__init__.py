@@ -79,7 +79,11 @@ def storage_from_url(
 
     policy = fallback or params.get("fallback", "memory")
     try:
-        share = fallback_share if fallback_share is not None else float(params.get("fallback_share", 1.0))
+        share = (
+            fallback_share
+            if fallback_share is not None
+            else float(params.get("fallback_share", 1.0))
+        )
         call_timeout = timeout if timeout is not None else int(params.get("timeout_ms", 100)) / 1000
     except ValueError as exc:
         raise ConfigError(f"bad storage URL parameter in {mask_url(url)!r}: {exc}") from None

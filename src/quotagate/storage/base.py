@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Literal, Protocol, runtime_checkable
-
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..decision import Lease
@@ -39,15 +38,11 @@ class Storage(Protocol):
 
     async def aclose(self) -> None: ...
 
-    async def decide(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def decide(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         """Run one decision (see module docstring); ``now_us`` overrides the clock (tests)."""
         ...
 
-    async def adjust(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         """Charge or refund: ``args`` as for decide with a signed delta in place of the cost.
 
         Returns ``[now_us, remaining, reset_after_us, ...]`` (two values per limit).

@@ -38,7 +38,8 @@ class FallbackStorage:
             everything (counted as unlimited), ``deny`` rejects everything (503 in the gateway).
         share: in ``memory`` mode each process admits this share of every limit, so that N
             replicas falling back together do not admit N times the traffic (``1/N``).
-        probe_interval: first wait before re-probing the primary; doubles up to ``max_probe_interval``.
+        probe_interval: first wait before re-probing the primary; it doubles on each failure,
+            up to ``max_probe_interval``.
     """
 
     def __init__(
@@ -95,9 +96,7 @@ class FallbackStorage:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def decide(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def decide(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         if self._down_since is None:
             try:
                 return await self.primary.decide(keys, args, now_us)
@@ -105,9 +104,7 @@ class FallbackStorage:
                 self._trip(exc)
         return self._decide_degraded(keys, args, now_us)
 
-    async def adjust(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         if self._down_since is None:
             try:
                 return await self.primary.adjust(keys, args, now_us)
@@ -194,4 +191,6 @@ class FallbackStorage:
         down_for = time.monotonic() - (self._down_since or time.monotonic())
         self._down_since = None
         self._probe_task = None
-        logger.info("quotagate: shared storage is back after %.1f s; shared limits restored", down_for)
+        logger.info(
+            "quotagate: shared storage is back after %.1f s; shared limits restored", down_for
+        )

@@ -63,9 +63,7 @@ class MemoryStorage:
     def now_us(self) -> int:
         return round(self.clock() * 1_000_000)
 
-    async def decide(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def decide(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         return self.decide_now(keys, args, self.now_us() if now_us is None else now_us)
 
     def decide_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
@@ -97,7 +95,11 @@ class MemoryStorage:
         lease: tuple[str, dict[str, int], str, int] | None = None
         lease_at = 1 + 4 * n
         if len(args) > lease_at:
-            limit, ttl, lease_id = int(args[lease_at]), int(args[lease_at + 1]), str(args[lease_at + 2])
+            limit, ttl, lease_id = (
+                int(args[lease_at]),
+                int(args[lease_at + 1]),
+                str(args[lease_at + 2]),
+            )
             lease_key = keys[n]
             stored = states.get(lease_key)
             leases = stored if isinstance(stored, dict) else {}
@@ -120,9 +122,7 @@ class MemoryStorage:
         self._sweep(now)
         return out
 
-    async def adjust(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         return self.adjust_now(keys, args, self.now_us() if now_us is None else now_us)
 
     def adjust_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
@@ -134,7 +134,9 @@ class MemoryStorage:
             key = keys[i]
             stored = states.get(key)
             if algorithm == GCRA:
-                new_tat = gcra_adjust(stored if isinstance(stored, int) else None, now, interval, delta)
+                new_tat = gcra_adjust(
+                    stored if isinstance(stored, int) else None, now, interval, delta
+                )
                 if new_tat is None:
                     states.pop(key, None)
                     out += (capacity, 0)

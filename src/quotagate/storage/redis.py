@@ -137,14 +137,10 @@ class RedisStorage:
     def redis_key(self, key: str) -> str:
         return self.prefix + key
 
-    async def decide(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def decide(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         return await self._call("decide", keys, args, now_us)
 
-    async def adjust(
-        self, keys: Sequence[str], args: Args, now_us: int | None = None
-    ) -> list[int]:
+    async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         return await self._call("adjust", keys, args, now_us)
 
     async def release(self, lease: Lease) -> None:
@@ -229,7 +225,7 @@ class RedisStorage:
         if len(batch) == 1:
             script, keys, argv, _ = batch[0]
             try:
-                return [await client.evalsha(self._shas[script], len(keys), *keys, *argv)]  # type: ignore[misc]
+                return [await client.evalsha(self._shas[script], len(keys), *keys, *argv)]
             except NoScriptError as exc:
                 return [exc]
         pipe = client.pipeline(transaction=False)
@@ -239,16 +235,23 @@ class RedisStorage:
 
     async def _load_scripts(self) -> None:
         client = self.client
-        for lua, sha in ((self._decide_lua, self._shas["decide"]), (self._adjust_lua, self._shas["adjust"])):
+        for lua, sha in (
+            (self._decide_lua, self._shas["decide"]),
+            (self._adjust_lua, self._shas["adjust"]),
+        ):
             if isinstance(client, RedisCluster):
                 await client.script_load(lua)  # the cluster client loads it on every primary
             else:
                 loaded = await client.script_load(lua)
                 if loaded != sha:
-                    raise StorageError(f"Redis returned SHA {loaded} for a script expected as {sha}")
+                    raise StorageError(
+                        f"Redis returned SHA {loaded} for a script expected as {sha}"
+                    )
 
 
-def _client_from_url(url: str, timeout: float, max_connections: int) -> aioredis.Redis | RedisCluster:
+def _client_from_url(
+    url: str, timeout: float, max_connections: int
+) -> aioredis.Redis | RedisCluster:
     """Build the redis-py client; quotagate's own settings fail fast (no driver retries)."""
     parts = urlsplit(url)
     common: dict[str, Any] = {
