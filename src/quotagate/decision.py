@@ -1,8 +1,13 @@
-"""Decision values: what the limiter answered, and the state of each limit it checked."""
+"""Decision values: what the limiter answered, and the state of each limit it checked.
+
+Immutable named tuples rather than frozen dataclasses: a decision is built for every request,
+and here construction is over twice as fast (see benchmarks/decisions.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ._types import Reason
 from .rates import Rate
@@ -10,8 +15,7 @@ from .rates import Rate
 __all__ = ["Decision", "Lease", "LimitState"]
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
+class LimitState(NamedTuple):
     """One (key, rate) after a decision; ``rate`` is None for a concurrency limit."""
 
     key: str
@@ -37,8 +41,7 @@ class Lease:
     expires_at_us: int
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer to one ``hit`` / ``hit_many``: allowed or not, and why.
 
     ``limit``, ``remaining`` and ``reset_after`` describe the most restrictive limit: on an

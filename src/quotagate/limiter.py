@@ -13,12 +13,13 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 from ._types import Algorithm, Clock, Reason
 from .decision import Decision, Lease, LimitState
 from .errors import ConfigError
 from .rates import Rate, RateLike, as_rates
-from .storage import FIXED_WINDOW, GCRA, Storage, storage_from_url
+from .storage import FIXED_WINDOW, GCRA, MemoryStorage, Storage, storage_from_url
 
 __all__ = ["Acquire", "Hit", "RateLimiter", "hash_tagged"]
 
@@ -54,8 +55,6 @@ def hash_tagged(key: str) -> str:
     return "{" + key + "}"
 
 
-_Plan = tuple[list[str], list[int | str], list[tuple[str, Rate, int]]]
-_CacheKey = tuple[tuple[str, tuple[Rate, ...], str], ...]
 
 
 class RateLimiter:
@@ -78,11 +77,12 @@ class RateLimiter:
     ) -> None:
         self.storage: Storage = storage_from_url(storage) if isinstance(storage, str) else storage
         self._clock: Clock = clock or getattr(self.storage, "clock", None) or time.monotonic
-        self._cache: dict[_CacheKey, tuple[float, tuple[int, ...], Decision]] | None = (
+        self._cache: dict[tuple[str, ...], tuple[float, tuple[int, ...], Decision]] | None = (
             {} if overlimit_cache else None
         )
         self._cache_size = overlimit_cache_size
-        self._cache_by_key: dict[str, set[_CacheKey]] = {}
+        self._memory = self.storage if type(self.storage) is MemoryStorage else None
+        self._cache_by_key: dict[str, set[tuple[str, ...]]] = {}
 
     async def start(self) -> None:
         await self.storage.start()
@@ -101,7 +101,11 @@ class RateLimiter:
         self, key: str, rates: RateLike, cost: int = 1, algorithm: Algorithm = "gcra"
     ) -> Decision:
         """Check and consume ``cost`` units of every rate on ``key``; ``cost=0`` only reads."""
-        return await self.hit_many((Hit(key, rates, cost, algorithm),))
+        keys: list[str] = []
+        args: list[int | str] = [0]
+        meta: list[_Meta] = []
+        _add(keys, args, meta, key, rates, cost, algorithm, adjusting=False)
+        return await self._decide(keys, args, meta, None, None)
 
     async def hit_many(
         self, hits: Sequence[Hit], *, acquire: Acquire | None = None, now_us: int | None = None
@@ -111,11 +115,27 @@ class RateLimiter:
         All or nothing: when any limit rejects, nothing is consumed and no slot is taken.
         ``now_us`` overrides the storage clock (tests only).
         """
-        keys, args, meta = _plan(hits, adjusting=False)
-        cache_key: _CacheKey | None = None
-        if self._cache is not None and acquire is None and hits:
-            cache_key = tuple((hash_tagged(h.key), as_rates(h.rates), h.algorithm) for h in hits)
-            cached = self._cached(cache_key, tuple(h.cost for h in hits))
+        keys: list[str] = []
+        args: list[int | str] = [0]
+        meta: list[_Meta] = []
+        for h in hits:
+            _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, adjusting=False)
+        return await self._decide(keys, args, meta, acquire, now_us)
+
+    async def _decide(
+        self,
+        keys: list[str],
+        args: list[int | str],
+        meta: list[_Meta],
+        acquire: Acquire | None,
+        now_us: int | None,
+    ) -> Decision:
+        args[0] = len(meta)
+        cache = self._cache
+        # The state keys name every (key, rate, algorithm): together they identify the question.
+        cache_key = tuple(keys) if cache is not None and acquire is None and meta else None
+        if cache and cache_key is not None:
+            cached = self._cached(cache_key, meta)
             if cached is not None:
                 return cached
         lease_id = ""
@@ -125,10 +145,14 @@ class RateLimiter:
             lease_id = os.urandom(8).hex()
             keys.append(hash_tagged(acquire.key))
             args += (acquire.limit, max(1, round(acquire.ttl * _MICROS)), lease_id)
-        out = await self.storage.decide(keys, args, now_us)
+        if self._memory is not None:  # no await needed: one fewer coroutine per decision
+            memory = self._memory
+            out = memory.decide_now(keys, args, memory.now_us() if now_us is None else now_us)
+        else:
+            out = await self.storage.decide(keys, args, now_us)
         decision = _decision(out, meta, acquire, lease_id)
         if cache_key is not None and decision.reason == "limited":
-            self._remember(cache_key, tuple(h.cost for h in hits), decision)
+            self._remember(cache_key, meta, decision)
         return decision
 
     async def adjust(
@@ -139,10 +163,14 @@ class RateLimiter:
         Token reconciliation uses it: reserve the estimate, then settle on the real usage.
         A charge is not clamped (the client goes into debt); a refund stops at a full bucket.
         """
-        keys, args, meta = _plan((Hit(key, rates, delta, algorithm),), adjusting=True)
+        keys: list[str] = []
+        args: list[int | str] = [0]
+        meta: list[_Meta] = []
+        _add(keys, args, meta, key, rates, delta, algorithm, adjusting=True)
+        args[0] = len(meta)
         out = await self.storage.adjust(keys, args)
         if delta < 0:
-            self._forget(hash_tagged(key))
+            self._forget(keys)
         return tuple(
             LimitState(state_key, rate, rate.amount, out[1 + 2 * i], out[2 + 2 * i] / _MICROS, 0.0)
             for i, (state_key, rate, _) in enumerate(meta)
@@ -156,15 +184,18 @@ class RateLimiter:
         """Give a slot back (on completion, error, disconnect). Idempotent."""
         await self.storage.release(lease)
 
-    def _cached(self, cache_key: _CacheKey, costs: tuple[int, ...]) -> Decision | None:
+    def _cached(self, cache_key: tuple[str, ...], meta: list[_Meta]) -> Decision | None:
         assert self._cache is not None
         entry = self._cache.get(cache_key)
         if entry is None:
             return None
         until, cached_costs, decision = entry
         wait = until - self._clock()
-        if wait <= 0 or any(c < old for c, old in zip(costs, cached_costs, strict=True)):
+        if wait <= 0:
+            del self._cache[cache_key]
             return None
+        if any(m[2] < old for m, old in zip(meta, cached_costs, strict=True)):
+            return None  # a cheaper request is a different question
         elapsed = decision.retry_after - wait
         return Decision(
             False,
@@ -186,100 +217,125 @@ class RateLimiter:
             ),
         )
 
-    def _remember(self, cache_key: _CacheKey, costs: tuple[int, ...], decision: Decision) -> None:
+    def _remember(self, cache_key: tuple[str, ...], meta: list[_Meta], decision: Decision) -> None:
         assert self._cache is not None
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
             self._cache_by_key.clear()
+        costs = tuple(m[2] for m in meta)
         self._cache[cache_key] = (self._clock() + decision.retry_after, costs, decision)
-        for key, _, _ in cache_key:
-            self._cache_by_key.setdefault(key, set()).add(cache_key)
+        for state_key in cache_key:
+            self._cache_by_key.setdefault(state_key, set()).add(cache_key)
 
-    def _forget(self, key: str) -> None:
-        """A refund on ``key`` may let a cached rejection pass sooner: drop those entries."""
+    def _forget(self, state_keys: Iterable[str]) -> None:
+        """A refund may let a cached rejection pass sooner: drop the entries it touches."""
         if self._cache is None:
             return
-        for cache_key in self._cache_by_key.pop(key, ()):
-            self._cache.pop(cache_key, None)
+        for state_key in state_keys:
+            for cache_key in self._cache_by_key.pop(state_key, ()):
+                self._cache.pop(cache_key, None)
 
 
-def _plan(hits: Iterable[Hit], *, adjusting: bool) -> _Plan:
-    """The storage program for ``hits``: keys, args, and (state key, rate) for each limit."""
-    keys: list[str] = []
-    args: list[int | str] = [0]
-    meta: list[tuple[str, Rate, int]] = []
-    for hit in hits:
-        cost = hit.cost
-        if not adjusting and (isinstance(cost, bool) or not isinstance(cost, int) or cost < 0):
-            raise ConfigError(f"cost must be a non-negative integer, got {cost!r}")
-        tagged = hash_tagged(hit.key)
-        if hit.algorithm == "gcra":
-            for rate in as_rates(hit.rates):
-                state_key = f"{tagged}:{rate.key_suffix}"
-                keys.append(state_key)
-                args += (GCRA, rate.amount, rate.interval_us, cost)
-                meta.append((state_key, rate, cost))
-        elif hit.algorithm == "fixed_window":
-            for rate in as_rates(hit.rates):
-                state_key = f"{tagged}:fw:{rate.key_suffix}"
-                keys.append(state_key)
-                args += (FIXED_WINDOW, rate.amount, rate.period_us, cost)
-                meta.append((state_key, rate, cost))
-        else:
-            raise ConfigError(f"algorithm must be 'gcra' or 'fixed_window', got {hit.algorithm!r}")
-    args[0] = len(meta)
-    return keys, args, meta
+_Meta = tuple[str, Rate, int]  # (state key, rate, cost)
+_Template = tuple[tuple[str, int, int, int, Rate], ...]
+
+
+@lru_cache(maxsize=4096)
+def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template:
+    """Per rate: state key suffix, algorithm code, capacity, interval; cached per rate text."""
+    if algorithm == "gcra":
+        return tuple((":" + r.key_suffix, GCRA, r.amount, r.interval_us, r) for r in as_rates(rates))
+    if algorithm == "fixed_window":
+        return tuple(
+            (":fw:" + r.key_suffix, FIXED_WINDOW, r.amount, r.period_us, r) for r in as_rates(rates)
+        )
+    raise ConfigError(f"algorithm must be 'gcra' or 'fixed_window', got {algorithm!r}")
+
+
+def _add(
+    keys: list[str],
+    args: list[int | str],
+    meta: list[_Meta],
+    key: str,
+    rates: RateLike,
+    cost: int,
+    algorithm: str,
+    *,
+    adjusting: bool,
+) -> None:
+    """Append the storage program of one key's limits to ``keys`` / ``args`` / ``meta``."""
+    if cost.__class__ is not int and (not isinstance(cost, int) or isinstance(cost, bool)):
+        raise ConfigError(f"cost must be an integer, got {cost!r}")
+    if cost < 0 and not adjusting:
+        raise ConfigError(f"cost must be a non-negative integer, got {cost!r}")
+    tagged = hash_tagged(key)
+    template = _template(rates if isinstance(rates, str | Rate) else tuple(rates), algorithm)
+    for suffix, code, capacity, interval, rate in template:
+        state_key = tagged + suffix
+        keys.append(state_key)
+        args += (code, capacity, interval, cost)
+        meta.append((state_key, rate, cost))
 
 
 def _decision(
-    out: Sequence[int],
-    meta: Sequence[tuple[str, Rate, int]],
-    acquire: Acquire | None,
-    lease_id: str,
+    out: Sequence[int], meta: Sequence[_Meta], acquire: Acquire | None, lease_id: str
 ) -> Decision:
-    """Turn a storage answer into a Decision, picking the most restrictive limit."""
+    """Turn a storage answer into a Decision, picking the most restrictive limit.
+
+    Admitted: the state with the smallest ``remaining / limit`` (ties: the longer
+    ``reset_after``). Rejected: the state that forced the longest ``retry_after``.
+    """
     verdict = out[0]
-    allowed = verdict == 0
+    allowed = not verdict
     states: list[LimitState] = []
-    for i, (state_key, rate, cost) in enumerate(meta):
-        at = 3 + 3 * i
-        retry_after = math.inf if cost > rate.amount else out[at + 2] / _MICROS
-        states.append(
-            LimitState(state_key, rate, rate.amount, out[at], out[at + 1] / _MICROS, retry_after)
+    pick: LimitState | None = None
+    best = 2.0  # admitted: fraction left of the pick; rejected: its retry_after
+    at = 3
+    for state_key, rate, cost in meta:
+        capacity = rate.amount
+        remaining = out[at]
+        state = LimitState(
+            state_key,
+            rate,
+            capacity,
+            remaining,
+            out[at + 1] / _MICROS,
+            math.inf if cost > capacity else out[at + 2] / _MICROS,
         )
+        at += 3
+        states.append(state)
+        if allowed:
+            fraction = remaining / capacity
+            if pick is None or fraction < best or (
+                fraction == best and state.reset_after > pick.reset_after
+            ):
+                pick, best = state, fraction
+        elif pick is None or state.retry_after > best:
+            pick, best = state, state.retry_after
     lease: Lease | None = None
     if acquire is not None:
-        at = 3 + 3 * len(meta)
         lease_key = hash_tagged(acquire.key)
-        retry_after = math.inf if acquire.limit < 1 else out[at + 2] / _MICROS
-        states.append(LimitState(lease_key, None, acquire.limit, out[at], 0.0, retry_after))
+        limit = acquire.limit
+        retry_after = math.inf if limit < 1 else out[at + 2] / _MICROS
+        state = LimitState(lease_key, None, limit, out[at], 0.0, retry_after)
+        states.append(state)
+        if allowed:
+            fraction = out[at] / limit
+            if pick is None or fraction < best:
+                pick = state
+        elif pick is None or retry_after > best:
+            pick = state
         if out[1]:
             lease = Lease(lease_key, lease_id, out[2] + round(acquire.ttl * _MICROS))
-    reason = _REASONS[verdict]
-    if not states:
-        return Decision(allowed, reason, 0.0, 0, 0, 0.0, (), lease)
-    if allowed:
-        pick = min(states, key=_fullness)
-        retry_after = 0.0
-    else:
-        pick = max(states, key=_wait)
-        retry_after = pick.retry_after
+    if pick is None:
+        return Decision(allowed, _REASONS[verdict], 0.0, 0, 0, 0.0, (), lease)
     return Decision(
         allowed,
-        reason,
-        retry_after,
+        _REASONS[verdict],
+        0.0 if allowed else pick.retry_after,
         pick.limit,
         pick.remaining,
         pick.reset_after,
         tuple(states),
         lease,
     )
-
-
-def _fullness(state: LimitState) -> tuple[float, float]:
-    """Order states from most to least restrictive when admitting: least left, then slowest."""
-    return (state.remaining / state.limit if state.limit else 0.0, -state.reset_after)
-
-
-def _wait(state: LimitState) -> float:
-    return state.retry_after

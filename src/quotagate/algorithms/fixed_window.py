@@ -7,18 +7,11 @@ State is ``(window_end, count)``; a state from an older window counts as empty.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 __all__ = ["FixedWindowResult", "fixed_window", "fixed_window_adjust"]
 
-
-class FixedWindowResult(NamedTuple):
-    verdict: int
-    window_end: int
-    new_count: int
-    remaining: int
-    reset_after: int
-    retry_after: int
+#: ``(verdict, (window_end, new_count), remaining, reset_after, retry_after)``: the same shape as
+#: GCRA's result, the state to store second.
+FixedWindowResult = tuple[int, tuple[int, int], int, int, int]
 
 
 def fixed_window(
@@ -29,14 +22,10 @@ def fixed_window(
     used = count if window_end == current_end else 0
     reset_after = current_end - now
     if cost > capacity:
-        return FixedWindowResult(2, current_end, used, max(0, capacity - used), reset_after, 0)
+        return (2, (current_end, used), max(0, capacity - used), reset_after, 0)
     if used + cost <= capacity:
-        return FixedWindowResult(
-            0, current_end, used + cost, capacity - used - cost, reset_after, 0
-        )
-    return FixedWindowResult(
-        1, current_end, used, max(0, capacity - used), reset_after, reset_after
-    )
+        return (0, (current_end, used + cost), capacity - used - cost, reset_after, 0)
+    return (1, (current_end, used), max(0, capacity - used), reset_after, reset_after)
 
 
 def fixed_window_adjust(

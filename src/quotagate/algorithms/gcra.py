@@ -7,19 +7,12 @@ so a full bucket (``tat <= now``) admits ``capacity`` units at once, then one pe
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 __all__ = ["GcraResult", "gcra", "gcra_adjust"]
 
-
-class GcraResult(NamedTuple):
-    verdict: int
-    """0 allowed, 1 limited, 2 too large (cost above capacity: can never pass)."""
-    new_tat: int
-    """State to store when the whole decision admits (unchanged ``base`` otherwise)."""
-    remaining: int
-    reset_after: int
-    retry_after: int
+#: ``(verdict, new_tat, remaining, reset_after, retry_after)``; verdict 0 allowed, 1 limited,
+#: 2 too large (cost above capacity: can never pass). ``new_tat`` is the state to store when the
+#: whole decision admits. A plain tuple: this runs for every limit of every request.
+GcraResult = tuple[int, int, int, int, int]
 
 
 def gcra(tat: int | None, now: int, capacity: int, interval: int, cost: int) -> GcraResult:
@@ -36,12 +29,12 @@ def gcra(tat: int | None, now: int, capacity: int, interval: int, cost: int) -> 
     tolerance = capacity * interval
     if cost > capacity:
         remaining = max(0, (tolerance - (base - now)) // interval)
-        return GcraResult(2, base, remaining, base - now, 0)
+        return (2, base, remaining, base - now, 0)
     new_tat = base + cost * interval
     if new_tat - now <= tolerance:
-        return GcraResult(0, new_tat, (tolerance - (new_tat - now)) // interval, new_tat - now, 0)
+        return (0, new_tat, (tolerance - (new_tat - now)) // interval, new_tat - now, 0)
     remaining = max(0, (tolerance - (base - now)) // interval)
-    return GcraResult(1, base, remaining, base - now, new_tat - tolerance - now)
+    return (1, base, remaining, base - now, new_tat - tolerance - now)
 
 
 def gcra_adjust(tat: int | None, now: int, interval: int, delta: int) -> int | None:

@@ -67,39 +67,34 @@ class MemoryStorage:
         return self.decide_now(keys, args, self.now_us() if now_us is None else now_us)
 
     def decide_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
-        """The synchronous body of ``decide`` (FallbackStorage calls it directly)."""
+        """The synchronous body of ``decide`` (the engine and FallbackStorage call it directly)."""
         states = self._states
-        n = int(args[0])
+        n: int = args[0]  # type: ignore[assignment]
         out = [0, 0, now]
         verdict = 0
         writes: list[tuple[str, _State]] = []
+        at = 1
         for i in range(n):
-            algorithm, capacity, interval, cost = (int(v) for v in args[1 + 4 * i : 5 + 4 * i])
+            algorithm, capacity, interval, cost = args[at : at + 4]
+            at += 4
             key = keys[i]
             stored = states.get(key)
             if algorithm == GCRA:
-                tat = stored if isinstance(stored, int) else None
-                g = gcra(tat, now, capacity, interval, cost)
-                v, remaining, reset_after, retry_after = g[0], g[2], g[3], g[4]
-                if v == 0 and cost > 0:
-                    writes.append((key, g.new_tat))
+                result = gcra(stored if stored.__class__ is int else None, now, capacity, interval, cost)  # type: ignore[arg-type]
             else:
-                end, count = stored if isinstance(stored, tuple) else (None, 0)
-                f = fixed_window(end, count, now, capacity, interval, cost)
-                v, remaining, reset_after, retry_after = f[0], f[3], f[4], f[5]
-                if v == 0 and cost > 0:
-                    writes.append((key, (f.window_end, f.new_count)))
-            verdict = max(verdict, v)
-            out += (remaining, reset_after, retry_after)
+                end, count = stored if stored.__class__ is tuple else (None, 0)  # type: ignore[misc]
+                result = fixed_window(end, count, now, capacity, interval, cost)  # type: ignore[arg-type]
+            v = result[0]
+            if v:
+                if v > verdict:
+                    verdict = v
+            elif cost:
+                writes.append((key, result[1]))
+            out += result[2:]
 
         lease: tuple[str, dict[str, int], str, int] | None = None
-        lease_at = 1 + 4 * n
-        if len(args) > lease_at:
-            limit, ttl, lease_id = (
-                int(args[lease_at]),
-                int(args[lease_at + 1]),
-                str(args[lease_at + 2]),
-            )
+        if len(args) > at:
+            limit, ttl, lease_id = int(args[at]), int(args[at + 1]), str(args[at + 2])
             lease_key = keys[n]
             stored = states.get(lease_key)
             leases = stored if isinstance(stored, dict) else {}
@@ -110,16 +105,22 @@ class MemoryStorage:
             out += (c.remaining, 0, c.retry_after)
             lease = (lease_key, leases, lease_id, now + ttl)
 
-        out[0] = verdict
-        if verdict == 0:
+        if verdict:
+            out[0] = verdict
+        else:
             for key, value in writes:
-                self._put(key, value)
+                states[key] = value
+                states.move_to_end(key)
             if lease is not None:
                 lease_key, leases, lease_id, expires = lease
                 leases[lease_id] = expires
-                self._put(lease_key, leases)
+                states[lease_key] = leases
+                states.move_to_end(lease_key)
                 out[1] = 1
-        self._sweep(now)
+            if len(states) > self.max_keys:
+                self._evict()
+        if states:
+            self._sweep(now)
         return out
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
@@ -163,18 +164,24 @@ class MemoryStorage:
         states[key] = value
         states.move_to_end(key)
         if len(states) > self.max_keys:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used states down to ``max_keys``."""
+        states = self._states
+        while len(states) > self.max_keys:
             states.popitem(last=False)
 
     def _sweep(self, now: int) -> None:
         """Drop a few full-again states from the least recently used end."""
         states = self._states
         for _ in range(_SWEEP_PER_CALL):
-            if not states:
-                return
-            key = next(iter(states))
-            if not _is_spent(states[key], now):
+            key, value = next(iter(states.items()))
+            if not _is_spent(value, now):
                 return
             del states[key]
+            if not states:
+                return
 
     def sweep(self, now_us: int | None = None) -> int:
         """Drop every state that no longer limits anyone; returns how many were dropped."""
