@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from ._types import Algorithm, Clock, Reason
 from .decision import Decision, Lease, LimitState
@@ -24,6 +25,11 @@ from .storage import FIXED_WINDOW, GCRA, MemoryStorage, Storage, storage_from_ur
 __all__ = ["Acquire", "Hit", "RateLimiter", "hash_tagged"]
 
 _MICROS = 1_000_000
+
+# Build named tuples without their Python-level __new__ (a third faster; one per limit per
+# request). Same values, same types: only the argument checking of __new__ is skipped.
+_new_state: Callable[[type[LimitState], tuple[Any, ...]], LimitState] = tuple.__new__
+_new_decision: Callable[[type[Decision], tuple[Any, ...]], Decision] = tuple.__new__
 _REASONS: tuple[Reason, ...] = ("allowed", "limited", "too_large", "unavailable")
 
 
@@ -55,15 +61,14 @@ def hash_tagged(key: str) -> str:
     return "{" + key + "}"
 
 
-
-
 class RateLimiter:
     """Checks and consumes limits against a storage.
 
     Args:
         storage: a Storage, or a URL for ``storage_from_url`` (``memory://`` by default).
         overlimit_cache: answer repeats of a just-rejected request in process (as Envoy's rate
-            limit service does), so an abusive client costs the storage nothing.
+            limit service does), so an abusive client costs the storage nothing. Default: on
+            for shared storages, off for memory (no cheaper than the storage itself).
         clock: for the over-limit cache only; defaults to the storage's clock or a monotonic one.
     """
 
@@ -71,12 +76,14 @@ class RateLimiter:
         self,
         storage: Storage | str = "memory://",
         *,
-        overlimit_cache: bool = True,
+        overlimit_cache: bool | None = None,
         overlimit_cache_size: int = 100_000,
         clock: Clock | None = None,
     ) -> None:
         self.storage: Storage = storage_from_url(storage) if isinstance(storage, str) else storage
         self._clock: Clock = clock or getattr(self.storage, "clock", None) or time.monotonic
+        if overlimit_cache is None:
+            overlimit_cache = not isinstance(self.storage, MemoryStorage)
         self._cache: dict[tuple[str, ...], tuple[float, tuple[int, ...], Decision]] | None = (
             {} if overlimit_cache else None
         )
@@ -244,7 +251,9 @@ _Template = tuple[tuple[str, int, int, int, Rate], ...]
 def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template:
     """Per rate: state key suffix, algorithm code, capacity, interval; cached per rate text."""
     if algorithm == "gcra":
-        return tuple((":" + r.key_suffix, GCRA, r.amount, r.interval_us, r) for r in as_rates(rates))
+        return tuple(
+            (":" + r.key_suffix, GCRA, r.amount, r.interval_us, r) for r in as_rates(rates)
+        )
     if algorithm == "fixed_window":
         return tuple(
             (":fw:" + r.key_suffix, FIXED_WINDOW, r.amount, r.period_us, r) for r in as_rates(rates)
@@ -268,7 +277,7 @@ def _add(
         raise ConfigError(f"cost must be an integer, got {cost!r}")
     if cost < 0 and not adjusting:
         raise ConfigError(f"cost must be a non-negative integer, got {cost!r}")
-    tagged = hash_tagged(key)
+    tagged = "{" + key + "}" if "{" not in key else hash_tagged(key)
     template = _template(rates if isinstance(rates, str | Rate) else tuple(rates), algorithm)
     for suffix, code, capacity, interval, rate in template:
         state_key = tagged + suffix
@@ -294,20 +303,25 @@ def _decision(
     for state_key, rate, cost in meta:
         capacity = rate.amount
         remaining = out[at]
-        state = LimitState(
-            state_key,
-            rate,
-            capacity,
-            remaining,
-            out[at + 1] / _MICROS,
-            math.inf if cost > capacity else out[at + 2] / _MICROS,
+        state = _new_state(
+            LimitState,
+            (
+                state_key,
+                rate,
+                capacity,
+                remaining,
+                out[at + 1] / _MICROS,
+                math.inf if cost > capacity else out[at + 2] / _MICROS,
+            ),
         )
         at += 3
         states.append(state)
         if allowed:
             fraction = remaining / capacity
-            if pick is None or fraction < best or (
-                fraction == best and state.reset_after > pick.reset_after
+            if (
+                pick is None
+                or fraction < best
+                or (fraction == best and state.reset_after > pick.reset_after)
             ):
                 pick, best = state, fraction
         elif pick is None or state.retry_after > best:
@@ -329,13 +343,16 @@ def _decision(
             lease = Lease(lease_key, lease_id, out[2] + round(acquire.ttl * _MICROS))
     if pick is None:
         return Decision(allowed, _REASONS[verdict], 0.0, 0, 0, 0.0, (), lease)
-    return Decision(
-        allowed,
-        _REASONS[verdict],
-        0.0 if allowed else pick.retry_after,
-        pick.limit,
-        pick.remaining,
-        pick.reset_after,
-        tuple(states),
-        lease,
+    return _new_decision(
+        Decision,
+        (
+            allowed,
+            _REASONS[verdict],
+            0.0 if allowed else pick.retry_after,
+            pick.limit,
+            pick.remaining,
+            pick.reset_after,
+            tuple(states),
+            lease,
+        ),
     )

@@ -38,7 +38,7 @@ async def test_hit_many_is_one_storage_call(clock: qg.FakeClock) -> None:
 
 async def test_overlimit_cache_answers_repeats_without_the_storage(clock: qg.FakeClock) -> None:
     storage = CountingStorage(clock=clock)
-    limiter = qg.RateLimiter(storage)
+    limiter = qg.RateLimiter(storage, overlimit_cache=True)
     for _ in range(2):
         await limiter.hit("k", "2/minute")
     first = await limiter.hit("k", "2/minute")
@@ -57,11 +57,16 @@ async def test_overlimit_cache_answers_repeats_without_the_storage(clock: qg.Fak
 
 
 async def test_overlimit_cache_forgets_after_a_refund(clock: qg.FakeClock) -> None:
-    limiter = qg.RateLimiter(qg.MemoryStorage(clock=clock))
+    limiter = qg.RateLimiter(qg.MemoryStorage(clock=clock), overlimit_cache=True)
     await limiter.hit("k", "10/minute", cost=10)
     assert not (await limiter.hit("k", "10/minute")).allowed
     await limiter.adjust("k", "10/minute", delta=-5)
     assert (await limiter.hit("k", "10/minute")).allowed
+
+
+def test_overlimit_cache_defaults_on_for_shared_storages_only() -> None:
+    assert qg.RateLimiter("memory://")._cache is None
+    assert qg.RateLimiter("redis://127.0.0.1:1/0")._cache is not None
 
 
 async def test_overlimit_cache_can_be_turned_off(clock: qg.FakeClock) -> None:

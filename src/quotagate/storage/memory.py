@@ -80,7 +80,9 @@ class MemoryStorage:
             key = keys[i]
             stored = states.get(key)
             if algorithm == GCRA:
-                result = gcra(stored if stored.__class__ is int else None, now, capacity, interval, cost)  # type: ignore[arg-type]
+                result = gcra(
+                    stored if stored.__class__ is int else None, now, capacity, interval, cost
+                )  # type: ignore[arg-type]
             else:
                 end, count = stored if stored.__class__ is tuple else (None, 0)  # type: ignore[misc]
                 result = fixed_window(end, count, now, capacity, interval, cost)  # type: ignore[arg-type]
