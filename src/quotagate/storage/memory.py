@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import cast
 
 from .._types import Clock
 from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, gcra_adjust
@@ -69,23 +70,23 @@ class MemoryStorage:
     def decide_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
         """The synchronous body of ``decide`` (the engine and FallbackStorage call it directly)."""
         states = self._states
-        n: int = args[0]  # type: ignore[assignment]
+        n = cast(int, args[0])
         out = [0, 0, now]
         verdict = 0
         writes: list[tuple[str, _State]] = []
         at = 1
         for i in range(n):
-            algorithm, capacity, interval, cost = args[at : at + 4]
+            algorithm, capacity, interval, cost = cast(Sequence[int], args[at : at + 4])
             at += 4
             key = keys[i]
             stored = states.get(key)
+            result: tuple[int, _State, int, int, int]
             if algorithm == GCRA:
-                result = gcra(
-                    stored if stored.__class__ is int else None, now, capacity, interval, cost
-                )  # type: ignore[arg-type]
+                tat = stored if isinstance(stored, int) else None
+                result = gcra(tat, now, capacity, interval, cost)
             else:
-                end, count = stored if stored.__class__ is tuple else (None, 0)  # type: ignore[misc]
-                result = fixed_window(end, count, now, capacity, interval, cost)  # type: ignore[arg-type]
+                end, count = stored if isinstance(stored, tuple) else (None, 0)
+                result = fixed_window(end, count, now, capacity, interval, cost)
             v = result[0]
             if v:
                 if v > verdict:
