@@ -8,6 +8,7 @@ in one EVALSHA; all or nothing. It also keeps the over-limit cache: a client tha
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
@@ -22,7 +23,7 @@ from .errors import ConfigError
 from .rates import Rate, RateLike, as_rates
 from .storage import FIXED_WINDOW, GCRA, MemoryStorage, Storage, storage_from_url
 
-__all__ = ["Acquire", "Hit", "RateLimiter", "hash_tagged"]
+__all__ = ["Acquire", "Hit", "RateLimiter", "combine", "hash_tagged"]
 
 _MICROS = 1_000_000
 
@@ -89,13 +90,28 @@ class RateLimiter:
         )
         self._cache_size = overlimit_cache_size
         self._memory = self.storage if type(self.storage) is MemoryStorage else None
+        self._started = False
+        self._start_lock = asyncio.Lock()
         self._cache_by_key: dict[str, set[tuple[str, ...]]] = {}
 
+    @property
+    def started(self) -> bool:
+        return self._started
+
     async def start(self) -> None:
-        await self.storage.start()
+        """Connect the storage; idempotent and safe to call from concurrent first requests."""
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.storage.start()
+                self._started = True
 
     async def aclose(self) -> None:
-        await self.storage.aclose()
+        async with self._start_lock:
+            if self._started:
+                self._started = False
+                await self.storage.aclose()
 
     async def __aenter__(self) -> RateLimiter:
         await self.start()
@@ -355,4 +371,26 @@ def _decision(
             tuple(states),
             lease,
         ),
+    )
+
+
+def combine(decisions: Sequence[Decision]) -> Decision:
+    """One Decision standing for several taken on the same request (route and default limits).
+
+    Rejected if any was; the most restrictive limit is chosen across all states by the same
+    rule as a single decision.
+    """
+    if len(decisions) == 1:
+        return decisions[0]
+    states = tuple(s for d in decisions for s in d.states)
+    rejected = [d for d in decisions if not d.allowed]
+    if rejected:
+        worst = max(rejected, key=lambda d: d.retry_after)
+        return worst._replace(states=states)
+    if not states:
+        return decisions[0]
+    pick = min(states, key=lambda s: (s.remaining / s.limit if s.limit else 0.0, -s.reset_after))
+    lease = next((d.lease for d in decisions if d.lease is not None), None)
+    return Decision(
+        True, "allowed", 0.0, pick.limit, pick.remaining, pick.reset_after, states, lease
     )

@@ -1,0 +1,188 @@
+"""Pure ASGI middleware (Starlette's ``trustedhost.py`` / ``cors.py`` are the model).
+
+``RateLimitMiddleware`` limits any ASGI app by route rules, no decorators needed. The fastapi
+module's ``Limiter.init_app`` installs ``RateLimitHeadersMiddleware``. Both add the headers by
+wrapping ``send`` at ``http.response.start``, so success, error, 429 and streaming responses all
+carry them; non-HTTP scopes pass straight through. Never ``BaseHTTPMiddleware``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass
+from fnmatch import translate
+from typing import Any
+
+from starlette.requests import Request
+
+from .decision import Decision
+from .errors import StorageError
+from .http import Headers, rate_limit_headers, rejection
+from .identity import (
+    KeyFunc,
+    TrustedProxies,
+    api_key_or_ip,
+    display_key,
+    storage_id,
+    with_trusted_proxies,
+)
+from .limiter import Hit, RateLimiter, combine
+from .rates import RateLike, as_rates
+
+__all__ = [
+    "DECISIONS",
+    "RateLimitHeadersMiddleware",
+    "RateLimitMiddleware",
+    "Rule",
+    "maybe_await",
+    "record_decision",
+    "send_rejection",
+]
+
+logger = logging.getLogger("quotagate")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Scope key under which the decisions taken for a request are kept until its response starts.
+DECISIONS = "quotagate.decisions"
+
+
+async def maybe_await(value: Any) -> Any:
+    """The value, awaited if it is awaitable: user callbacks may be sync or async."""
+    return await value if inspect.isawaitable(value) else value
+
+
+def record_decision(scope: Scope, decision: Decision) -> None:
+    scope.setdefault(DECISIONS, []).append(decision)
+
+
+def storage_error_decision() -> Decision:
+    """What an unrecoverable storage error turns into: 503, retry in a second (never a 500)."""
+    return Decision(False, "unavailable", 1.0, 0, 0, 0.0, ())
+
+
+async def send_rejection(send: Send, decision: Decision) -> None:
+    status, headers, body = rejection(decision)
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def with_rate_limit_headers(scope: Scope, send: Send) -> Send:
+    """Wrap ``send`` so the response start carries the headers of the request's decisions."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            decisions = scope.get(DECISIONS)
+            if decisions:
+                headers: Headers = list(message.get("headers", ()))
+                # A rejection rendered by us already has them.
+                if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
+                    headers.extend(rate_limit_headers(combine(decisions)))
+                    message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_headers
+
+
+class RateLimitHeadersMiddleware:
+    """Adds the headers of whatever decisions endpoints recorded in the scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, with_rate_limit_headers(scope, send))
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """Limit requests whose path matches ``pattern`` (a glob: ``/v1/*``, ``*`` crosses ``/``).
+
+    ``rates`` None exempts the matching paths. ``cost`` is an int or a callable of the request.
+    ``name`` is the counter's name: rules with one name share a counter (default: the pattern).
+    """
+
+    pattern: str
+    rates: RateLike | None
+    methods: frozenset[str] | None = None
+    cost: int | Callable[[Request], int | Awaitable[int]] = 1
+    key_func: KeyFunc | None = None
+    name: str | None = None
+
+
+class RateLimitMiddleware:
+    """Rate limits by route rules for any ASGI app; the first rule that matches applies.
+
+    Args:
+        app: the ASGI app to protect.
+        limiter: the engine (``quotagate.RateLimiter``) or a URL for one.
+        rules: ``Rule`` values or ``(pattern, rates)`` pairs, e.g. ``("/v1/*", "60/minute")``;
+            ``(pattern, None)`` exempts.
+        key_func: who the client is; default ``api_key_or_ip``.
+        trusted_proxies: CIDRs whose ``X-Forwarded-For`` / ``Forwarded`` the built-in key
+            functions believe.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limiter: RateLimiter | str = "memory://",
+        rules: Sequence[Rule | tuple[str, RateLike | None]],
+        key_func: KeyFunc = api_key_or_ip,
+        trusted_proxies: Iterable[str] = (),
+    ) -> None:
+        self.app = app
+        self.limiter = RateLimiter(limiter) if isinstance(limiter, str) else limiter
+        trusted = TrustedProxies(trusted_proxies)
+        self.key_func = with_trusted_proxies(key_func, trusted)
+        self.rules = [rule if isinstance(rule, Rule) else Rule(*rule) for rule in rules]
+        for rule in self.rules:
+            if rule.rates is not None:
+                as_rates(rule.rates)  # a bad rate fails at start-up, not on a request
+        self._patterns = [re.compile(translate(rule.pattern)) for rule in self.rules]
+
+    def match(self, path: str, method: str) -> Rule | None:
+        for rule, pattern in zip(self.rules, self._patterns, strict=True):
+            if pattern.match(path) and (rule.methods is None or method in rule.methods):
+                return rule
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rule = self.match(scope["path"], scope["method"])
+        if rule is None or rule.rates is None:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        key = await maybe_await((rule.key_func or self.key_func)(request))
+        cost = rule.cost if isinstance(rule.cost, int) else await maybe_await(rule.cost(request))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "quotagate: %s %s -> client %s", scope["method"], scope["path"], display_key(key)
+            )
+        hit = Hit(f"{{{storage_id(key)}}}:{rule.name or rule.pattern}", rule.rates, cost)
+        if not self.limiter.started:
+            await self.limiter.start()
+        try:
+            decision = await self.limiter.hit_many((hit,))
+        except StorageError as exc:
+            logger.error("quotagate: storage error, answering 503: %s", exc)
+            decision = storage_error_decision()
+        record_decision(scope, decision)
+        if not decision.allowed:
+            await send_rejection(send, decision)
+            return
+        await self.app(scope, receive, with_rate_limit_headers(scope, send))

@@ -1,0 +1,376 @@
+"""FastAPI / Starlette: the seed tutorial's slowapi code with a change of imports, done right.
+
+    limiter = Limiter(key_func=api_key_or_ip, storage_uri="redis://localhost:6379/0")
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.post("/v1/completions")
+    @limiter.limit("60/minute")
+    async def completions(body: dict): ...
+
+Unlike slowapi: async storage (never blocks the event loop), every limit of a route in one
+storage round trip, headers on every response without a ``response`` parameter, and a Redis
+outage falls back to limiting in memory instead of failing requests.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match, Mount
+
+from ._types import Algorithm
+from .asgi import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    maybe_await,
+    record_decision,
+    send_rejection,
+    storage_error_decision,
+    with_rate_limit_headers,
+)
+from .decision import Decision
+from .errors import ConfigError, StorageError
+from .http import rejection
+from .identity import (
+    KeyFunc,
+    TrustedProxies,
+    api_key_or_ip,
+    display_key,
+    storage_id,
+    with_trusted_proxies,
+)
+from .limiter import Hit, RateLimiter
+from .rates import RateLike, as_rates
+from .storage import Storage
+
+__all__ = ["Limiter", "RateLimitExceeded"]
+
+logger = logging.getLogger("quotagate")
+
+F = TypeVar("F", bound=Callable[..., Any])
+RateSource = RateLike | Callable[[Request], RateLike | Awaitable[RateLike]]
+CostSource = int | Callable[[Request], int | Awaitable[int]]
+
+_SPECS = "__quotagate_limits__"
+_EXEMPT = "__quotagate_exempt__"
+_REQUEST_PARAM = "quotagate_request__"
+
+
+@dataclass(frozen=True, slots=True)
+class _LimitSpec:
+    rates: RateSource
+    cost: CostSource = 1
+    key_func: KeyFunc | None = None
+    scope: str | None = None
+    exempt_when: Callable[[Request], bool | Awaitable[bool]] | None = None
+    algorithm: Algorithm = "gcra"
+
+
+class RateLimitExceeded(Exception):
+    """Raised by the dependency form; ``init_app`` turns it into the 429 (or 503) response."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(f"rate limit exceeded: retry after {decision.retry_after:.1f} s")
+        self.decision = decision
+
+
+class _RejectionResponse(Response):
+    """A rejection rendered by ``quotagate.http`` (status, headers and body as they are)."""
+
+    def __init__(self, decision: Decision) -> None:
+        status, headers, body = rejection(decision)
+        self.status_code = status
+        self.body = body
+        self.background = None
+        self.raw_headers = headers
+
+
+class Limiter:
+    """Rate limits for FastAPI and Starlette apps.
+
+    Args:
+        key_func: who the client is (sync or async, takes the request); default
+            ``api_key_or_ip``. The result is hashed before storage unless it is an address.
+        storage_uri: ``memory://`` (default) or ``redis://host:6379/0`` (with an in-memory
+            fallback while Redis is down; see ``storage_from_url``).
+        storage: a Storage instance instead of a URI.
+        default_limits: limits for every route without its own (each route counts apart).
+        trusted_proxies: CIDRs whose ``X-Forwarded-For`` / ``Forwarded`` the built-in key
+            functions believe; default none.
+        headers_enabled: send the rate-limit headers on responses of limited routes.
+        enabled: False turns every check off (tests, maintenance).
+    """
+
+    def __init__(
+        self,
+        key_func: KeyFunc = api_key_or_ip,
+        *,
+        storage_uri: str | None = None,
+        storage: Storage | None = None,
+        default_limits: Sequence[RateSource] = (),
+        trusted_proxies: Iterable[str] = (),
+        headers_enabled: bool = True,
+        enabled: bool = True,
+        overlimit_cache: bool | None = None,
+    ) -> None:
+        if storage is not None and storage_uri is not None:
+            raise ConfigError("give storage_uri or storage, not both")
+        self.engine = RateLimiter(
+            storage if storage is not None else storage_uri or "memory://",
+            overlimit_cache=overlimit_cache,
+        )
+        self.trusted_proxies = TrustedProxies(trusted_proxies)
+        self.key_func = with_trusted_proxies(key_func, self.trusted_proxies)
+        self.default_limits = [_LimitSpec(_checked(rates)) for rates in default_limits]
+        self.headers_enabled = headers_enabled
+        self.enabled = enabled
+
+    @property
+    def storage(self) -> Storage:
+        return self.engine.storage
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def aclose(self) -> None:
+        await self.engine.aclose()
+
+    def init_app(self, app: Starlette) -> None:
+        """Install the limiter on an app: headers on every response, the 429 handler for the
+        dependency form, default limits, and start/stop with the app's lifespan."""
+        app.state.limiter = self
+        app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+        app.add_middleware(_LimiterMiddleware, limiter=self, app_routes=app)
+        original = app.router.lifespan_context
+
+        @asynccontextmanager
+        async def lifespan(lifespan_app: Any) -> AsyncIterator[Any]:
+            async with original(lifespan_app) as state:
+                await self.start()
+                try:
+                    yield state
+                finally:
+                    await self.aclose()
+
+        app.router.lifespan_context = lifespan
+
+    def limit(
+        self,
+        rates: RateSource,
+        *,
+        cost: CostSource = 1,
+        key_func: KeyFunc | None = None,
+        scope: str | None = None,
+        exempt_when: Callable[[Request], bool | Awaitable[bool]] | None = None,
+        algorithm: Algorithm = "gcra",
+    ) -> Callable[[F], F]:
+        """Decorate an endpoint (below ``@app.post(...)``) with a limit.
+
+        Args:
+            rates: ``"60/minute; 1000/day"``, or a callable of the request (sync or async)
+                returning rates: tiered limits by the authenticated user's tier.
+            cost: units per request, or a callable of the request (e.g. its token count).
+            key_func: who the client is, for this route only.
+            scope: a counter name shared by every route that gives it (default: per route).
+            exempt_when: a callable of the request; True skips the limit.
+            algorithm: ``gcra`` (default) or ``fixed_window``.
+
+        Several ``@limiter.limit`` on one endpoint are checked together, in one storage call.
+        """
+        spec = _LimitSpec(_checked(rates), cost, key_func, scope, exempt_when, algorithm)
+
+        def decorator(func: F) -> F:
+            specs: list[_LimitSpec] | None = getattr(func, _SPECS, None)
+            if specs is not None:
+                specs.insert(0, spec)  # decorators apply bottom-up; keep source order
+                return func
+            return self._wrap(func, [spec])
+
+        return decorator
+
+    def exempt(self, func: F) -> F:
+        """Exclude an endpoint from ``default_limits``."""
+        setattr(func, _EXEMPT, True)
+        return func
+
+    def depends(
+        self,
+        rates: RateSource,
+        *,
+        cost: CostSource = 1,
+        key_func: KeyFunc | None = None,
+        scope: str | None = None,
+        exempt_when: Callable[[Request], bool | Awaitable[bool]] | None = None,
+        algorithm: Algorithm = "gcra",
+    ) -> Callable[[Request], Awaitable[None]]:
+        """The same limit as a FastAPI dependency: ``Depends(limiter.depends("60/minute"))``.
+
+        A rejection raises ``RateLimitExceeded``, which ``init_app`` answers with the 429.
+        """
+        spec = _LimitSpec(_checked(rates), cost, key_func, scope, exempt_when, algorithm)
+
+        async def rate_limit_dependency(request: Request) -> None:
+            route = request.scope.get("route")
+            default_scope = "route:" + getattr(route, "path", request.url.path)
+            decision = await self.check(request, [spec], default_scope)
+            if decision is not None and not decision.allowed:
+                raise RateLimitExceeded(decision)
+
+        return rate_limit_dependency
+
+    async def check(
+        self, request: Request, specs: Sequence[_LimitSpec], default_scope: str
+    ) -> Decision | None:
+        """Decide every limit in ``specs`` for this request in one storage call.
+
+        Records the decision for the response headers; None when no limit applied.
+        """
+        if not self.enabled:
+            return None
+        hits: list[Hit] = []
+        for spec in specs:
+            if spec.exempt_when is not None and await maybe_await(spec.exempt_when(request)):
+                continue
+            rates = spec.rates
+            if callable(rates):
+                rates = await maybe_await(rates(request))
+            cost = (
+                spec.cost if isinstance(spec.cost, int) else await maybe_await(spec.cost(request))
+            )
+            key_func = self.key_func if spec.key_func is None else spec.key_func
+            key = await maybe_await(key_func(request))
+            if logger.isEnabledFor(logging.DEBUG):
+                logger.debug(
+                    "quotagate: %s %s -> client %s",
+                    request.method,
+                    request.url.path,
+                    display_key(key),
+                )
+            name = spec.scope or default_scope
+            hits.append(Hit(f"{{{storage_id(key)}}}:{name}", rates, cost, spec.algorithm))
+        if not hits:
+            return None
+        if not self.engine.started:
+            await self.engine.start()
+        try:
+            decision = await self.engine.hit_many(hits)
+        except StorageError as exc:
+            logger.error("quotagate: storage error, answering 503: %s", exc)
+            decision = storage_error_decision()
+        if self.headers_enabled or not decision.allowed:
+            record_decision(request.scope, decision)
+        return decision
+
+    def _wrap(self, func: F, specs: list[_LimitSpec]) -> F:
+        signature = _resolved_signature(func)
+        request_param = next(
+            (p.name for p in signature.parameters.values() if _is_request(p.annotation)), None
+        )
+        if request_param is None:
+            # FastAPI injects a parameter annotated Request; the endpoint never sees it.
+            extra = inspect.Parameter(
+                _REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request
+            )
+            params = list(signature.parameters.values())
+            at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
+            signature = signature.replace(parameters=[*params[:at], extra, *params[at:]])
+        default_scope = f"route:{func.__module__}.{func.__qualname__}"
+        is_async = inspect.iscoroutinefunction(func)
+
+        @functools.wraps(func)
+        async def endpoint(*args: Any, **kwargs: Any) -> Any:
+            if request_param is None:
+                request = kwargs.pop(_REQUEST_PARAM)
+            else:
+                request = kwargs[request_param]
+            decision = await self.check(request, specs, default_scope)
+            if decision is not None and not decision.allowed:
+                return _RejectionResponse(decision)
+            if is_async:
+                return await func(*args, **kwargs)
+            return await run_in_threadpool(func, *args, **kwargs)
+
+        endpoint.__signature__ = signature  # type: ignore[attr-defined]
+        setattr(endpoint, _SPECS, specs)
+        return endpoint  # type: ignore[return-value]
+
+
+def _checked(rates: RateSource) -> RateSource:
+    """Fail at import time on a bad static rate, not on the first request."""
+    if not callable(rates):
+        as_rates(rates)
+    return rates
+
+
+def _resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
+    """The signature with string annotations evaluated in the endpoint's own module (FastAPI
+    would otherwise resolve them in ours, since the wrapper's globals are ours)."""
+    try:
+        return inspect.signature(func, eval_str=True)
+    except (NameError, TypeError):
+        return inspect.signature(func)
+
+
+def _is_request(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, Request)
+
+
+async def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Response:
+    return _RejectionResponse(exc.decision)
+
+
+class _LimiterMiddleware:
+    """Headers on every response of a limited route, and ``default_limits`` for routes that
+    have no limit of their own (found by matching the app's routes, mounts included)."""
+
+    def __init__(self, app: ASGIApp, limiter: Limiter, app_routes: Starlette) -> None:
+        self.app = app
+        self.limiter = limiter
+        self.routes_of = app_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limiter = self.limiter
+        if limiter.default_limits and limiter.enabled:
+            endpoint, path = _find_endpoint(self.routes_of.routes, scope)
+            if not _limited_or_exempt(endpoint):
+                request = Request(scope, receive)
+                decision = await limiter.check(request, limiter.default_limits, "default:" + path)
+                if decision is not None and not decision.allowed:
+                    await send_rejection(send, decision)
+                    return
+        if limiter.headers_enabled:
+            send = with_rate_limit_headers(scope, send)
+        await self.app(scope, receive, send)
+
+
+def _find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]:
+    """The endpoint the router will call, and its route path (``*`` when nothing matches)."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            if isinstance(route, Mount):
+                inner = route.routes or getattr(getattr(route.app, "router", None), "routes", [])
+                endpoint, path = _find_endpoint(inner, {**scope, **child})
+                return endpoint, route.path + path if endpoint is not None else route.path
+            return getattr(route, "endpoint", None), getattr(route, "path", "*")
+    return None, "*"
+
+
+def _limited_or_exempt(endpoint: Any) -> bool:
+    return endpoint is not None and (hasattr(endpoint, _SPECS) or hasattr(endpoint, _EXEMPT))
