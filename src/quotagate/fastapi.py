@@ -292,10 +292,7 @@ class Limiter:
 
         @functools.wraps(func)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
-            if request_param is None:
-                request = kwargs.pop(_REQUEST_PARAM)
-            else:
-                request = kwargs[request_param]
+            request = kwargs.pop(_REQUEST_PARAM) if request_param is None else kwargs[request_param]
             decision = await self.check(request, specs, default_scope)
             if decision is not None and not decision.allowed:
                 return _RejectionResponse(decision)
