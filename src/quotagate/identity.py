@@ -202,7 +202,7 @@ def bearer_or_header_key(scope: Mapping[str, Any]) -> str | None:
 #: The direct peer's IP address, as slowapi's ``get_remote_address`` (a plain key function).
 get_remote_address = _RemoteAddress("get_remote_address")
 
-#: ``X-API-Key``, then ``Authorization: Bearer``, then the client IP (``key:<hash>``, ``ip:<addr>``).
+#: X-API-Key, then Authorization: Bearer, then the client IP (``key:<hash>``, ``ip:<addr>``).
 api_key_or_ip = _ApiKeyOrIp("api_key_or_ip")
 
 
