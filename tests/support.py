@@ -105,3 +105,91 @@ class RedisServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class UvicornServer:
+    """An ASGI app served by a real uvicorn process on a free loopback port."""
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        app_dir: str = ".",
+        env: dict[str, str] | None = None,
+        extra_args: tuple[str, ...] = ("--no-proxy-headers",),
+    ) -> None:
+        # uvicorn itself believes X-Forwarded-For from 127.0.0.1 unless told not to; tests of
+        # quotagate's own trusted-proxy rules turn that off.
+        self.extra_args = extra_args
+        self.app = app
+        self.app_dir = app_dir
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = Path(tempfile.mkstemp(prefix="qg-uvicorn-", suffix=".log")[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import sys
+
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    self.app,
+                    "--app-dir",
+                    self.app_dir,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--log-level",
+                    "warning",
+                    *self.extra_args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"uvicorn exited: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("uvicorn did not start")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def __enter__(self) -> UvicornServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self.log.unlink(missing_ok=True)

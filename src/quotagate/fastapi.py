@@ -112,6 +112,9 @@ class Limiter:
             functions believe; default none.
         headers_enabled: send the rate-limit headers on responses of limited routes.
         enabled: False turns every check off (tests, maintenance).
+        overlimit_cache: answer a just-rejected client's repeats in process, without a storage
+            call. Off by default here, so that a Redis ``FLUSHDB`` resets counters at once (the
+            seed tutorial's check); turn it on to shield Redis from clients that hammer on.
     """
 
     def __init__(
@@ -124,7 +127,7 @@ class Limiter:
         trusted_proxies: Iterable[str] = (),
         headers_enabled: bool = True,
         enabled: bool = True,
-        overlimit_cache: bool | None = None,
+        overlimit_cache: bool = False,
     ) -> None:
         if storage is not None and storage_uri is not None:
             raise ConfigError("give storage_uri or storage, not both")
