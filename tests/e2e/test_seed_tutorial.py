@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+
 from support import RedisServer, UvicornServer
 
 EXAMPLES = str(Path(__file__).resolve().parents[2] / "examples")
@@ -131,15 +132,15 @@ def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(server: Uvicorn
 
 
 def test_forwarded_for_from_a_trusted_proxy_names_the_client(storage_url: str) -> None:
-    with _serve(storage_url, QUOTAGATE_TRUSTED_PROXIES="127.0.0.1/32") as server:
-        with httpx.Client(base_url=server.url) as client:
-            a, b = f"203.0.113.{uuid.uuid4().int % 250}", "2001:db8::7"
-            for _ in range(10):
-                _complete(client, None, **{"X-Forwarded-For": f"{a}, 127.0.0.1"})
-            assert _complete(client, None, **{"X-Forwarded-For": a}).status_code == 429
-            other = _complete(client, None, **{"Forwarded": f'for="[{b}]:4711"'})
-            assert other.status_code == 200
-            assert other.headers["X-RateLimit-Remaining"] == "9"
+    trusted = _serve(storage_url, QUOTAGATE_TRUSTED_PROXIES="127.0.0.1/32")
+    with trusted as server, httpx.Client(base_url=server.url) as client:
+        a, b = f"203.0.113.{uuid.uuid4().int % 250}", "2001:db8::7"
+        for _ in range(10):
+            _complete(client, None, **{"X-Forwarded-For": f"{a}, 127.0.0.1"})
+        assert _complete(client, None, **{"X-Forwarded-For": a}).status_code == 429
+        other = _complete(client, None, **{"Forwarded": f'for="[{b}]:4711"'})
+        assert other.status_code == 200
+        assert other.headers["X-RateLimit-Remaining"] == "9"
 
 
 @pytest.mark.redis
@@ -148,15 +149,14 @@ def test_two_app_processes_sharing_redis_enforce_one_limit(
 ) -> None:
     url = f"{redis_server.url}?prefix={key_prefix}"
     key = _new_key()
-    with _serve(url) as first, _serve(url) as second:
-        with httpx.Client() as client:
-            statuses = [
-                client.post(
-                    f"{server.url}/v1/completions", json={"prompt": "x"}, headers={"X-API-Key": key}
-                ).status_code
-                for _ in range(10)
-                for server in (first, second)
-            ]
+    with _serve(url) as first, _serve(url) as second, httpx.Client() as client:
+        statuses = [
+            client.post(
+                f"{server.url}/v1/completions", json={"prompt": "x"}, headers={"X-API-Key": key}
+            ).status_code
+            for _ in range(10)
+            for server in (first, second)
+        ]
     assert statuses.count(200) == 10
     assert statuses.count(429) == 10
 
