@@ -174,9 +174,9 @@ class RateLimitMiddleware:
                 "quotagate: %s %s -> client %s", scope["method"], scope["path"], display_key(key)
             )
         hit = Hit(f"{{{storage_id(key)}}}:{rule.name or rule.pattern}", rule.rates, cost)
-        if not self.limiter.started:
-            await self.limiter.start()
         try:
+            if not self.limiter.started:
+                await self.limiter.start()
             decision = await self.limiter.hit_many((hit,))
         except StorageError as exc:
             logger.error("quotagate: storage error, answering 503: %s", exc)

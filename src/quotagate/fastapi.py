@@ -266,9 +266,9 @@ class Limiter:
             hits.append(Hit(f"{{{storage_id(key)}}}:{name}", rates, cost, spec.algorithm))
         if not hits:
             return None
-        if not self.engine.started:
-            await self.engine.start()
         try:
+            if not self.engine.started:
+                await self.engine.start()
             decision = await self.engine.hit_many(hits)
         except StorageError as exc:
             logger.error("quotagate: storage error, answering 503: %s", exc)

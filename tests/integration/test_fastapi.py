@@ -1,0 +1,344 @@
+"""The FastAPI library in process (httpx.ASGITransport), with a fake clock."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import StreamingResponse
+
+import quotagate as qg
+from quotagate.fastapi import Limiter
+from quotagate.identity import get_remote_address
+
+
+@pytest.fixture
+def limiter(clock: qg.FakeClock) -> Limiter:
+    return Limiter(storage=qg.MemoryStorage(clock=clock))
+
+
+def _client(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+async def test_endpoint_needs_no_request_or_response_parameter(limiter: Limiter) -> None:
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.post("/v1/completions")
+    @limiter.limit("2/minute")
+    async def completions(body: dict[str, str]) -> dict[str, str]:
+        return body
+
+    async with _client(app) as client:
+        ok = await client.post("/v1/completions", json={"prompt": "hi"})
+        await client.post("/v1/completions", json={"prompt": "hi"})
+        over = await client.post("/v1/completions", json={"prompt": "hi"})
+        schema = (await client.get("/openapi.json")).json()
+    assert ok.json() == {"prompt": "hi"}
+    assert ok.headers["x-ratelimit-remaining"] == "1"
+    assert over.status_code == 429
+    assert over.json()["error"] == "rate_limit_exceeded"
+    # The injected request parameter is invisible to the API schema.
+    assert "parameters" not in schema["paths"]["/v1/completions"]["post"]
+
+
+async def test_sync_endpoints_routers_and_request_parameters(limiter: Limiter) -> None:
+    app = FastAPI()
+    router = APIRouter(prefix="/api")
+    limiter.init_app(app)
+
+    @router.get("/sync")
+    @limiter.limit("1/minute")
+    def sync_endpoint(request: Request) -> dict[str, str]:
+        return {"path": request.url.path}
+
+    app.include_router(router)
+    async with _client(app) as client:
+        first = await client.get("/api/sync")
+        second = await client.get("/api/sync")
+    assert first.json() == {"path": "/api/sync"}
+    assert second.status_code == 429
+
+
+async def test_mounted_sub_app(limiter: Limiter) -> None:
+    app, sub = FastAPI(), FastAPI()
+    limiter.init_app(app)
+
+    @sub.get("/thing")
+    @limiter.limit("1/minute")
+    async def thing() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.mount("/sub", sub)
+    async with _client(app) as client:
+        first = await client.get("/sub/thing")
+        second = await client.get("/sub/thing")
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit"] == "1"
+    assert second.status_code == 429
+
+
+async def test_headers_on_streaming_and_error_responses(limiter: Limiter) -> None:
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/stream")
+    @limiter.limit("5/minute")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for word in (b"a", b"b", b"c"):
+                yield word
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @app.get("/fails")
+    @limiter.limit("5/minute")
+    async def fails() -> None:
+        raise HTTPException(status_code=418, detail="teapot")
+
+    async with _client(app) as client:
+        streamed = await client.get("/stream")
+        failed = await client.get("/fails")
+    assert streamed.text == "abc"
+    assert streamed.headers["x-ratelimit-remaining"] == "4"
+    assert failed.status_code == 418
+    assert failed.headers["x-ratelimit-remaining"] == "4"
+    assert failed.headers["ratelimit-policy"] == '"5-per-minute";q=5;w=60'
+
+
+async def test_tiered_rates_and_token_costs_from_the_request(limiter: Limiter) -> None:
+    app = FastAPI()
+    limiter.init_app(app)
+    tiers = {"sk-free-000001": "2/minute", "sk-pro-0000001": "100/minute"}
+
+    async def tier_of(request: Request) -> str:  # async rate source
+        return tiers[request.headers["x-api-key"]]
+
+    def tokens_of(request: Request) -> int:  # sync cost source
+        return int(request.headers.get("x-tokens", "1"))
+
+    @app.post("/v1/completions")
+    @limiter.limit(tier_of)
+    @limiter.limit("1000/minute", cost=tokens_of, scope="tokens")
+    async def completions() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with _client(app) as client:
+        free = [
+            await client.post("/v1/completions", headers={"x-api-key": "sk-free-000001"})
+            for _ in range(3)
+        ]
+        pro = await client.post(
+            "/v1/completions", headers={"x-api-key": "sk-pro-0000001", "x-tokens": "400"}
+        )
+        too_big = await client.post(
+            "/v1/completions", headers={"x-api-key": "sk-pro-0000001", "x-tokens": "5000"}
+        )
+    assert [r.status_code for r in free] == [200, 200, 429]
+    assert pro.status_code == 200
+    assert pro.headers["x-ratelimit-limit"] == "1000"  # tokens are the tighter fraction now
+    assert pro.headers["x-ratelimit-remaining"] == "600"
+    assert too_big.status_code == 429
+    assert too_big.json()["error"] == "request_too_large"
+    assert "retry-after" not in too_big.headers
+
+
+async def test_several_limits_on_a_route_are_one_storage_call(clock: qg.FakeClock) -> None:
+    calls = 0
+
+    class Counting(qg.MemoryStorage):
+        async def decide(self, keys, args, now_us=None):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return await super().decide(keys, args, now_us)
+
+    limiter = Limiter(storage=Counting(clock=clock))
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/")
+    @limiter.limit("10/minute")
+    @limiter.limit("100/day")
+    @limiter.limit("5/second")
+    async def root() -> None:
+        return None
+
+    async with _client(app) as client:
+        response = await client.get("/")
+    assert calls == 1
+    assert response.headers["ratelimit-policy"].count("-per-") == 3
+
+
+async def test_scope_shares_a_counter_between_routes(limiter: Limiter) -> None:
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/a")
+    @limiter.limit("3/minute", scope="inference")
+    async def a() -> None:
+        return None
+
+    @app.get("/b")
+    @limiter.limit("3/minute", scope="inference")
+    async def b() -> None:
+        return None
+
+    @app.get("/c")
+    @limiter.limit("3/minute")
+    async def c() -> None:
+        return None
+
+    async with _client(app) as client:
+        statuses = [(await client.get(path)).status_code for path in ("/a", "/b", "/a", "/b")]
+        separate = await client.get("/c")
+    assert statuses == [200, 200, 200, 429]
+    assert separate.status_code == 200
+
+
+async def test_per_route_key_function_and_exempt_when(limiter: Limiter) -> None:
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/by-ip")
+    @limiter.limit(
+        "1/minute",
+        key_func=get_remote_address,
+        exempt_when=lambda request: request.headers.get("x-internal") == "yes",
+    )
+    async def by_ip() -> None:
+        return None
+
+    async with _client(app) as client:
+        await client.get("/by-ip", headers={"x-api-key": "sk-one-111111"})
+        # Another key, same address: the route limits by address.
+        assert (
+            await client.get("/by-ip", headers={"x-api-key": "sk-two-222222"})
+        ).status_code == 429
+        internal = await client.get("/by-ip", headers={"x-internal": "yes"})
+    assert internal.status_code == 200
+    assert "x-ratelimit-limit" not in internal.headers
+
+
+async def test_default_limits_exempt_and_per_route_counters(clock: qg.FakeClock) -> None:
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock), default_limits=["2/minute"])
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/one")
+    async def one() -> None:
+        return None
+
+    @app.get("/two")
+    async def two() -> None:
+        return None
+
+    @app.get("/free")
+    @limiter.exempt
+    async def free() -> None:
+        return None
+
+    @app.get("/own")
+    @limiter.limit("5/minute")
+    async def own() -> None:
+        return None
+
+    async with _client(app) as client:
+        ones = [(await client.get("/one")).status_code for _ in range(3)]
+        two = await client.get("/two")
+        frees = [(await client.get("/free")).status_code for _ in range(5)]
+        own = await client.get("/own")
+    assert ones == [200, 200, 429]
+    assert two.status_code == 200
+    assert frees == [200] * 5
+    assert own.headers["x-ratelimit-limit"] == "5"
+
+
+async def test_dependency_form(limiter: Limiter) -> None:
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/dep", dependencies=[Depends(limiter.depends("1/minute"))])
+    async def dep() -> dict[str, bool]:
+        return {"ok": True}
+
+    async with _client(app) as client:
+        first = await client.get("/dep")
+        second = await client.get("/dep")
+    assert first.headers["x-ratelimit-limit"] == "1"
+    assert second.status_code == 429
+    assert second.json() == {
+        "error": "rate_limit_exceeded",
+        "message": f"Too many requests. Try again in {second.headers['retry-after']} seconds.",
+        "retry_after": int(second.headers["retry-after"]),
+    }
+
+
+async def test_headers_can_be_turned_off_and_limiter_disabled(clock: qg.FakeClock) -> None:
+    quiet = Limiter(storage=qg.MemoryStorage(clock=clock), headers_enabled=False)
+    off = Limiter(storage=qg.MemoryStorage(clock=clock), enabled=False)
+    for limiter, expected in ((quiet, [200, 429]), (off, [200, 200])):
+        app = FastAPI()
+        limiter.init_app(app)
+
+        @app.get("/")
+        @limiter.limit("1/minute")
+        async def root() -> None:
+            return None
+
+        async with _client(app) as client:
+            responses = [await client.get("/") for _ in range(2)]
+        assert [r.status_code for r in responses] == expected
+        assert "x-ratelimit-limit" not in responses[0].headers
+
+
+async def test_resolved_key_is_logged_masked_at_debug(
+    limiter: Limiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="quotagate")
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/")
+    @limiter.limit("10/minute")
+    async def root() -> None:
+        return None
+
+    async with _client(app) as client:
+        await client.get("/", headers={"x-api-key": "sk-secret-abcd1234"})
+        await client.get("/")
+    text = caplog.text
+    assert "client sk-…1234" in text
+    assert "client ip:127.0.0.1" in text
+    assert "secret" not in text
+
+
+async def test_a_storage_error_is_a_503_never_a_500() -> None:
+    from support import free_port
+
+    # Redis without a fallback, and nothing listening: every call fails.
+    storage = qg.RedisStorage(f"redis://127.0.0.1:{free_port()}/0", timeout=0.05)
+    limiter = Limiter(storage=storage)
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/")
+    @limiter.limit("10/minute")
+    async def root() -> None:
+        return None
+
+    async with _client(app) as client:
+        response = await client.get("/")
+    await limiter.aclose()
+    await storage.aclose()
+    assert response.status_code == 503
+    assert response.json()["error"] == "rate_limiter_unavailable"
+    assert response.headers["retry-after"] == "1"
+
+
+def test_bad_static_rate_fails_at_decoration_time(limiter: Limiter) -> None:
+    with pytest.raises(qg.ConfigError, match="60 per fortnight"):
+        limiter.limit("60 per fortnight")
