@@ -85,7 +85,7 @@ def test_rfc7239_forwarded_header() -> None:
 
 
 def test_bad_cidr_is_a_config_error() -> None:
-    with pytest.raises(qg.ConfigError, match="trusted_proxies.*not-a-cidr"):
+    with pytest.raises(qg.ConfigError, match=r"trusted_proxies.*not-a-cidr"):
         client_ip(trusted_proxies=["not-a-cidr"])
 
 
