@@ -1,7 +1,7 @@
 """Rates: ``"60/minute; 1000/day"`` -> ``(Rate(60, 60.0), Rate(1000, 86400.0))``.
 
-Accepted forms: ``60/minute``, ``60 per minute``, ``10/second``, ``100/5 minutes``, ``60/min``,
-``3/h``; several separated by ``;`` or ``,``. Parsing is cached: the hot path passes the same
+Accepted forms: ``60/minute``, ``60 per minute``, ``10/second``, ``100/5 minutes``, ``2/hours``;
+units second, minute, hour, day, week (singular or plural); several separated by ``;`` or ``,``. Parsing is cached: the hot path passes the same
 strings again and again.
 """
 
@@ -19,12 +19,13 @@ __all__ = ["Rate", "RateLike", "as_rates", "parse_rate", "parse_rates"]
 _MICROS = 1_000_000
 
 _UNIT_SECONDS: dict[str, int] = {}
+# Whole words only, as in `limits`: "60 per min" is a typo worth an error, not a guess.
 for _names, _seconds in (
-    (("s", "sec", "secs", "second", "seconds"), 1),
-    (("m", "min", "mins", "minute", "minutes"), 60),
-    (("h", "hr", "hrs", "hour", "hours"), 3600),
-    (("d", "day", "days"), 86400),
-    (("w", "week", "weeks"), 7 * 86400),
+    (("second", "seconds"), 1),
+    (("minute", "minutes"), 60),
+    (("hour", "hours"), 3600),
+    (("day", "days"), 86400),
+    (("week", "weeks"), 7 * 86400),
 ):
     for _name in _names:
         _UNIT_SECONDS[_name] = _seconds

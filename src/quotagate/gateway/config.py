@@ -1,0 +1,335 @@
+"""Gateway configuration: TOML validated once, at the edge, with errors that name the field.
+
+Precedence: built-in defaults < the TOML file < ``QUOTAGATE_*`` environment < CLI flags. With no
+file, ``DEFAULT_CONFIG`` (memory storage, the mock model, three tiers) is used so that
+``quotagate serve`` runs with no set-up at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ..errors import ConfigError
+from ..identity import TrustedProxies, hash_api_key
+from ..rates import parse_rates
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "GatewayConfig",
+    "TierConfig",
+    "config_digest",
+    "load_config",
+]
+
+DEFAULT_CONFIG = """
+[server]
+host = "127.0.0.1"
+port = 8000
+trusted_proxies = []
+max_body_bytes = 1048576
+
+[storage]
+url = "memory://"
+fallback = "memory"
+timeout_ms = 100
+
+[backend]
+kind = "mock"
+max_concurrency = 64
+queue_timeout_ms = 2000
+mock_tokens_per_second = 0
+
+[health]
+requests = "600/minute"
+
+[anonymous]
+tier = "anonymous"
+
+[tiers.anonymous]
+requests = "10/minute"
+tokens = "2000/minute"
+concurrency = 1
+
+[tiers.free]
+requests = "60/minute"
+tokens = "40000/minute; 1000000/day"
+concurrency = 4
+priority = 1
+default_max_tokens = 1024
+
+[tiers.pro]
+requests = "600/minute"
+tokens = "400000/minute"
+concurrency = 16
+priority = 10
+default_max_tokens = 4096
+"""
+
+
+def _rate_text(value: str) -> str:
+    try:
+        parse_rates(value)
+    except ConfigError:
+        raise ValueError('expected "N/unit" like "60/minute"') from None
+    return value
+
+
+def _cidrs(value: list[str]) -> list[str]:
+    try:
+        TrustedProxies(value)
+    except ConfigError:
+        raise ValueError("expected CIDRs like '10.0.0.0/8'") from None
+    return value
+
+
+RateText = Annotated[str, AfterValidator(_rate_text)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    trusted_proxies: Annotated[list[str], AfterValidator(_cidrs)] = []
+    max_body_bytes: int = Field(1_048_576, gt=0)
+
+
+class StorageConfig(_Section):
+    url: str = "memory://"
+    fallback: Literal["memory", "allow", "deny"] = "memory"
+    fallback_share: float = Field(1.0, gt=0, le=1)
+    timeout_ms: int = Field(100, gt=0)
+    prefix: str = "qg"
+    overlimit_cache: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        known = ("memory", "redis", "rediss", "unix", "valkey", "redis+cluster", "rediss+cluster")
+        if scheme not in known:
+            raise ValueError("expected memory:// or redis://host:port/db")
+        return url
+
+
+class BackendConfig(_Section):
+    kind: Literal["mock", "openai"] = "mock"
+    url: str | None = None
+    api_key_env: str | None = None
+    max_concurrency: int = Field(64, ge=1)
+    queue_timeout_ms: int = Field(2000, ge=0)
+    mock_tokens_per_second: float = Field(0, ge=0)
+    timeout_s: float = Field(600, gt=0)
+    connect_timeout_s: float = Field(5, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/]", url):
+            raise ValueError("expected an http:// or https:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _url_for_openai(self) -> BackendConfig:
+        if self.kind == "openai" and not self.url:
+            raise ValueError('url: required when kind = "openai" (got None)')
+        return self
+
+
+class HealthConfig(_Section):
+    requests: RateText = "600/minute"
+
+
+class AnonymousConfig(_Section):
+    tier: str = "anonymous"
+
+
+class ModelLimits(_Section):
+    requests: RateText | None = None
+    tokens: RateText | None = None
+
+
+class TierConfig(_Section):
+    requests: RateText | None = None
+    tokens: RateText | None = None
+    concurrency: int | None = Field(None, ge=1)
+    priority: int = 0
+    default_max_tokens: int = Field(1024, ge=1)
+    shadow: bool = False
+    models: dict[str, ModelLimits] = {}
+
+
+class KeyConfig(_Section):
+    key: str | None = Field(None, min_length=1)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    tier: str
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> KeyConfig:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("give exactly one of key or sha256 (got both or neither)")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.sha256.lower() if self.sha256 else hash_api_key(self.key or "")
+
+
+class GatewayConfig(_Section):
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    backend: BackendConfig = BackendConfig()
+    health: HealthConfig = HealthConfig()
+    anonymous: AnonymousConfig | None = None
+    tiers: dict[str, TierConfig] = {}
+    keys: list[KeyConfig] = []
+    shadow: bool = False
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+
+# QUOTAGATE_<SECTION>_<FIELD> for every scalar of these sections, plus a few short aliases.
+_ENV_SECTIONS: dict[str, type[_Section]] = {
+    "server": ServerConfig,
+    "storage": StorageConfig,
+    "backend": BackendConfig,
+    "health": HealthConfig,
+}
+_ENV_ALIASES = {
+    "QUOTAGATE_HOST": ("server", "host"),
+    "QUOTAGATE_PORT": ("server", "port"),
+    "QUOTAGATE_BACKEND": ("backend", "kind"),
+    "QUOTAGATE_LOG_LEVEL": (None, "log_level"),
+    "QUOTAGATE_SHADOW": (None, "shadow"),
+}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for section, model in _ENV_SECTIONS.items():
+        for field in model.model_fields:
+            name = f"QUOTAGATE_{section.upper()}_{field.upper()}"
+            if name in environ:
+                value: Any = environ[name]
+                if field == "trusted_proxies":
+                    value = [part.strip() for part in value.split(",") if part.strip()]
+                found.setdefault(section, {})[field] = value
+    for name, (section, field) in _ENV_ALIASES.items():
+        if name in environ:
+            found.setdefault(section or "", {})[field] = environ[name]
+    return found
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> GatewayConfig:
+    """Read, merge and validate the configuration.
+
+    Args:
+        path: a TOML file; None uses ``DEFAULT_CONFIG``.
+        environ: where ``QUOTAGATE_*`` variables are read (``os.environ`` by default).
+        overrides: CLI flags as ``{"server": {"port": 9000}}``; ``""`` for top-level fields.
+
+    Raises:
+        ConfigError: with one ``field.path: problem (got X)`` line per error.
+    """
+    if path is None:
+        data = tomllib.loads(DEFAULT_CONFIG)
+    else:
+        try:
+            data = tomllib.loads(Path(path).read_text("utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config: no such file (got {str(path)!r})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: not valid TOML: {exc} (got {str(path)!r})") from None
+    for layer in (_env_overrides(os.environ if environ is None else environ), overrides or {}):
+        for section, values in layer.items():
+            target = data if section == "" else data.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{section}: expected a table (got {target!r})")
+            target.update(values)
+    problems: list[str] = []
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems += (_describe(error) for error in exc.errors())
+    problems += _reference_problems(data)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
+
+
+def _reference_problems(data: Mapping[str, Any]) -> list[str]:
+    """Cross-field checks, run on the raw data so they are reported beside field errors."""
+    tiers = data.get("tiers") if isinstance(data.get("tiers"), dict) else {}
+    problems = []
+    keys = data.get("keys") if isinstance(data.get("keys"), list) else []
+    digests: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        if not isinstance(key, dict):
+            continue
+        tier = key.get("tier")
+        if isinstance(tier, str) and tier not in tiers:
+            problems.append(f"keys[{i}].tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})")
+        secret = key.get("sha256") or (hash_api_key(key["key"]) if isinstance(key.get("key"), str) else None)
+        if isinstance(secret, str):
+            if secret.lower() in digests:
+                problems.append(f"keys[{i}]: the same key as keys[{digests[secret.lower()]}] (got a duplicate)")
+            digests.setdefault(secret.lower(), i)
+    anonymous = data.get("anonymous")
+    if isinstance(anonymous, dict):
+        tier = anonymous.get("tier", "anonymous")
+        if tier not in tiers:
+            problems.append(f"anonymous.tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})")
+    return problems
+
+
+_SUBPATH = re.compile(r"^[\w\[\]]+(?:\.[\w\[\]]+)*: ")
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    """One pydantic error as ``field.path: problem (got X)``."""
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    message = str(error["msg"]).removeprefix("Value error, ")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = "unknown field"
+    elif kind == "missing":
+        return f"{path}: required field missing"
+    if "(got " in message:  # a validator that names its own sub-paths and values
+        lines = []
+        for line in message.splitlines():
+            if _SUBPATH.match(line):
+                lines.append(f"{path}.{line}" if path else line)
+            else:
+                lines.append(f"{path}: {line}" if path else line)
+        return "\n".join(lines)
+    return f"{path}: {message} (got {error.get('input')!r})"
+
+
+def config_digest(config: GatewayConfig) -> str:
+    """A short fingerprint of the effective configuration (for logs and evidence records)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
