@@ -87,10 +87,10 @@ def rejection(
     headers = rate_limit_headers(decision)
     if decision.reason == "too_large":
         state = next((s for s in decision.states if math.isinf(s.retry_after)), None)
-        what = f"the {state.limit} a {_limit_words(state)} limit allows" if state else "the limit"
+        what = f"the whole {_limit_words(state)} limit" if state else "a whole limit"
         body: dict[str, Any] = {
             "error": "request_too_large",
-            "message": f"This request costs more than {what}; it can never pass. Make it smaller.",
+            "message": f"This request costs more than {what}: it can never pass. Make it smaller.",
         }
         status = 429
     else:

@@ -47,7 +47,8 @@ class Hit:
 @dataclass(frozen=True, slots=True)
 class Acquire:
     """Ask for a concurrency slot in the same decision: at most ``limit`` holders of ``key``,
-    each lease expiring after ``ttl`` seconds unless released sooner."""
+    each lease expiring after ``ttl`` seconds unless released sooner. ``ttl=0`` only reads
+    (how many slots are free) and takes none."""
 
     key: str
     limit: int
@@ -163,11 +164,11 @@ class RateLimiter:
                 return cached
         lease_id = ""
         if acquire is not None:
-            if acquire.limit < 0 or not acquire.ttl > 0:
+            if acquire.limit < 0 or not acquire.ttl >= 0:
                 raise ConfigError(f"bad concurrency limit or ttl in {acquire!r}")
             lease_id = os.urandom(8).hex()
             keys.append(hash_tagged(acquire.key))
-            args += (acquire.limit, max(1, round(acquire.ttl * _MICROS)), lease_id)
+            args += (acquire.limit, round(acquire.ttl * _MICROS), lease_id)
         if self._memory is not None:  # no await needed: one fewer coroutine per decision
             memory = self._memory
             out = memory.decide_now(keys, args, memory.now_us() if now_us is None else now_us)
@@ -307,7 +308,7 @@ def _decision(
 ) -> Decision:
     """Turn a storage answer into a Decision, picking the most restrictive limit.
 
-    Admitted: the state with the smallest ``remaining / limit`` (ties: the longer
+    Admitted: the rate state with the smallest ``remaining / limit`` (ties: the longer
     ``reset_after``). Rejected: the state that forced the longest ``retry_after``.
     """
     verdict = out[0]
@@ -349,11 +350,9 @@ def _decision(
         retry_after = math.inf if limit < 1 else out[at + 2] / _MICROS
         state = LimitState(lease_key, None, limit, out[at], 0.0, retry_after)
         states.append(state)
-        if allowed:
-            fraction = out[at] / limit
-            if pick is None or fraction < best:
-                pick = state
-        elif pick is None or retry_after > best:
+        # An admitted request's slot is back when it ends: it is the most restrictive limit
+        # only when there is no rate limit to report.
+        if pick is None or (not allowed and retry_after > best):
             pick = state
         if out[1]:
             lease = Lease(lease_key, lease_id, out[2] + round(acquire.ttl * _MICROS))

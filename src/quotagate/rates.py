@@ -1,8 +1,8 @@
 """Rates: ``"60/minute; 1000/day"`` -> ``(Rate(60, 60.0), Rate(1000, 86400.0))``.
 
 Accepted forms: ``60/minute``, ``60 per minute``, ``10/second``, ``100/5 minutes``, ``2/hours``;
-units second, minute, hour, day, week (singular or plural); several separated by ``;`` or ``,``. Parsing is cached: the hot path passes the same
-strings again and again.
+units second, minute, hour, day, week (singular or plural); several separated by ``;`` or
+``,``. Parsing is cached: the hot path passes the same strings again and again.
 """
 
 from __future__ import annotations

@@ -232,9 +232,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
                 if field == "trusted_proxies":
                     value = [part.strip() for part in value.split(",") if part.strip()]
                 found.setdefault(section, {})[field] = value
-    for name, (section, field) in _ENV_ALIASES.items():
-        if name in environ:
-            found.setdefault(section or "", {})[field] = environ[name]
+    for alias, (alias_section, alias_field) in _ENV_ALIASES.items():
+        if alias in environ:
+            found.setdefault(alias_section or "", {})[alias_field] = environ[alias]
     return found
 
 
@@ -282,26 +282,35 @@ def load_config(
 
 def _reference_problems(data: Mapping[str, Any]) -> list[str]:
     """Cross-field checks, run on the raw data so they are reported beside field errors."""
-    tiers = data.get("tiers") if isinstance(data.get("tiers"), dict) else {}
+    raw_tiers, raw_keys = data.get("tiers"), data.get("keys")
+    tiers: dict[str, Any] = raw_tiers if isinstance(raw_tiers, dict) else {}
+    keys: list[Any] = raw_keys if isinstance(raw_keys, list) else []
     problems = []
-    keys = data.get("keys") if isinstance(data.get("keys"), list) else []
     digests: dict[str, int] = {}
     for i, key in enumerate(keys):
         if not isinstance(key, dict):
             continue
         tier = key.get("tier")
         if isinstance(tier, str) and tier not in tiers:
-            problems.append(f"keys[{i}].tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})")
-        secret = key.get("sha256") or (hash_api_key(key["key"]) if isinstance(key.get("key"), str) else None)
+            problems.append(
+                f"keys[{i}].tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})"
+            )
+        secret = key.get("sha256") or (
+            hash_api_key(key["key"]) if isinstance(key.get("key"), str) else None
+        )
         if isinstance(secret, str):
             if secret.lower() in digests:
-                problems.append(f"keys[{i}]: the same key as keys[{digests[secret.lower()]}] (got a duplicate)")
+                problems.append(
+                    f"keys[{i}]: the same key as keys[{digests[secret.lower()]}] (got a duplicate)"
+                )
             digests.setdefault(secret.lower(), i)
     anonymous = data.get("anonymous")
     if isinstance(anonymous, dict):
         tier = anonymous.get("tier", "anonymous")
         if tier not in tiers:
-            problems.append(f"anonymous.tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})")
+            problems.append(
+                f"anonymous.tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})"
+            )
     return problems
 
 

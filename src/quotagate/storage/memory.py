@@ -105,8 +105,11 @@ class MemoryStorage:
                 del leases[held_id]
             c = concurrency(len(leases), limit)
             verdict = max(verdict, c.verdict)
-            out += (c.remaining, 0, c.retry_after)
-            lease = (lease_key, leases, lease_id, now + ttl)
+            if ttl > 0:
+                out += (c.remaining, 0, c.retry_after)
+                lease = (lease_key, leases, lease_id, now + ttl)
+            else:  # a read: report the free slots, take none
+                out += (max(0, limit - len(leases)), 0, c.retry_after)
 
         if verdict:
             out[0] = verdict

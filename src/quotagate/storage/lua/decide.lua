@@ -8,7 +8,7 @@
 -- ARGV[2]     n, the number of limits
 -- ARGV[3..]   4 per limit: algorithm (1 GCRA, 2 fixed window), capacity,
 --             interval_us (GCRA emission interval | window length), cost
--- then, when a lease is asked: lease limit, ttl_us, lease id
+-- then, when a lease is asked: lease limit, ttl_us (0 only reads), lease id
 --
 -- Returns {verdict, lease_granted, now_us, then per limit and for the lease:
 --          remaining, reset_after_us, retry_after_us}
@@ -98,6 +98,11 @@ if ARGV[lease_at] then
     v, remaining, retry_after = 1, 0, 1000000
   end
   if v > verdict then verdict = v end
+  if lease_ttl == 0 then
+    -- a read: report the free slots, take none
+    lease_key = nil
+    remaining = math.max(0, limit - held)
+  end
   out[#out + 1] = remaining
   out[#out + 1] = 0
   out[#out + 1] = retry_after

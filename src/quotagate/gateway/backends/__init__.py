@@ -1,0 +1,56 @@
+"""Model backends the gateway forwards to: the built-in mock, or any OpenAI-compatible server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any, Literal, Protocol
+
+__all__ = ["Backend", "Route", "UpstreamError", "UpstreamRejected"]
+
+Route = Literal["chat", "completions"]
+
+
+class UpstreamError(Exception):
+    """The model server failed: down (502), timed out (504) or answered 5xx / garbage (502)."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+
+
+class UpstreamRejected(Exception):
+    """The model server refused the request (4xx): passed to the client as it is."""
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        super().__init__(f"upstream answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class Backend(Protocol):
+    @property
+    def kind(self) -> str:
+        """``mock`` or ``openai``."""
+        ...
+
+    @property
+    def url(self) -> str | None:
+        """Where requests go (None for the in-process mock)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def models(self) -> list[dict[str, Any]]: ...
+
+    async def complete(self, route: Route, body: dict[str, Any]) -> dict[str, Any]:
+        """One non-streamed completion (the parsed JSON answer)."""
+        ...
+
+    def stream(self, route: Route, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+        """A streamed completion as Server-Sent Events bytes, exactly as OpenAI frames them."""
+        ...
