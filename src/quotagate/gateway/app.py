@@ -743,3 +743,15 @@ def create_app(
         return gateway.render_metrics()
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``quotagate serve --workers N``: each worker reads the config again."""
+    import os
+
+    from ..cli import setup_logging
+
+    path = os.environ.get("QUOTAGATE_CONFIG") or None
+    config = load_config(path)
+    setup_logging(config.log_level)
+    return create_app(config, config_path=path)

@@ -170,3 +170,40 @@ class MockBackend:
             }
             yield event([], usage=usage)
         yield b"data: [DONE]\n\n"
+
+
+def create_mock_app(tokens_per_second: float = 0.0) -> Any:
+    """The mock model served standalone: a small OpenAI-compatible server (no limits).
+
+    Stands in for vLLM or llama.cpp in tests and benchmarks: ``quotagate mock --port 9000``.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+    backend = MockBackend(tokens_per_second)
+    app = FastAPI(title="quotagate mock model")
+
+    async def answer(request: Request, route: Route) -> Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": {"message": "invalid JSON"}}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": {"message": "expected an object"}}, status_code=400)
+        if body.get("stream"):
+            return StreamingResponse(backend.stream(route, body), media_type="text/event-stream")
+        return JSONResponse(await backend.complete(route, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await answer(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await answer(request, "completions")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": await backend.models()}
+
+    return app

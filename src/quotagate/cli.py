@@ -1,0 +1,170 @@
+"""The ``quotagate`` command: a thin shell over the gateway.
+
+    quotagate serve [--config FILE] [--host H] [--port N] [--workers N] [--log-level L]
+    quotagate check-config FILE
+    quotagate keys new [--tier T]        quotagate keys hash KEY
+    quotagate mock [--port N]            (the mock model alone, as a stand-in model server)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import sys
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ConfigError
+from .identity import hash_api_key
+
+__all__ = ["main"]
+
+LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
+def setup_logging(level: str) -> None:
+    """Our logger at ``level`` on stderr, in uvicorn's style."""
+    logger = logging.getLogger("quotagate")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_quotagate", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        handler._quotagate = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="quotagate")
+def main() -> None:
+    """quotagate: rate limiting for AI (LLM inference) APIs."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--host", help="Interface to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port to listen on (default 8000).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="Default: info.")
+def serve(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    workers: int,
+    log_level: str | None,
+) -> None:
+    """Run the OpenAI-compatible rate-limiting gateway."""
+    import uvicorn
+
+    from .gateway.config import load_config
+
+    overrides = _flag_overrides(host, port, log_level)
+    try:
+        config = load_config(config_path, overrides=overrides)
+    except ConfigError as exc:
+        _fail_config(exc)
+    setup_logging(config.log_level)
+    if workers > 1 and config.storage.url.startswith("memory"):
+        click.secho(
+            f"warning: --workers {workers} with memory storage: every worker keeps its own "
+            f"counters, so each limit is enforced per process ({workers}x the configured "
+            "traffic gets through). Use Redis storage to share limits between workers.",
+            fg="yellow",
+            err=True,
+        )
+    common: dict[str, Any] = {
+        "host": config.server.host,
+        "port": config.server.port,
+        "log_level": config.log_level,
+        "proxy_headers": False,  # client IPs are resolved by quotagate's trusted_proxies
+        "server_header": False,
+    }
+    if workers == 1:
+        from .gateway.app import create_app
+
+        uvicorn.run(create_app(config, config_path=config_path), **common)
+        return
+    # Worker processes import the app by name: hand them the config path and the flags.
+    os.environ["QUOTAGATE_CONFIG"] = config_path or ""
+    for section, values in overrides.items():
+        for field, value in values.items():
+            name = f"QUOTAGATE_{section.upper()}_{field.upper()}" if section else f"QUOTAGATE_{field.upper()}"
+            os.environ[name] = str(value)
+    uvicorn.run("quotagate.gateway.app:app_from_env", factory=True, workers=workers, **common)
+
+
+def _flag_overrides(host: str | None, port: int | None, log_level: str | None) -> dict[str, dict[str, Any]]:
+    overrides: dict[str, dict[str, Any]] = {}
+    if host is not None:
+        overrides.setdefault("server", {})["host"] = host
+    if port is not None:
+        overrides.setdefault("server", {})["port"] = port
+    if log_level is not None:
+        overrides[""] = {"log_level": log_level}
+    return overrides
+
+
+def _fail_config(exc: ConfigError) -> None:
+    for line in str(exc).splitlines():
+        click.echo(line, err=True)
+    sys.exit(2)
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+def check_config(path: str) -> None:
+    """Validate a config file: exit 0, or exit 2 listing every error as `field.path: problem`."""
+    from .gateway.config import load_config
+
+    try:
+        config = load_config(path, environ={})
+    except ConfigError as exc:
+        _fail_config(exc)
+    tiers = ", ".join(config.tiers) or "none"
+    click.echo(
+        f"{path}: OK · storage {config.storage.url.split('@')[-1]} · backend {config.backend.kind}"
+        f" · tiers {tiers} · {len(config.keys)} keys"
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Make and hash API keys."""
+
+
+@keys.command("new")
+@click.option("--tier", default="free", show_default=True, help="Tier of the new key.")
+@click.option("--name", help="A name for the key (shown in the config only).")
+def keys_new(tier: str, name: str | None) -> None:
+    """Print a fresh key, then the [[keys]] block (with its SHA-256) to paste in the config."""
+    key = "sk-qg-" + secrets.token_urlsafe(32)
+    click.echo(key)
+    click.echo("")
+    click.echo("[[keys]]")
+    click.echo(f'sha256 = "{hash_api_key(key)}"')
+    click.echo(f'tier = "{tier}"')
+    if name:
+        click.echo(f'name = "{name}"')
+
+
+@keys.command("hash")
+@click.argument("key")
+def keys_hash(key: str) -> None:
+    """Print the SHA-256 hex digest of KEY (what `sha256 = ...` in the config holds)."""
+    click.echo(hash_api_key(key))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=9000, show_default=True)
+@click.option("--tokens-per-second", type=float, default=0.0, show_default=True, help="0 = instant.")
+def mock(host: str, port: int, tokens_per_second: float) -> None:
+    """Serve the mock model alone, as an OpenAI-compatible model server (no limits)."""
+    import uvicorn
+
+    from .gateway.backends.mock import create_mock_app
+
+    uvicorn.run(create_mock_app(tokens_per_second), host=host, port=port, log_level="warning")
