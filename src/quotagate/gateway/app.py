@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -392,7 +392,13 @@ class Gateway:
         if admission.decision.lease is not None:
             await self._release(admission)
 
-    async def _finish(self, admission: _Admission, *, charged: int) -> None:
+    async def _finish(
+        self,
+        admission: _Admission,
+        *,
+        charged: int,
+        upstream: AsyncGenerator[bytes, None] | None = None,
+    ) -> None:
         """Settle tokens on what was really used, release the lease and the backend slot.
 
         Settling runs in a task of its own and is awaited through a shield: it completes even
@@ -401,12 +407,19 @@ class Gateway:
         """
         self.gate.release()
         self.metrics.in_flight(admission.caller.tier.name, -1)
-        task = asyncio.get_running_loop().create_task(self._settle(admission, charged))
+        task = asyncio.get_running_loop().create_task(self._settle(admission, charged, upstream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
 
-    async def _settle(self, admission: _Admission, charged: int) -> None:
+    async def _settle(
+        self, admission: _Admission, charged: int, upstream: AsyncGenerator[bytes, None] | None
+    ) -> None:
+        if upstream is not None:
+            try:
+                await upstream.aclose()  # stop generating; frees the upstream connection
+            except Exception as exc:
+                logger.debug("quotagate: closing the upstream stream: %r", exc)
         tier = admission.caller.tier.name
         delta = charged - admission.reserved
         if delta:
@@ -470,8 +483,7 @@ class Gateway:
                 error = {"error": {"message": exc.message, "type": exc.error, "code": exc.status}}
                 yield b"data: " + json.dumps(error).encode() + b"\n\n"
             finally:
-                await self._finish(admission, charged=relay.charged())
-                await events.aclose()
+                await self._finish(admission, charged=relay.charged(), upstream=events)
 
         response = StreamingResponse(body_iterator(), media_type="text/event-stream")
         response.raw_headers.extend(headers)
