@@ -6,7 +6,7 @@ and fixed window) makes one ``hit()`` per limit, in order, stopping at the first
 slowapi does. Scenarios: the allowed path (a pool of n/10 keys, each hit 10 times, so nothing is
 rejected) and the rejected path (one key pushed over its limit first), each run by one task
 awaiting in a loop and by 50 tasks sharing the count. quotagate runs with its over-limit cache on
-(the default) and off (every decision pays the storage). Redis rows also give Redis commands per
+and off (off: every decision pays the storage). Redis rows also give Redis commands per
 decision from ``INFO commandstats`` (commands run inside Lua scripts included).
 
 The script starts its own redis-server on a free loopback port (pinned to core 1) unless given
@@ -22,8 +22,10 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import os
+import pathlib
 import platform
 import shutil
 import socket
@@ -148,10 +150,10 @@ def limits_memory(strategy: type[Strategy]) -> Variant:
 
         async def close() -> None:
             # Its expiry task only runs when the loop idles; keep it out of later measurements.
-            if storage.timer is not None:
-                storage.timer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await storage.timer
+            timer = storage.timer
+            if timer is not None and not timer.done():
+                timer.cancel()
+                await asyncio.wait([timer])  # unlike `await timer`, keeps a Ctrl-C of ours
 
         return Session(limits_decide(strategy(storage)), close)
 
@@ -208,7 +210,7 @@ def _on(cache: bool) -> str:
 
 
 def _qg_label(cache: bool) -> str:
-    return "quotagate (cache on, default)" if cache else "quotagate (cache off)"
+    return f"quotagate (over-limit cache {'on' if cache else 'off'})"
 
 
 def _window(strategy: type[Strategy]) -> str:
@@ -517,10 +519,33 @@ def stop_redis(server: subprocess.Popen[bytes]) -> None:
             server.wait()
 
 
-def event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+def quotagate_source() -> str:
+    """Which quotagate was measured: git commit (+dirty) and a digest of the imported source."""
+    package = pathlib.Path(qg.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*")):
+        if path.suffix in (".py", ".lua"):
+            digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    git = ["git", "-C", str(package)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", "."], capture_output=True, text=True
+    )
+    commit = head.stdout.strip() or "no git"
+    if dirty.stdout.strip():
+        commit += "+dirty"
+    return f"{commit}, source sha256 {digest.hexdigest()[:12]}"
+
+
+def event_loop(choice: str) -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """uvloop when installed (``auto``) or asked for, else the asyncio default loop."""
+    if choice == "asyncio":
+        return None, "asyncio (asked for)"
     try:
         import uvloop
     except ImportError:
+        if choice == "uvloop":
+            raise
         return None, "asyncio (uvloop not installed)"
     return uvloop.new_event_loop, f"uvloop {uvloop.__version__}"
 
@@ -532,6 +557,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="rounds; the median is reported")
     parser.add_argument("--redis-url", help="use this Redis instead of starting redis-server")
     parser.add_argument("--no-pin", action="store_true", help="do not pin this process to core 0")
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     return parser.parse_args(argv)
 
@@ -541,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     wall = time.perf_counter()
     if not args.no_pin:
         os.sched_setaffinity(0, {0})
-    loop_factory, loop_name = event_loop()
+    loop_factory, loop_name = event_loop(args.loop)
     server: subprocess.Popen[bytes] | None = None
     try:
         if args.redis_url:
@@ -552,6 +578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         meta: dict[str, Any] = {
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "quotagate": qg.__version__,
+            "quotagate_source": quotagate_source(),
             "limits": version("limits"),
             "coredis": version("coredis"),
             "redis_py": version("redis"),
@@ -566,14 +593,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": CONCURRENCY,
         }
         for name, value in meta.items():
-            print(f"{name:>13}: {value}")
-        print(f"{'redis':>13}: {where}", flush=True)
+            print(f"{name:>16}: {value}")
+        print(f"{'redis':>16}: {where}", flush=True)
         run_id = os.urandom(3).hex()
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             results = runner.run(bench(args, url, run_id))
     finally:
         if server is not None:
             stop_redis(server)
+            shutil.rmtree(os.path.dirname(log), ignore_errors=True)
     rows = summarize(results)
     print_table(rows)
     meta["seconds"] = round(time.perf_counter() - wall, 1)
