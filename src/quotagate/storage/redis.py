@@ -1,8 +1,8 @@
 """Redis storage: every decision is ONE EVALSHA of ``lua/decide.lua``, timed by Redis ``TIME``.
 
-Concurrent decisions are coalesced: while one pipeline is on the wire, new calls queue, and the
-next flush sends all of them in one pipeline (still one EVALSHA per decision, but one round trip
-and one syscall for the lot). A lone caller pays no queueing: it sends at once.
+Decisions go through one auto-pipelined connection (``pipeline.py``): a lone caller's EVALSHA is
+written at once; concurrent callers' are coalesced into one write and share round trips. On
+Redis Cluster, redis-py's cluster client is used, with concurrent calls batched into pipelines.
 
 Keys look like ``qg:{<client>}:60/60s``: the ``{...}`` hash tag puts one client's keys in one
 Redis Cluster slot, so a decision touches one slot. Only this module imports ``redis``.
@@ -22,12 +22,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from .._types import Clock
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
 from .base import Args, StorageMode, mask_url
+from .pipeline import PipelinedConnection, pack_command
 
 __all__ = ["RedisStorage", "load_script"]
 
@@ -82,6 +84,7 @@ class RedisStorage:
             "decide": hashlib.sha1(self._decide_lua.encode()).hexdigest(),
             "adjust": hashlib.sha1(self._adjust_lua.encode()).hexdigest(),
         }
+        self._pipe: PipelinedConnection | None = None
         self._pending: list[_Pending] = []
         self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -100,6 +103,8 @@ class RedisStorage:
         """Connect, check the server answers, and load the scripts."""
         if self._client is None:
             self._client = _client_from_url(self.url, self.timeout, self.max_connections)
+            if self._owns_client and not isinstance(self._client, RedisCluster):
+                self._pipe = PipelinedConnection(_redis_scheme(self.url), self.timeout)
         try:
             async with asyncio.timeout(max(self.timeout, 2.0)):
                 info = await self._client.info("server")
@@ -115,6 +120,9 @@ class RedisStorage:
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
         if self._client is not None and self._owns_client:
             await self._client.aclose()
             self._client = None
@@ -158,6 +166,23 @@ class RedisStorage:
         prefix = self.prefix
         full_keys = [prefix + key for key in keys]
         argv: list[Any] = ["" if now_us is None else now_us, *args]
+        pipe = self._pipe
+        if pipe is not None:
+            packed = pack_command(
+                ["EVALSHA", self._shas[script], len(full_keys), *full_keys, *argv]
+            )
+            try:
+                try:
+                    reply = await pipe.call(packed)
+                except hiredis.ReplyError as exc:
+                    if not str(exc).startswith("NOSCRIPT"):
+                        raise
+                    # Redis restarted or SCRIPT FLUSH: load again and resend.
+                    await self._load_scripts()
+                    reply = await pipe.call(packed)
+            except (hiredis.ReplyError, RedisError, OSError) as exc:
+                raise StorageError(f"Redis script failed: {exc!r}") from exc
+            return reply  # type: ignore[no-any-return]
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
         self._pending.append((script, full_keys, argv, future))
         if not self._flushing:
@@ -247,6 +272,11 @@ class RedisStorage:
                     raise StorageError(
                         f"Redis returned SHA {loaded} for a script expected as {sha}"
                     )
+
+
+def _redis_scheme(url: str) -> str:
+    """``valkey://`` and ``valkeys://`` are Redis URLs under another name."""
+    return url.replace("valkey", "redis", 1) if url.startswith("valkey") else url
 
 
 def _client_from_url(
