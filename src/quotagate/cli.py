@@ -1,9 +1,9 @@
 """The ``quotagate`` command: a thin shell over the gateway.
 
-    quotagate serve [--config FILE] [--host H] [--port N] [--workers N] [--log-level L]
-    quotagate check-config FILE
-    quotagate keys new [--tier T]        quotagate keys hash KEY
-    quotagate mock [--port N]            (the mock model alone, as a stand-in model server)
+quotagate serve [--config FILE] [--host H] [--port N] [--workers N] [--log-level L]
+quotagate check-config FILE
+quotagate keys new [--tier T]        quotagate keys hash KEY
+quotagate mock [--port N]            (the mock model alone, as a stand-in model server)
 """
 
 from __future__ import annotations
@@ -91,12 +91,18 @@ def serve(
     os.environ["QUOTAGATE_CONFIG"] = config_path or ""
     for section, values in overrides.items():
         for field, value in values.items():
-            name = f"QUOTAGATE_{section.upper()}_{field.upper()}" if section else f"QUOTAGATE_{field.upper()}"
+            name = (
+                f"QUOTAGATE_{section.upper()}_{field.upper()}"
+                if section
+                else f"QUOTAGATE_{field.upper()}"
+            )
             os.environ[name] = str(value)
     uvicorn.run("quotagate.gateway.app:app_from_env", factory=True, workers=workers, **common)
 
 
-def _flag_overrides(host: str | None, port: int | None, log_level: str | None) -> dict[str, dict[str, Any]]:
+def _flag_overrides(
+    host: str | None, port: int | None, log_level: str | None
+) -> dict[str, dict[str, Any]]:
     overrides: dict[str, dict[str, Any]] = {}
     if host is not None:
         overrides.setdefault("server", {})["host"] = host
@@ -160,7 +166,9 @@ def keys_hash(key: str) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=9000, show_default=True)
-@click.option("--tokens-per-second", type=float, default=0.0, show_default=True, help="0 = instant.")
+@click.option(
+    "--tokens-per-second", type=float, default=0.0, show_default=True, help="0 = instant."
+)
 def mock(host: str, port: int, tokens_per_second: float) -> None:
     """Serve the mock model alone, as an OpenAI-compatible model server (no limits)."""
     import uvicorn

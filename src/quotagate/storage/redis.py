@@ -18,11 +18,11 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-import hiredis
 from redis.exceptions import NoScriptError, RedisError
 
 from .._types import Clock
