@@ -205,3 +205,12 @@ async def test_hash_tags_are_kept(limiter: qg.RateLimiter) -> None:
         [qg.Hit("{client-a}:req", "1/minute"), qg.Hit("plain", "1/minute")]
     )
     assert [s.key for s in decision.states] == ["{client-a}:req:1/60s", "{plain}:1/60s"]
+
+
+async def test_a_zero_ttl_acquire_reads_free_slots(limiter: qg.RateLimiter) -> None:
+    held = await limiter.acquire("{a}:conc", limit=3, ttl=60)
+    assert held is not None
+    peek = await limiter.hit_many((), acquire=qg.Acquire("{a}:conc", 3, ttl=0))
+    assert peek.lease is None
+    assert peek.states[0].remaining == 2
+    assert (await limiter.hit_many((), acquire=qg.Acquire("{a}:conc", 3, ttl=0))).remaining == 2
