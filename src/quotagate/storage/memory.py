@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import cast
+from itertools import islice
+from typing import Any
 
 from .._types import Clock
 from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, gcra_adjust
@@ -24,7 +25,7 @@ __all__ = ["MemoryStorage"]
 # GCRA: theoretical arrival time; fixed window: (window_end, count); leases: {id: expires_at}.
 _State = int | tuple[int, int] | dict[str, int]
 
-_SWEEP_PER_CALL = 2
+_SWEEP_PER_CALL = 3
 
 
 class MemoryStorage:
@@ -67,25 +68,26 @@ class MemoryStorage:
     async def decide(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         return self.decide_now(keys, args, self.now_us() if now_us is None else now_us)
 
-    def decide_now(self, keys: Sequence[str], args: Args, now: int) -> list[int]:
+    def decide_now(self, keys: Sequence[str], args: Sequence[Any], now: int) -> list[int]:
         """The synchronous body of ``decide`` (the engine and FallbackStorage call it directly)."""
         states = self._states
-        n = cast(int, args[0])
+        n: int = args[0]
         out = [0, 0, now]
         verdict = 0
         writes: list[tuple[str, _State]] = []
         at = 1
         for i in range(n):
-            algorithm, capacity, interval, cost = cast(Sequence[int], args[at : at + 4])
+            algorithm, capacity, interval, cost = args[at : at + 4]
             at += 4
             key = keys[i]
             stored = states.get(key)
             result: tuple[int, _State, int, int, int]
             if algorithm == GCRA:
-                tat = stored if isinstance(stored, int) else None
-                result = gcra(tat, now, capacity, interval, cost)
+                result = gcra(
+                    stored if stored.__class__ is int else None, now, capacity, interval, cost
+                )
             else:
-                end, count = stored if isinstance(stored, tuple) else (None, 0)
+                end, count = stored if stored.__class__ is tuple else (None, 0)
                 result = fixed_window(end, count, now, capacity, interval, cost)
             v = result[0]
             if v:
@@ -113,20 +115,23 @@ class MemoryStorage:
 
         if verdict:
             out[0] = verdict
-        else:
-            for key, value in writes:
-                states[key] = value
-                states.move_to_end(key)
-            if lease is not None:
-                lease_key, leases, lease_id, expires = lease
-                leases[lease_id] = expires
-                states[lease_key] = leases
-                states.move_to_end(lease_key)
-                out[1] = 1
+            return out
+        size = len(states)
+        for key, value in writes:
+            states[key] = value
+            states.move_to_end(key)
+        if lease is not None:
+            lease_key, leases, lease_id, expires = lease
+            leases[lease_id] = expires
+            states[lease_key] = leases
+            states.move_to_end(lease_key)
+            out[1] = 1
+        if len(states) > size:
+            # New states were made: sweep as many spent ones from the cold end (so quiet
+            # clients are reclaimed as fast as new ones arrive), then enforce the cap.
+            self._sweep(now)
             if len(states) > self.max_keys:
                 self._evict()
-        if states:
-            self._sweep(now)
         return out
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
@@ -181,13 +186,13 @@ class MemoryStorage:
     def _sweep(self, now: int) -> None:
         """Drop a few full-again states from the least recently used end."""
         states = self._states
-        for _ in range(_SWEEP_PER_CALL):
-            key, value = next(iter(states.items()))
+        spent = []
+        for key, value in islice(states.items(), _SWEEP_PER_CALL):
             if not _is_spent(value, now):
-                return
+                break
+            spent.append(key)
+        for key in spent:
             del states[key]
-            if not states:
-                return
 
     def sweep(self, now_us: int | None = None) -> int:
         """Drop every state that no longer limits anyone; returns how many were dropped."""
