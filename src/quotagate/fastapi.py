@@ -16,6 +16,7 @@ outage falls back to limiting in memory instead of failing requests.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -227,7 +228,7 @@ class Limiter:
 
         async def rate_limit_dependency(request: Request) -> None:
             route = request.scope.get("route")
-            default_scope = "route:" + getattr(route, "path", request.url.path)
+            default_scope = _scope_id(getattr(route, "path", request.url.path))
             decision = await self.check(request, [spec], default_scope)
             if decision is not None and not decision.allowed:
                 raise RateLimitExceeded(decision)
@@ -290,7 +291,7 @@ class Limiter:
             params = list(signature.parameters.values())
             at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
             signature = signature.replace(parameters=[*params[:at], extra, *params[at:]])
-        default_scope = f"route:{func.__module__}.{func.__qualname__}"
+        default_scope = _scope_id(f"{func.__module__}.{func.__qualname__}")
         is_async = inspect.iscoroutinefunction(func)
 
         @functools.wraps(func)
@@ -306,6 +307,11 @@ class Limiter:
         endpoint.__signature__ = signature  # type: ignore[attr-defined]
         setattr(endpoint, _SPECS, specs)
         return endpoint  # type: ignore[return-value]
+
+
+def _scope_id(name: str) -> str:
+    """A short, stable counter name for a route (every replica derives the same one)."""
+    return "r" + hashlib.blake2s(name.encode(), digest_size=5).hexdigest()
 
 
 def _checked(rates: RateSource) -> RateSource:

@@ -28,6 +28,7 @@ __all__ = [
     "client_ip",
     "get_remote_address",
     "hash_api_key",
+    "key_client_id",
     "mask_key",
 ]
 
@@ -58,6 +59,15 @@ class ClientKey(str):
 def hash_api_key(api_key: str) -> str:
     """Hex SHA-256 of an API key: what configs store and what is compared."""
     return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def key_client_id(digest: str) -> str:
+    """The client part of storage keys for an API key, from its hex SHA-256.
+
+    80 bits of the digest: collisions are out of reach for any number of clients a limiter
+    sees, and a short key keeps per-client memory small (every state key repeats it).
+    """
+    return "key:" + digest[:20]
 
 
 def mask_key(secret: str) -> str:
@@ -178,7 +188,7 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
     def __call__(self, request: HasScope) -> ClientKey:
         api_key = bearer_or_header_key(request.scope)
         if api_key:
-            return ClientKey("key:" + hash_api_key(api_key)[:32], mask_key(api_key))
+            return ClientKey(key_client_id(hash_api_key(api_key)), mask_key(api_key))
         host = self.trusted.client_host(request.scope)
         return ClientKey("ip:" + host, "ip:" + host)
 
@@ -234,7 +244,7 @@ def storage_id(key: str) -> str:
         return str(key)
     if _is_ip(key):
         return "ip:" + key
-    return "key:" + hash_api_key(key)[:32]
+    return key_client_id(hash_api_key(key))
 
 
 def display_key(key: str) -> str:

@@ -26,7 +26,13 @@ from .. import __version__
 from ..decision import Decision, LimitState
 from ..errors import StorageError
 from ..http import Headers, rate_limit_headers, rejection
-from ..identity import TrustedProxies, bearer_or_header_key, hash_api_key, mask_key
+from ..identity import (
+    TrustedProxies,
+    bearer_or_header_key,
+    hash_api_key,
+    key_client_id,
+    mask_key,
+)
 from ..limiter import Acquire, Hit, RateLimiter
 from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics
 from ..rates import Rate, parse_rates
@@ -230,7 +236,7 @@ class Gateway:
             key = self.keys.get(digest)
             if key is None:
                 return _error(401, "invalid_api_key", "The API key is not valid.")
-            return _Caller(self.tiers[key.tier], "key:" + digest[:32], mask_key(api_key))
+            return _Caller(self.tiers[key.tier], key_client_id(digest), mask_key(api_key))
         if self.anonymous is None:
             return _error(
                 401,
@@ -516,7 +522,7 @@ class Gateway:
         api_key = bearer_or_header_key(request.scope)
         digest = hash_api_key(api_key) if api_key else None
         if digest is not None and digest in self.keys:
-            client = "key:" + digest[:32]
+            client = key_client_id(digest)
         else:
             client = "ip:" + self.trusted.client_host(request.scope)
         decision = await self._decide([Hit("{" + client + "}:health", self.health_rates)], None)
