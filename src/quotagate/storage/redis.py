@@ -2,7 +2,7 @@
 
 Decisions go through one auto-pipelined connection (``pipeline.py``): a lone caller's EVALSHA is
 written at once; concurrent callers' are coalesced into one write and share round trips. On
-Redis Cluster, redis-py's cluster client is used, with concurrent calls batched into pipelines.
+Redis Cluster, redis-py's cluster client routes each EVALSHA to its slot's node.
 
 Keys look like ``qg:{<client>}:60/60s``: the ``{...}`` hash tag puts one client's keys in one
 Redis Cluster slot, so a decision touches one slot. Only this module imports ``redis``.
@@ -34,8 +34,6 @@ from .pipeline import PipelinedConnection, pack_command
 __all__ = ["RedisStorage", "load_script"]
 
 logger = logging.getLogger("quotagate")
-
-_Pending = tuple[str, Sequence[str], list[Any], "asyncio.Future[list[int]]"]
 
 
 def load_script(name: str) -> str:
@@ -85,9 +83,6 @@ class RedisStorage:
             "adjust": hashlib.sha1(self._adjust_lua.encode()).hexdigest(),
         }
         self._pipe: PipelinedConnection | None = None
-        self._pending: list[_Pending] = []
-        self._flushing = False
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def mode(self) -> StorageMode:
@@ -108,8 +103,8 @@ class RedisStorage:
         try:
             async with asyncio.timeout(max(self.timeout, 2.0)):
                 info = await self._client.info("server")
-                if isinstance(self._client, RedisCluster):
-                    info = next(iter(info.values())) if info else {}
+                if info and not any(k.endswith("_version") for k in info):
+                    info = next(iter(info.values()))  # a cluster client may answer per node
                 self.server_version = str(
                     info.get("valkey_version") or info.get("redis_version") or "unknown"
                 )
@@ -118,8 +113,6 @@ class RedisStorage:
             raise StorageError(f"cannot reach Redis at {mask_url(self.url)}: {exc}") from exc
 
     async def aclose(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
         if self._pipe is not None:
             self._pipe.close()
             self._pipe = None
@@ -183,80 +176,23 @@ class RedisStorage:
             except (hiredis.ReplyError, RedisError, OSError) as exc:
                 raise StorageError(f"Redis script failed: {exc!r}") from exc
             return reply  # type: ignore[no-any-return]
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        self._pending.append((script, full_keys, argv, future))
-        if not self._flushing:
-            # Nothing on the wire: this caller flushes right away (no queueing for a lone caller).
-            self._flushing = True
-            await self._flush()
-        return await future
+        return await self._call_client(script, full_keys, argv)
 
-    async def _flush(self) -> None:
-        """Send every queued call in one pipeline; loop while more queued meanwhile."""
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                await self._send(batch)
-                if self._pending:
-                    # Others queued behind this batch: hand the next flush to a task so that
-                    # the caller who flushed is not kept waiting for strangers' round trips.
-                    task = asyncio.get_running_loop().create_task(self._flush_again())
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-                    return
-        except BaseException:
-            self._flushing = False
-            raise
-        self._flushing = False
-
-    async def _flush_again(self) -> None:
-        await self._flush()
-
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _call_client(self, script: str, keys: list[str], argv: list[Any]) -> list[int]:
+        """Through redis-py (Redis Cluster: it routes by the keys' slot). Cluster pipelines
+        refuse EVALSHA, so concurrent decisions go as concurrent calls."""
+        client = self.client
+        sha = self._shas[script]
         try:
             async with asyncio.timeout(self.timeout):
-                replies = await self._execute(batch)
-                missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                if missing:
-                    # Redis restarted or SCRIPT FLUSH: load again and resend just those.
+                try:
+                    reply = await client.evalsha(sha, len(keys), *keys, *argv)
+                except NoScriptError:
                     await self._load_scripts()
-                    again = await self._execute([batch[i] for i in missing])
-                    for i, reply in zip(missing, again, strict=True):
-                        replies[i] = reply
+                    reply = await client.evalsha(sha, len(keys), *keys, *argv)
         except (RedisError, OSError, TimeoutError) as exc:
-            error = StorageError(f"Redis call failed: {exc!r}")
-            error.__cause__ = exc
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        except BaseException as exc:
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(StorageError(f"Redis call interrupted: {exc!r}"))
-            raise
-        for (*_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                error = StorageError(f"Redis script failed: {reply}")
-                error.__cause__ = reply
-                future.set_exception(error)
-            else:
-                future.set_result(reply)
-
-    async def _execute(self, batch: list[_Pending]) -> list[Any]:
-        client = self.client
-        if len(batch) == 1:
-            script, keys, argv, _ = batch[0]
-            try:
-                return [await client.evalsha(self._shas[script], len(keys), *keys, *argv)]
-            except NoScriptError as exc:
-                return [exc]
-        pipe = client.pipeline(transaction=False)
-        for script, keys, argv, _ in batch:
-            pipe.evalsha(self._shas[script], len(keys), *keys, *argv)
-        return list(await pipe.execute(raise_on_error=False))
+            raise StorageError(f"Redis call failed: {exc!r}") from exc
+        return reply  # type: ignore[no-any-return]
 
     async def _load_scripts(self) -> None:
         client = self.client
