@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -315,7 +315,14 @@ class Gateway:
             self.metrics.unlimited(tier.name)
         self.metrics.tokens(tier.name, "reserved", reserved)
 
-        if not await self.gate.acquire(tier.priority, self.config.backend.queue_timeout_ms / 1000):
+        try:
+            admitted = await self.gate.acquire(
+                tier.priority, self.config.backend.queue_timeout_ms / 1000
+            )
+        except asyncio.CancelledError:  # the request went away while queued: give back
+            self._background(self._undo(admission, requests=hits))
+            raise
+        if not admitted:
             await self._undo(admission, requests=hits)
             self.metrics.rejection(tier.name, "backend")
             return _error(
@@ -413,10 +420,14 @@ class Gateway:
         """
         self.gate.release()
         self.metrics.in_flight(admission.caller.tier.name, -1)
-        task = asyncio.get_running_loop().create_task(self._settle(admission, charged, upstream))
+        await asyncio.shield(self._background(self._settle(admission, charged, upstream)))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` to the end even if the request's task is cancelled; kept until done."""
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
+        return task
 
     async def _settle(
         self, admission: _Admission, charged: int, upstream: AsyncGenerator[bytes, None] | None
@@ -508,8 +519,12 @@ class Gateway:
             if size > limit:  # stop reading: never hold more than the limit in memory
                 return _error(413, "body_too_large", f"The request body exceeds {limit} bytes.")
             chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
-            body = json.loads(b"".join(chunks))
+            body = json.loads(raw, parse_constant=_reject_constant)
+            if "\\u" in raw.decode("utf-8", "replace"):
+                # JSON may escape lone surrogates that no UTF-8 can carry on to the upstream.
+                json.dumps(body, ensure_ascii=False).encode()
         except (ValueError, RecursionError) as exc:
             return _error(400, "invalid_json", f"The body is not valid JSON: {exc}")
         if not isinstance(body, dict):
@@ -639,6 +654,11 @@ class _SseRelay:
                     if not choices and usage_total is not None and not self.client_wants_usage:
                         return None
         return event + b"\n\n"
+
+
+def _reject_constant(name: str) -> Any:
+    """``NaN`` and ``Infinity`` are not JSON (RFC 8259); Python's parser would take them."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _choice_tokens(choice: Any, field: str) -> int:

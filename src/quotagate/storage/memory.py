@@ -75,6 +75,8 @@ class MemoryStorage:
         out = [0, 0, now]
         verdict = 0
         writes: list[tuple[str, _State]] = []
+        unspent: list[tuple[int, int, Any, int, int]] = []
+        lease_unspent: tuple[int, int] | None = None
         at = 1
         for i in range(n):
             algorithm, capacity, interval, cost = args[at : at + 4]
@@ -95,6 +97,7 @@ class MemoryStorage:
                     verdict = v
             elif cost:
                 writes.append((key, result[1]))
+                unspent.append((len(out), algorithm, stored, capacity, interval))
             out += result[2:]
 
         lease: tuple[str, dict[str, int], str, int] | None = None
@@ -108,13 +111,29 @@ class MemoryStorage:
             c = concurrency(len(leases), limit)
             verdict = max(verdict, c.verdict)
             if ttl > 0:
+                if c.verdict == 0:
+                    lease_unspent = (len(out), limit - len(leases))
                 out += (c.remaining, 0, c.retry_after)
                 lease = (lease_key, leases, lease_id, now + ttl)
             else:  # a read: report the free slots, take none
                 out += (max(0, limit - len(leases)), 0, c.retry_after)
 
         if verdict:
+            # Rejected: nothing is stored, so the limits that would have admitted report what
+            # is left as things stand (the same numbers as a cost-0 read).
             out[0] = verdict
+            for at, algorithm, stored, capacity, interval in unspent:
+                read: tuple[int, Any, int, int, int]
+                if algorithm == GCRA:
+                    read = gcra(
+                        stored if stored.__class__ is int else None, now, capacity, interval, 0
+                    )
+                else:
+                    end, count = stored if stored.__class__ is tuple else (None, 0)
+                    read = fixed_window(end, count, now, capacity, interval, 0)
+                out[at], out[at + 1] = read[2], read[3]
+            if lease_unspent is not None:
+                out[lease_unspent[0]] = lease_unspent[1]
             return out
         size = len(states)
         for key, value in writes:

@@ -15,6 +15,9 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from ..tokens import output_cap, prompt_tokens
 from . import Route
 
@@ -172,14 +175,11 @@ class MockBackend:
         yield b"data: [DONE]\n\n"
 
 
-def create_mock_app(tokens_per_second: float = 0.0) -> Any:
+def create_mock_app(tokens_per_second: float = 0.0) -> FastAPI:
     """The mock model served standalone: a small OpenAI-compatible server (no limits).
 
     Stands in for vLLM or llama.cpp in tests and benchmarks: ``quotagate mock --port 9000``.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
-
     backend = MockBackend(tokens_per_second)
     app = FastAPI(title="quotagate mock model")
 

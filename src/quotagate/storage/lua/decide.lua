@@ -11,7 +11,8 @@
 -- then, when a lease is asked: lease limit, ttl_us (0 only reads), lease id
 --
 -- Returns {verdict, lease_granted, now_us, then per limit and for the lease:
---          remaining, reset_after_us, retry_after_us}
+--          remaining, reset_after_us, retry_after_us}; on a rejection, remaining and
+--          reset_after are as things stand (nothing was spent)
 --   verdict: 0 allowed (everything stored), 1 limited, 2 too large (nothing stored)
 
 local now
@@ -26,6 +27,7 @@ local n = tonumber(ARGV[2])
 local verdict = 0
 local out = {0, 0, now}
 local writes = {}
+local unspent = {}  -- {index in out, remaining, reset_after} of each limit if nothing is spent
 
 for i = 1, n do
   local a = 3 + (i - 1) * 4
@@ -48,7 +50,10 @@ for i = 1, n do
       if new_tat - now <= tolerance then
         v, reset_after, retry_after = 0, new_tat - now, 0
         remaining = math.floor((tolerance - (new_tat - now)) / interval)
-        if cost > 0 then writes[#writes + 1] = {key, 1, new_tat, new_tat - now} end
+        if cost > 0 then
+          writes[#writes + 1] = {key, 1, new_tat, new_tat - now}
+          unspent[#unspent + 1] = {#out + 1, math.floor((tolerance - (base - now)) / interval), base - now}
+        end
       else
         v, reset_after, retry_after = 1, base - now, new_tat - tolerance - now
         remaining = math.max(0, math.floor((tolerance - (base - now)) / interval))
@@ -69,6 +74,7 @@ for i = 1, n do
       v, retry_after, remaining = 0, 0, capacity - used - cost
       if cost > 0 then
         writes[#writes + 1] = {key, 2, string.format("%d %d", window_end, used + cost), reset_after}
+        unspent[#unspent + 1] = {#out + 1, capacity - used, reset_after}
       end
     else
       v, retry_after, remaining = 1, reset_after, math.max(0, capacity - used)
@@ -94,6 +100,7 @@ if ARGV[lease_at] then
     v, remaining, retry_after = 2, 0, 0
   elseif held < limit then
     v, remaining, retry_after = 0, limit - held - 1, 0
+    if lease_ttl > 0 then unspent[#unspent + 1] = {#out + 1, limit - held, 0} end
   else
     v, remaining, retry_after = 1, 0, 1000000
   end
@@ -109,6 +116,13 @@ if ARGV[lease_at] then
 end
 
 out[1] = verdict
+if verdict ~= 0 then
+  -- Rejected: nothing is stored, so the limits that would have admitted report what is left.
+  for _, u in ipairs(unspent) do
+    out[u[1]] = u[2]
+    out[u[1] + 1] = u[3]
+  end
+end
 if verdict == 0 then
   for _, w in ipairs(writes) do
     local value = w[3]

@@ -1,0 +1,211 @@
+"""The ``quotagate`` command as a user runs it: real processes, real sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from helpers import QuotagateProcess, config_from, in_process, limits_of, run_cli
+
+import quotagate as qg
+from quotagate.gateway.app import create_app
+from support import RedisServer, free_port
+
+GOOD = """
+[anonymous]
+tier = "anonymous"
+
+[tiers.anonymous]
+requests = "10/minute"
+tokens = "2000/minute"
+concurrency = 1
+
+[tiers.free]
+requests = "60/minute"
+
+[[keys]]
+key = "sk-dev-alice"
+tier = "free"
+"""
+
+BAD = """
+[storage]
+url = "memcached://x"
+
+[tiers.free]
+requests = "sixty per minute"
+concurrency = -1
+
+[[keys]]
+key = "sk-a"
+tier = "free"
+
+[[keys]]
+key = "sk-b"
+tier = "platinum"
+"""
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text(GOOD, "utf-8")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_config_exits_2_with_every_error_on_its_own_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD, "utf-8")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    fields = sorted(line.split(": ", 1)[0] for line in lines)
+    assert fields == sorted(
+        ["storage.url", "tiers.free.requests", "tiers.free.concurrency", "keys[1].tier"]
+    ), lines
+    for line in lines:
+        assert re.match(r"^[\w\[\].]+: .+ \(got .*\)$", line), line
+    tier_line = next(line for line in lines if line.startswith("keys[1].tier: "))
+    assert "platinum" in tier_line
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_of_a_missing_or_broken_file_exits_2(tmp_path: Path) -> None:
+    assert run_cli("check-config", str(tmp_path / "nope.toml")).returncode == 2
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[tiers.free\n", "utf-8")
+    result = run_cli("check-config", str(broken))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+async def test_keys_new_prints_a_key_then_a_block_that_works_when_pasted(tmp_path: Path) -> None:
+    first = run_cli("keys", "new", "--tier", "pro")
+    second = run_cli("keys", "new", "--tier", "pro")
+    assert first.returncode == 0, first.stderr
+    key = first.stdout.splitlines()[0].strip()
+    assert key
+    assert " " not in key
+    assert second.stdout.splitlines()[0].strip() != key  # fresh every time
+    block = tomllib.loads(first.stdout.split("\n", 1)[1])
+    [entry] = block["keys"]
+    assert entry["sha256"] == hashlib.sha256(key.encode()).hexdigest()
+    assert entry["tier"] == "pro"
+    assert "key" not in entry  # only the digest goes in the config
+
+    pasted = first.stdout.split("\n", 1)[1]
+    config = config_from(tmp_path, '[tiers.pro]\nrequests = "5/minute"\n' + pasted)
+    app = create_app(config, storage=qg.MemoryStorage(clock=qg.FakeClock()))
+    async with in_process(app) as client:
+        by_header = await limits_of(client, key)
+        by_bearer = await client.get("/v1/ratelimit", headers={"Authorization": f"Bearer {key}"})
+    assert by_header["tier"] == "pro"
+    assert by_bearer.json()["tier"] == "pro"
+
+
+def test_keys_hash_prints_the_hex_digest() -> None:
+    result = run_cli("keys", "hash", "sk-dev-alice")
+    assert result.returncode == 0
+    assert result.stdout.strip() == hashlib.sha256(b"sk-dev-alice").hexdigest()
+
+
+def test_serve_with_no_config_runs_the_embedded_default() -> None:
+    """The README's first command: memory, the mock model, a tier set, a completion with
+    rate-limit headers. (``--log-level info`` beats QUOTAGATE_LOG_LEVEL: the start-up line.)"""
+    with QuotagateProcess(
+        "serve", "--port", "{port}", "--log-level", "info", env={"QUOTAGATE_LOG_LEVEL": "error"}
+    ) as gateway:
+        with httpx.Client(base_url=gateway.url, timeout=10) as client:
+            answer = client.post("/v1/completions", json={"prompt": "Hello"})
+            health = client.get("/health").json()
+        log = gateway.output()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == "quotagate-mock"
+    assert answer.headers["x-ratelimit-limit-requests"]
+    assert answer.headers["x-ratelimit-remaining-requests"]
+    assert answer.headers["ratelimit-policy"]
+    assert health == {"status": "ok", "storage": "memory", "version": qg.__version__}
+    start_line = next(line for line in log.splitlines() if f"quotagate {qg.__version__}" in line)
+    assert "memory" in start_line
+    assert "mock" in start_line
+    assert "anonymous" in start_line
+    assert "free" in start_line
+
+
+@pytest.mark.redis
+def test_serve_precedence_file_env_flag_and_the_start_up_line(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """File port < QUOTAGATE_SERVER_PORT < --port; QUOTAGATE_STORAGE_URL beats the file's
+    memory://; the start-up line names the version, config, storage with its Redis version,
+    backend and tiers."""
+    file_port, env_port, flag_port = free_port(), free_port(), free_port()
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'[server]\nport = {file_port}\n[storage]\nurl = "memory://"\n'
+        f'prefix = "t{uuid.uuid4().hex[:10]}"\n' + GOOD,
+        "utf-8",
+    )
+    env = {"QUOTAGATE_STORAGE_URL": redis_server.url, "QUOTAGATE_SERVER_PORT": str(env_port)}
+    redis_version = redis.Redis(port=redis_server.port).info("server")["redis_version"]
+
+    with QuotagateProcess(
+        "serve", "--config", str(path), "--port", "{port}", port=flag_port, env=env
+    ) as gateway:
+        health = httpx.get(f"{gateway.url}/health", timeout=10).json()
+        refused = [_answers(file_port), _answers(env_port)]
+        log = gateway.output()
+    assert health["storage"] == "redis"
+    assert refused == [False, False]
+    start_line = next(line for line in log.splitlines() if f"quotagate {qg.__version__}" in line)
+    assert str(path) in start_line
+    assert f"127.0.0.1:{redis_server.port}" in start_line
+    assert redis_version in start_line
+    assert "mock" in start_line
+    assert "anonymous" in start_line
+    assert "free" in start_line
+
+    with QuotagateProcess("serve", "--config", str(path), port=env_port, env=env) as gateway:
+        assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
+        assert not _answers(file_port)
+
+
+def test_serve_workers_with_memory_storage_warns_limits_are_per_process(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(GOOD, "utf-8")
+    with QuotagateProcess(
+        "serve", "--config", str(path), "--port", "{port}", "--workers", "2"
+    ) as gateway:
+        answer = httpx.post(
+            f"{gateway.url}/v1/completions",
+            json={"prompt": "hi"},
+            headers={"X-API-Key": "sk-dev-alice"},
+            timeout=10,
+        )
+        log = gateway.output().lower()
+    assert answer.status_code == 200
+    assert "warning" in log
+    assert "per process" in log
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD, "utf-8")
+    result = run_cli("serve", "--config", str(path), "--port", str(free_port()))
+    assert result.returncode == 2
+    assert "tiers.free.requests: " in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _answers(port: int) -> bool:
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+    except httpx.TransportError:
+        return False
+    return True

@@ -1,0 +1,205 @@
+"""The gateway's TOML configuration: the issue's names, defaults < file < QUOTAGATE_* env < flags,
+and errors that name the field as ``field.path: problem (got X)``, every one on its own line."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from helpers import config_from
+
+import quotagate as qg
+from quotagate.gateway.config import load_config
+
+# The issue's example, verbatim (comments and all).
+ISSUE_EXAMPLE = """
+[server]
+host = "127.0.0.1"
+port = 8000
+trusted_proxies = []                 # CIDRs whose X-Forwarded-For is believed
+max_body_bytes = 1048576
+
+[storage]
+url = "memory://"                    # or "redis://127.0.0.1:6379/0"
+fallback = "memory"                  # memory | allow | deny, when Redis is down
+timeout_ms = 100
+
+[backend]
+kind = "mock"                        # mock | openai
+url = "http://127.0.0.1:9000/v1"     # for kind = "openai"
+api_key_env = "UPSTREAM_API_KEY"     # optional, sent upstream as Bearer
+max_concurrency = 64                 # whole-backend cap: protects the GPU
+queue_timeout_ms = 2000              # wait this long for a slot, then 503 + Retry-After
+mock_tokens_per_second = 0           # 0 = instant; >0 simulates generation speed
+
+[health]
+requests = "600/minute"              # per client, separate from inference limits
+
+[anonymous]                          # requests without a key; remove the table to answer 401
+tier = "anonymous"
+
+[tiers.anonymous]
+requests = "10/minute"
+tokens = "2000/minute"
+concurrency = 1
+
+[tiers.free]
+requests = "60/minute"
+tokens = "40000/minute; 1000000/day"
+concurrency = 4
+priority = 1                         # higher is served first when the backend is saturated
+default_max_tokens = 1024            # injected upstream when a request sets no output cap
+
+[[keys]]
+key = "sk-dev-alice"                 # plain, for development; or sha256 = "<hex digest>"
+tier = "free"
+name = "alice"
+"""
+
+LINE = re.compile(r"^[A-Za-z_][\w\[\].]*: .+ \(got .*\)$")
+
+
+def test_the_default_needs_no_file_memory_mock_and_a_tier_set() -> None:
+    config = load_config(None, environ={})
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8000
+    assert config.server.max_body_bytes == 1_048_576
+    assert config.storage.url == "memory://"
+    assert config.backend.kind == "mock"
+    assert config.anonymous is not None
+    assert config.anonymous.tier in config.tiers
+    assert {"anonymous", "free"} <= set(config.tiers)
+
+
+def test_the_issue_example_is_a_valid_config(tmp_path: Path) -> None:
+    config = config_from(tmp_path, ISSUE_EXAMPLE)
+    assert config.server.trusted_proxies == []
+    assert config.storage.fallback == "memory"
+    assert config.storage.timeout_ms == 100
+    assert config.backend.url == "http://127.0.0.1:9000/v1"
+    assert config.backend.api_key_env == "UPSTREAM_API_KEY"
+    assert config.backend.max_concurrency == 64
+    assert config.backend.queue_timeout_ms == 2000
+    assert config.backend.mock_tokens_per_second == 0
+    assert config.health.requests == "600/minute"
+    free = config.tiers["free"]
+    assert (free.requests, free.tokens, free.concurrency) == (
+        "60/minute",
+        "40000/minute; 1000000/day",
+        4,
+    )
+    assert (free.priority, free.default_max_tokens) == (1, 1024)
+    assert [(k.key, k.tier, k.name) for k in config.keys] == [("sk-dev-alice", "free", "alice")]
+
+
+def test_a_file_overrides_only_what_it_sets(tmp_path: Path) -> None:
+    config = config_from(tmp_path, "[server]\nport = 9123\n")
+    assert config.server.port == 9123
+    assert config.server.host == "127.0.0.1"  # default kept
+    assert config.storage.url == "memory://"
+    assert config.backend.kind == "mock"
+
+
+def test_environment_overrides_the_file_and_flags_override_the_environment(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        '[server]\nport = 9001\nhost = "127.0.0.1"\n[storage]\nurl = "memory://"\n'
+        '[backend]\nkind = "mock"\nqueue_timeout_ms = 10\n',
+        "utf-8",
+    )
+    environ = {
+        "QUOTAGATE_STORAGE_URL": "redis://10.1.2.3:6379/2",
+        "QUOTAGATE_SERVER_PORT": "9002",
+        "QUOTAGATE_BACKEND_KIND": "openai",
+        "QUOTAGATE_BACKEND_URL": "http://10.9.9.9:8000/v1",
+    }
+    from_env = load_config(path, environ=environ)
+    assert from_env.storage.url == "redis://10.1.2.3:6379/2"
+    assert from_env.server.port == 9002
+    assert from_env.backend.kind == "openai"
+    assert from_env.backend.url == "http://10.9.9.9:8000/v1"
+    assert from_env.backend.queue_timeout_ms == 10  # the file's, untouched by the env
+
+    from_flags = load_config(
+        path, environ=environ, overrides={"server": {"port": 9003, "host": "0.0.0.0"}}
+    )
+    assert from_flags.server.port == 9003
+    assert from_flags.server.host == "0.0.0.0"
+    assert from_flags.storage.url == "redis://10.1.2.3:6379/2"
+
+
+def test_the_environment_overrides_the_built_in_default_too() -> None:
+    config = load_config(None, environ={"QUOTAGATE_STORAGE_URL": "redis://127.0.0.1:1/0"})
+    assert config.storage.url == "redis://127.0.0.1:1/0"
+    assert config.backend.kind == "mock"
+
+
+def test_a_bad_environment_value_names_the_field() -> None:
+    with pytest.raises(qg.ConfigError) as info:
+        load_config(None, environ={"QUOTAGATE_SERVER_PORT": "eighty"})
+    assert str(info.value).startswith("server.port: ")
+    assert "eighty" in str(info.value)
+
+
+def test_every_error_on_its_own_line_naming_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        """
+[server]
+port = 70000
+
+[storage]
+fallback = "sometimes"
+
+[tiers.free]
+requests = "lots"
+concurrency = 0
+
+[[keys]]
+key = "sk-x"
+tier = "gold"
+""",
+        "utf-8",
+    )
+    with pytest.raises(qg.ConfigError) as info:
+        load_config(path, environ={})
+    lines = str(info.value).splitlines()
+    by_field = {line.split(": ", 1)[0]: line for line in lines}
+    assert set(by_field) == {
+        "server.port",
+        "storage.fallback",
+        "tiers.free.requests",
+        "tiers.free.concurrency",
+        "keys[0].tier",
+    }, lines
+    for line in lines:
+        assert LINE.match(line), line
+    assert "(got 'lots')" in by_field["tiers.free.requests"]
+    assert "(got 'gold')" in by_field["keys[0].tier"]
+    assert "70000" in by_field["server.port"]
+    assert "sometimes" in by_field["storage.fallback"]
+
+
+def test_an_openai_backend_needs_its_url(tmp_path: Path) -> None:
+    with pytest.raises(qg.ConfigError) as info:
+        config_from(tmp_path, '[backend]\nkind = "openai"\n')
+    assert str(info.value).startswith("backend.url: ")
+
+
+def test_anonymous_tier_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(qg.ConfigError) as info:
+        config_from(tmp_path, '[anonymous]\ntier = "guest"\n[tiers.free]\nrequests = "1/second"\n')
+    assert str(info.value).startswith("anonymous.tier: ")
+    assert "guest" in str(info.value)
+
+
+def test_not_toml_and_no_such_file_are_config_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server\nport = 1\n", "utf-8")
+    with pytest.raises(qg.ConfigError):
+        load_config(broken, environ={})
+    with pytest.raises(qg.ConfigError):
+        load_config(tmp_path / "missing.toml", environ={})
