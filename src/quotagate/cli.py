@@ -176,3 +176,10 @@ def mock(host: str, port: int, tokens_per_second: float) -> None:
     from .gateway.backends.mock import create_mock_app
 
     uvicorn.run(create_mock_app(tokens_per_second), host=host, port=port, log_level="warning")
+
+
+from .tools.bench import bench_command  # noqa: E402
+from .tools.verify import verify_command  # noqa: E402
+
+main.add_command(verify_command, "verify")
+main.add_command(bench_command, "bench")

@@ -168,12 +168,15 @@ class Gateway:
         self.health_rates = parse_rates(config.health.requests)
         if storage is None:
             s = config.storage
+            # Only what the config sets explicitly: the URL's own ?prefix=, ?timeout_ms=, ...
+            # stand unless the [storage] table overrides them.
+            given = s.model_fields_set
             storage = storage_from_url(
                 s.url,
-                fallback=s.fallback,
-                fallback_share=s.fallback_share,
-                timeout=s.timeout_ms / 1000,
-                prefix=s.prefix,
+                fallback=s.fallback if "fallback" in given else None,
+                fallback_share=s.fallback_share if "fallback_share" in given else None,
+                timeout=s.timeout_ms / 1000 if "timeout_ms" in given else None,
+                prefix=s.prefix if "prefix" in given else None,
             )
         self.limiter = RateLimiter(storage, overlimit_cache=config.storage.overlimit_cache)
         if backend is None:

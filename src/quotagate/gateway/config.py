@@ -46,8 +46,6 @@ max_body_bytes = 1048576
 
 [storage]
 url = "memory://"
-fallback = "memory"
-timeout_ms = 100
 
 [backend]
 kind = "mock"
@@ -74,7 +72,7 @@ priority = 1
 default_max_tokens = 1024
 
 [tiers.pro]
-requests = "600/minute"
+requests = "300/minute"
 tokens = "400000/minute"
 concurrency = 16
 priority = 10
