@@ -85,14 +85,25 @@ async def test_memory_drops_state_whose_bucket_is_full_again(
         await limiter.hit(f"client-{i}", "10/minute")
     assert len(storage) == 100
     clock.advance(6)  # every bucket is full again
-    for i in range(20):
-        await limiter.hit(f"new-{i}", "10/minute")  # each new state sweeps up to 3 spent ones
-    assert len(storage) == 100 + 20 - 60  # least recently used first
-    assert storage.sweep() == 40
-    assert len(storage) == 20
     for i in range(5):
         await limiter.hit(f"new-{i}", "10/minute", cost=0)  # reads store nothing
-    assert len(storage) == 20
+    assert len(storage) == 100
+    assert storage.sweep() == 100
+    assert len(storage) == 0
+
+
+async def test_memory_reclaims_quiet_clients_as_new_ones_arrive(
+    storage: qg.MemoryStorage, clock: qg.FakeClock
+) -> None:
+    limiter = qg.RateLimiter(storage)
+    peak = 0
+    for i in range(20_000):
+        await limiter.hit(f"ip:10.{i // 65536}.{i // 256 % 256}.{i % 256}", "1/second")
+        clock.advance(0.001)  # 1,000 new clients a second, each quiet after its request
+        peak = max(peak, len(storage))
+    # At most ~1,000 clients are limited at any moment; the table never holds more than
+    # about twice that (it is swept whenever it doubles).
+    assert peak <= 2 * 1024 + 1
 
 
 async def test_memory_caps_its_keys_and_evicts_least_recently_used(clock: qg.FakeClock) -> None:
@@ -112,7 +123,11 @@ async def test_memory_flood_of_keys_stays_bounded(clock: qg.FakeClock) -> None:
     for i in range(5000):
         decision = await limiter.hit(f"ip:10.0.{i // 256}.{i % 256}", "60/minute")
         assert decision.allowed  # never refused because of the cap
-    assert len(storage) == 1000
+        assert len(storage) <= 1000
+    # Evicted a batch (1% of the cap) at a time, least recently used first.
+    assert len(storage) >= 990
+    assert not (await limiter.hit("ip:10.0.19.135", "60/minute", cost=60)).allowed  # kept
+    assert (await limiter.hit("ip:10.0.0.0", "60/minute", cost=60)).allowed  # evicted
 
 
 async def test_decision_values() -> None:
