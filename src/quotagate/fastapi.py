@@ -244,7 +244,7 @@ class Limiter:
         """
         if not self.enabled:
             return None
-        hits: list[Hit] = []
+        hits: list[tuple[str, RateLike, int, Algorithm]] = []
         for spec in specs:
             if spec.exempt_when is not None and await maybe_await(spec.exempt_when(request)):
                 continue
@@ -264,13 +264,16 @@ class Limiter:
                     display_key(key),
                 )
             name = spec.scope or default_scope
-            hits.append(Hit(f"{{{storage_id(key)}}}:{name}", rates, cost, spec.algorithm))
+            hits.append((f"{{{storage_id(key)}}}:{name}", rates, cost, spec.algorithm))
         if not hits:
             return None
         try:
             if not self.engine.started:
                 await self.engine.start()
-            decision = await self.engine.hit_many(hits)
+            if len(hits) == 1:  # the common case, without building Hit objects
+                decision = await self.engine.hit(*hits[0])
+            else:
+                decision = await self.engine.hit_many([Hit(*hit) for hit in hits])
         except StorageError as exc:
             logger.error("quotagate: storage error, answering 503: %s", exc)
             decision = storage_error_decision()

@@ -46,14 +46,28 @@ KeyFunc = Callable[[Any], "str | Awaitable[str]"]
 
 
 class ClientKey(str):
-    """A client key that also knows how to show itself in logs (``masked``)."""
+    """A client key that also knows how to show itself in logs (``masked``).
 
-    masked: str
+    Holds the API key it was made from, so that the masked form is only computed when a log
+    line asks for it (every request makes a ClientKey; few are logged).
+    """
 
-    def __new__(cls, value: str, masked: str) -> ClientKey:
+    _secret: str | None
+    _masked: str | None
+
+    def __new__(
+        cls, value: str, masked: str | None = None, *, secret: str | None = None
+    ) -> ClientKey:
         key = super().__new__(cls, value)
-        key.masked = masked
+        key._masked = masked
+        key._secret = secret
         return key
+
+    @property
+    def masked(self) -> str:
+        if self._masked is None:
+            self._masked = mask_key(self._secret) if self._secret is not None else str(self)
+        return self._masked
 
 
 def hash_api_key(api_key: str) -> str:
@@ -188,7 +202,7 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
     def __call__(self, request: HasScope) -> ClientKey:
         api_key = bearer_or_header_key(request.scope)
         if api_key:
-            return ClientKey(key_client_id(hash_api_key(api_key)), mask_key(api_key))
+            return ClientKey(key_client_id(hash_api_key(api_key)), secret=api_key)
         host = self.trusted.client_host(request.scope)
         return ClientKey("ip:" + host, "ip:" + host)
 
