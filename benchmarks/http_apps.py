@@ -1,0 +1,88 @@
+"""The apps served by ``benchmarks/http.py``: one inference endpoint, limited three ways.
+
+Served as ``uvicorn http_apps:app --app-dir benchmarks`` with the variant chosen by environment:
+
+- ``HTTP_BENCH_LIBRARY``: ``bare`` (no limiting), ``slowapi`` (the seed tutorial's code) or
+  ``quotagate`` (the same app on quotagate).
+- ``HTTP_BENCH_STORAGE``: ``memory://`` or ``redis://127.0.0.1:PORT/0``.
+- ``HTTP_BENCH_RATE``: the limit of ``POST /v1/completions`` (same for both libraries).
+
+The handler body is the same in every variant; only the limiting around it differs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+
+LIBRARY = os.environ.get("HTTP_BENCH_LIBRARY", "bare")
+STORAGE_URL = os.environ.get("HTTP_BENCH_STORAGE", "memory://")
+RATE = os.environ.get("HTTP_BENCH_RATE", "1000000/minute")
+
+
+def completion() -> dict[str, Any]:
+    """The handler body shared by every variant."""
+    return {
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "model": "bench",
+        "choices": [{"index": 0, "text": "hello world", "finish_reason": "stop"}],
+    }
+
+
+def bare_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions() -> dict[str, Any]:
+        return completion()
+
+    return app
+
+
+def slowapi_app() -> FastAPI:
+    """The seed tutorial's slowapi code (``headers_enabled`` needs ``request`` and ``response``)."""
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.util import get_remote_address
+
+    def api_key_or_ip(request: Request) -> str:
+        return request.headers.get("X-API-Key", get_remote_address(request))
+
+    limiter = Limiter(key_func=api_key_or_ip, storage_uri=STORAGE_URL, headers_enabled=True)
+    app = FastAPI()
+    app.state.limiter = limiter
+    app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
+
+    @app.post("/v1/completions")
+    @limiter.limit(RATE)
+    async def completions(request: Request, response: Response) -> dict[str, Any]:
+        return completion()
+
+    return app
+
+
+def quotagate_app() -> FastAPI:
+    """The same app on quotagate: a change of imports, no ``request``/``response`` needed."""
+    from quotagate.fastapi import Limiter
+    from quotagate.identity import api_key_or_ip
+
+    limiter = Limiter(key_func=api_key_or_ip, storage_uri=STORAGE_URL)
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.post("/v1/completions")
+    @limiter.limit(RATE)
+    async def completions() -> dict[str, Any]:
+        return completion()
+
+    return app
+
+
+_FACTORIES = {"bare": bare_app, "slowapi": slowapi_app, "quotagate": quotagate_app}
+if LIBRARY not in _FACTORIES:
+    raise SystemExit(f"HTTP_BENCH_LIBRARY must be one of {sorted(_FACTORIES)}, got {LIBRARY!r}")
+
+app = _FACTORIES[LIBRARY]()
