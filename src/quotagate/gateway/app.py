@@ -544,7 +544,8 @@ class Gateway:
         else:
             client = "ip:" + self.trusted.client_host(request.scope)
         decision = await self._decide([Hit("{" + client + "}:health", self.health_rates)], None)
-        if not decision.allowed:
+        # A health check reports the storage; it is not denied because the storage is down.
+        if not decision.allowed and decision.reason != "unavailable":
             self.metrics.request("none", "health", 429)
             self.metrics.rejection("none", "health")
             status, headers, body = rejection(decision, {"limit": "health"})

@@ -83,6 +83,7 @@ class RedisStorage:
             "adjust": hashlib.sha1(self._adjust_lua.encode()).hexdigest(),
         }
         self._pipe: PipelinedConnection | None = None
+        self._cluster_slots = asyncio.Semaphore(max_connections)
 
     @property
     def mode(self) -> StorageMode:
@@ -145,10 +146,14 @@ class RedisStorage:
         return await self._call("adjust", keys, args, now_us)
 
     async def release(self, lease: Lease) -> None:
+        key = self.redis_key(lease.key)
         try:
-            async with asyncio.timeout(self.timeout):
-                await self.client.zrem(self.redis_key(lease.key), lease.id)
-        except (RedisError, OSError, TimeoutError) as exc:
+            if self._pipe is not None:  # the same connection as decisions: no pool to exhaust
+                await self._pipe.call(pack_command(["ZREM", key, lease.id]))
+                return
+            async with self._cluster_slots, asyncio.timeout(self.timeout):
+                await self.client.zrem(key, lease.id)
+        except (RedisError, OSError, TimeoutError, hiredis.ReplyError) as exc:
             raise StorageError(f"Redis release failed: {exc!r}") from exc
 
     async def _call(
@@ -184,7 +189,9 @@ class RedisStorage:
         client = self.client
         sha = self._shas[script]
         try:
-            async with asyncio.timeout(self.timeout):
+            # redis-py's cluster pools raise rather than wait when all their connections are in
+            # use: keep concurrent calls below the pool size instead.
+            async with self._cluster_slots, asyncio.timeout(self.timeout):
                 try:
                     reply = await client.evalsha(sha, len(keys), *keys, *argv)
                 except NoScriptError:
@@ -227,7 +234,9 @@ def _client_from_url(
     }
     if parts.scheme in ("redis+cluster", "rediss+cluster"):
         scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
-        return RedisCluster.from_url(urlunsplit(parts._replace(scheme=scheme)), **common)
+        return RedisCluster.from_url(
+            urlunsplit(parts._replace(scheme=scheme)), max_connections=max_connections * 2, **common
+        )
     if parts.scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
         raise ConfigError(f"unsupported storage URL scheme {parts.scheme!r} in {mask_url(url)}")
     if parts.scheme.startswith("valkey"):
