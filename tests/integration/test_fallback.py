@@ -105,3 +105,23 @@ async def test_refunds_during_an_outage_are_not_lost(key_prefix: str) -> None:
         await limiter.hit("k", "10/hour", cost=10)
         states = await limiter.adjust("k", "10/hour", delta=-4)
         assert states[0].remaining == 4
+
+
+async def test_leases_released_during_an_outage_are_released_when_redis_is_back(
+    key_prefix: str,
+) -> None:
+    with RedisServer() as server:
+        storage = _fallback(server, key_prefix)
+        async with qg.RateLimiter(storage) as limiter:
+            lease = await limiter.acquire("{a}:conc", 1, ttl=600)
+            assert lease is not None
+            server.pause()  # Redis stops answering: a decision times out, the breaker opens
+            try:
+                await limiter.hit("other", "10/minute")
+                assert storage.mode == "fallback"
+                await limiter.release(lease)  # while the breaker is open
+            finally:
+                server.resume()
+            await _until(lambda: storage.mode == "redis")
+            # The slot was given back on Redis once it answered again.
+            assert await limiter.acquire("{a}:conc", 1, ttl=600) is not None

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability_kit import KEY_FREE, KEY_PRO, KEY_TEAM, Gateway, config_text, gateways
+from reliability_kit import (
+    KEY_FREE,
+    KEY_PRO,
+    KEY_TEAM,
+    Gateway,
+    config_text,
+    gateways,
+    http_client,
+    metrics_of,
+    ratelimit_of,
+)
 
 from support import RedisServer
 
@@ -130,6 +140,20 @@ async def test_soak_mixed_load_at_70_percent_of_capacity(
                 )
                 window = dict(zip(SHARE, results, strict=True))
                 window["rss_mib"] = round(gateway.rss_kib() / 1024, 1)
+                async with http_client() as client:  # what rejected, and what is held
+                    metrics = await metrics_of(client, gateway.url)
+                    window["rejections"] = {
+                        f"{dict(labels)['tier']}:{dict(labels)['limit']}": int(value)
+                        for (name, labels), value in metrics.items()
+                        if name == "quotagate_rejections_total" and value
+                    }
+                    window["free_slots"] = {
+                        key: (await ratelimit_of(client, gateway.url, key))["concurrency"][
+                            "remaining"
+                        ]
+                        for key in (KEY_FREE, KEY_PRO, KEY_TEAM)
+                    }
+                window["outages"] = gateway.count("shared storage unavailable")
                 windows.append(window)
     finally:
         if redis is not None:
@@ -146,6 +170,9 @@ async def test_soak_mixed_load_at_70_percent_of_capacity(
             {
                 "rss_mib": w["rss_mib"],
                 "rps": round(sum(w[tier].get("rps", 0) for tier in SHARE)),
+                "rejections_so_far": w["rejections"],
+                "free_slots_after": list(w["free_slots"].values()),
+                "outages_so_far": w["outages"],
                 **{
                     tier: {
                         "rps": round(w[tier].get("rps", 0)),

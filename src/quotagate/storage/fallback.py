@@ -28,6 +28,9 @@ FallbackPolicy = Literal["memory", "allow", "deny"]
 #: Verdict code (beside 0 allowed, 1 limited, 2 too large) for "storage down, policy deny".
 UNAVAILABLE = 3
 
+#: Leases remembered for release when Redis is back; past this, the rest expire by deadline.
+_MAX_UNRELEASED = 100_000
+
 
 class FallbackStorage:
     """Wrap a shared storage (Redis) with an in-process fallback.
@@ -67,6 +70,7 @@ class FallbackStorage:
         self._down_since: float | None = None
         self._next_probe_at = 0.0
         self._probe_task: asyncio.Task[None] | None = None
+        self._unreleased: list[Lease] = []
 
     @property
     def mode(self) -> StorageMode:
@@ -121,13 +125,17 @@ class FallbackStorage:
 
     async def release(self, lease: Lease) -> None:
         # The lease may come from either side of an outage; releasing where it is absent is a
-        # no-op, and a Redis lease that cannot be released now expires at its deadline.
+        # no-op. A Redis lease that cannot be released now is released when Redis is back, so
+        # a short outage (or one slow call) does not hold slots until their deadline.
         await self.memory.release(lease)
         if self._down_since is None:
             try:
                 await self.primary.release(lease)
+                return
             except StorageError as exc:
                 self._trip(exc)
+        if len(self._unreleased) < _MAX_UNRELEASED:
+            self._unreleased.append(lease)
 
     def _decide_degraded(self, keys: Sequence[str], args: Args, now_us: int | None) -> list[int]:
         now = self.memory.now_us() if now_us is None else now_us
@@ -189,6 +197,12 @@ class FallbackStorage:
                 continue
             break
         down_for = time.monotonic() - (self._down_since or time.monotonic())
+        pending, self._unreleased = self._unreleased, []
+        for lease in pending:
+            try:
+                await self.primary.release(lease)
+            except StorageError:
+                break  # down again: the rest expire at their deadlines
         self._down_since = None
         self._probe_task = None
         logger.info(
