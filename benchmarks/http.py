@@ -37,6 +37,12 @@ every key until its window ends. At 1000/day a hit holds GCRA state for 86.4 s a
 window for the rest of the day, so both libraries hold every key of the run, and no key (hit ~1
 to 5 times) comes near its limit. ``--random-rate 1000000/minute`` gives the other reading.
 
+Server CPU: ``cpu us`` is the uvicorn process's CPU time (utime + stime) per response over the
+measured run, and ``cpu x`` bare's cpu us over the variant's (same round, same load). When other
+processes take the server's core, req/s drops but CPU per request barely moves, so ``cpu x``
+is the steadier estimate of the throughput ratio for CPU-bound variants (not for slowapi's
+blocking Redis calls, where the server waits with its core idle).
+
 Redis figures, from ``INFO`` deltas around each load (our own INFO left out):
     cmds/req      every command per admitted request (commands run inside Lua scripts count too)
     scripts/req   EVALSHA/EVAL/FCALL calls per request
@@ -254,6 +260,7 @@ def foreign_cpu(before: CpuSample, after: CpuSample) -> dict[str, float]:
     ours = server + (after.ours - before.ours) + (after.redis - before.redis)
     return {
         "server_cores": server / wall,
+        "server_cpu_s": server,
         "other_core0": max(0.0, (after.busy_core0 - before.busy_core0 - server) / wall),
         "other_all": max(0.0, (after.busy_all - before.busy_all - ours) / wall),
     }
@@ -526,6 +533,7 @@ class Measurement:
     rate: str
     result: LoadResult
     ratio_to_bare: float | None = None
+    cpu_ratio_to_bare: float | None = None
     rss_before_kib: int = 0
     rss_after_kib: int = 0
     redis_calls: dict[str, int] | None = None
@@ -536,6 +544,12 @@ class Measurement:
     redis_keys_after: int | None = None
     monitor: dict[str, dict[str, int]] | None = None
     server_log: list[str] = field(default_factory=list)
+
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Server CPU time per response: robust to other processes taking the core."""
+        cpu = self.cpu.get("server_cpu_s")
+        return cpu * 1e6 / self.result.requests if cpu and self.result.requests else None
 
     @property
     def rss_bytes_per_key(self) -> float | None:
@@ -586,7 +600,13 @@ class Bench:
         rss_after = rss_kib(server.proc.pid)
         redis_after = redis_snapshot(self.redis.client)
         measurement = Measurement(
-            round_no, server.variant.name, load, rate, result, None, rss_before, rss_after
+            round_no,
+            server.variant.name,
+            load,
+            rate,
+            result,
+            rss_before_kib=rss_before,
+            rss_after_kib=rss_after,
         )
         measurement.cpu = foreign_cpu(cpu_before, cpu_after)
         if server.variant.backend == "redis":
@@ -673,10 +693,13 @@ def noisy(cpu: dict[str, float]) -> bool:
 
 
 def set_ratios(this_round: list[Measurement]) -> None:
-    bare = {m.load: m.result.rps for m in this_round if m.variant == "bare"}
+    bare = {m.load: m for m in this_round if m.variant == "bare"}
     for m in this_round:
-        if bare.get(m.load):
-            m.ratio_to_bare = m.result.rps / bare[m.load]
+        base = bare.get(m.load)
+        if base is not None and base.result.rps:
+            m.ratio_to_bare = m.result.rps / base.result.rps
+        if base is not None and base.cpu_us_per_request and m.cpu_us_per_request:
+            m.cpu_ratio_to_bare = base.cpu_us_per_request / m.cpu_us_per_request
 
 
 def brief(m: Measurement) -> str:
@@ -740,6 +763,8 @@ def summary_row(
         "p99_ms": median([m.result.p99_ms for m in ms]),
         "ratio_to_bare": median([m.ratio_to_bare for m in ms]),
         "ratios": [m.ratio_to_bare for m in ms],
+        "cpu_us_per_req": median([m.cpu_us_per_request for m in ms]),
+        "cpu_ratio_to_bare": median([m.cpu_ratio_to_bare for m in ms]),
         "non2xx_share": failed / attempts if attempts else None,
         "statuses": dict(statuses),
         "errors": dict(errors),
@@ -881,13 +906,15 @@ def render(
 ) -> str:
     lines = [
         f"{'variant':<17} {'load':<10} {'req/s':>8} {'x bare':>7} {'p50 ms':>7} {'p99 ms':>7} "
-        f"{'non-2xx':>8} {'rss B/key':>9} {'cmds/req':>8} {'top/req':>7} {'reads/req':>9}"
+        f"{'non-2xx':>8} {'cpu us':>7} {'cpu x':>6} {'rss B/key':>9} {'cmds/req':>8} "
+        f"{'top/req':>7} {'reads/req':>9}"
     ]
     for r in rows:
         lines.append(
             f"{r['variant']:<17} {r['load']:<10} {fmt(r['rps'], '8.0f')} "
             f"{fmt(r['ratio_to_bare'], '7.2f')} {fmt(r['p50_ms'], '7.2f')} "
             f"{fmt(r['p99_ms'], '7.2f')} {fmt(r['non2xx_share'], '8.2%')} "
+            f"{fmt(r['cpu_us_per_req'], '7.1f')} {fmt(r['cpu_ratio_to_bare'], '6.2f')} "
             f"{fmt(r.get('rss_bytes_per_key'), '9.0f')} "
             f"{fmt(r.get('redis_cmds_per_req'), '8.2f')} "
             f"{fmt(r.get('redis_top_level_per_req'), '7.2f')} "
@@ -930,6 +957,13 @@ def render(
             f"{fmt(c['value'], '.2f'):>7}  target {c['target']:<8} {verdict:<6}  "
             f"slowapi now {fmt(c['slowapi_now'], '.2f')}, reference {c['slowapi_reference']}"
         )
+    lines += [
+        "",
+        "cpu us = server CPU time per response; cpu x = bare's cpu us / this variant's, same "
+        "round:",
+        "the throughput ratio if both had core 0 to themselves and were CPU-bound (robust to "
+        "other processes; blind to time spent waiting on Redis).",
+    ]
     lines += ["", "Problems:" if notes else "Problems: none (all 2xx, no server log, Redis used)"]
     lines += [f"  ! {note}" for note in notes]
     random_rows = [r for r in rows if r["load"] == "random-key"]
@@ -1069,6 +1103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def as_json(m: Measurement) -> dict[str, Any]:
     out = asdict(m)
     out["rss_bytes_per_key"] = m.rss_bytes_per_key
+    out["cpu_us_per_request"] = m.cpu_us_per_request
     out["redis_bytes_per_key"] = m.redis_bytes_per_key
     out["result"]["non2xx"] = m.result.non2xx
     out["result"]["failed_share"] = m.result.failed_share
