@@ -58,7 +58,7 @@ Memory, for the random-key load only:
 
 Run:  .venv/bin/python benchmarks/http.py [--duration 10] [--rounds 3] [--quick] [--json]
           [--variants bare,quotagate-memory,...] [--loads one-key,random-key]
-          [--rate 1000000/minute] [--random-rate 1000/day]
+          [--rate 1000000/minute] [--random-rate 1000/day] [--redo-noisy 2] [--max-wait 180]
 
 ``--quick`` is a 3 s, 1 round smoke run. ``--json`` prints the results as JSON on stdout (the
 table then goes to stderr). Needs ``hey``, ``wrk``, ``redis-server`` and ``taskset`` on PATH and
