@@ -227,7 +227,7 @@ async def mock_answer(path: str, body: dict[str, Any]) -> httpx.Response:
             headers={"content-type": "text/event-stream"},
             content=MockBackend().stream(route, body),
         )
-    answer = json.dumps(await MockBackend().complete(route, body)).encode()
+    answer = (await MockBackend().complete(route, body)).raw
 
     async def content() -> AsyncIterator[bytes]:
         yield answer

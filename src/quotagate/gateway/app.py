@@ -272,9 +272,11 @@ class Gateway:
         return response
 
     async def _inference(self, request: Request, route: Route, caller: _Caller) -> Response:
-        body = await self._read_json(request)
-        if isinstance(body, Response):
-            return body
+        read = await self._read_json(request)
+        if isinstance(read, Response):
+            return read
+        body: dict[str, Any] = read[0]
+        raw: bytes | None = read[1]
         problem = validate_body(route, body)
         if problem is not None:
             param, message = problem
@@ -284,6 +286,7 @@ class Gateway:
         if cap is None:
             # Inject the tier's cap upstream so the reservation is a true upper bound.
             body["max_tokens"] = cap = tier.default_max_tokens
+            raw = None  # changed: serialise again
         prompt = prompt_tokens(route, body)
         reserved = (prompt + cap) * (body.get("n") or 1)
         model = body.get("model") if isinstance(body.get("model"), str) else None
@@ -337,23 +340,21 @@ class Gateway:
             )
         self.metrics.in_flight(tier.name, 1)
         if body.get("stream"):
-            return await self._stream(route, body, admission, headers)
+            return await self._stream(route, body, raw, admission, headers)
         try:
-            answer = await self.backend.complete(route, body)
+            answer, parsed = await self.backend.complete(route, body, raw)
         except (UpstreamError, UpstreamRejected) as exc:
             await self._finish(admission, charged=0)
             return _upstream_response(exc, headers)
         except BaseException:
             await self._finish(admission, charged=0)
             raise
-        usage = answer.get("usage")
-        charged = _usage_total(usage)
+        charged = _usage_total(parsed.get("usage"))
         if charged is None:
-            charged = prompt + _answer_tokens(answer)
+            charged = prompt + _answer_tokens(parsed)
         await self._finish(admission, charged=charged)
-        response = JSONResponse(answer)
-        response.raw_headers.extend(headers)
-        return response
+        length = (b"content-length", str(len(answer)).encode())
+        return _raw(200, [*headers, _JSON, length], answer)
 
     async def _decide(self, hits: list[Hit], acquire: Acquire | None) -> Decision:
         started = time.perf_counter()
@@ -468,15 +469,22 @@ class Gateway:
             logger.error("quotagate: storage error while releasing a lease (it expires): %s", exc)
 
     async def _stream(
-        self, route: Route, body: dict[str, Any], admission: _Admission, headers: Headers
+        self,
+        route: Route,
+        body: dict[str, Any],
+        raw: bytes | None,
+        admission: _Admission,
+        headers: Headers,
     ) -> Response:
         options = body.get("stream_options")
-        client_wants_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        body["stream_options"] = {
-            **(options if isinstance(options, dict) else {}),
-            "include_usage": True,
-        }
-        events = self.backend.stream(route, body)
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        if not client_wants_usage:
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+            raw = None
+        events = self.backend.stream(route, body, raw)
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -510,7 +518,8 @@ class Gateway:
         response.raw_headers.append((b"cache-control", b"no-cache"))
         return response
 
-    async def _read_json(self, request: Request) -> dict[str, Any] | Response:
+    async def _read_json(self, request: Request) -> tuple[dict[str, Any], bytes] | Response:
+        """The body as a JSON object, and its bytes."""
         limit = self.config.server.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -532,7 +541,7 @@ class Gateway:
             return _error(400, "invalid_json", f"The body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return _error(400, "invalid_json", "The body must be a JSON object.")
-        return body
+        return body, raw
 
     # -- the other endpoints -------------------------------------------------------------------
 
@@ -696,6 +705,9 @@ def _rejecting_state(decision: Decision) -> LimitState | None:
     """The state that forced the longest wait (the one the 429 names)."""
     candidates = [s for s in decision.states if s.retry_after > 0]
     return max(candidates, key=lambda s: s.retry_after) if candidates else None
+
+
+_JSON = (b"content-type", b"application/json")
 
 
 def _raw(status: int, headers: Headers, body: bytes) -> Response:

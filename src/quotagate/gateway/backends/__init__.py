@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
-__all__ = ["Backend", "Route", "UpstreamError", "UpstreamRejected"]
+__all__ = ["Answer", "Backend", "Route", "UpstreamError", "UpstreamRejected"]
 
 Route = Literal["chat", "completions"]
 
@@ -30,6 +30,14 @@ class UpstreamRejected(Exception):
         self.content_type = content_type
 
 
+class Answer(NamedTuple):
+    """A non-streamed completion: the bytes the client gets as they are, and their parse (for
+    ``usage``). Passing the model server's bytes on saves re-serialising every answer."""
+
+    raw: bytes
+    parsed: dict[str, Any]
+
+
 class Backend(Protocol):
     @property
     def kind(self) -> str:
@@ -47,10 +55,15 @@ class Backend(Protocol):
 
     async def models(self) -> list[dict[str, Any]]: ...
 
-    async def complete(self, route: Route, body: dict[str, Any]) -> dict[str, Any]:
-        """One non-streamed completion (the parsed JSON answer)."""
+    async def complete(
+        self, route: Route, body: dict[str, Any], raw: bytes | None = None
+    ) -> Answer:
+        """One non-streamed completion. ``raw``: the client's own JSON bytes, when the gateway
+        changed nothing in ``body`` (sent on as they are)."""
         ...
 
-    def stream(self, route: Route, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    def stream(
+        self, route: Route, body: dict[str, Any], raw: bytes | None = None
+    ) -> AsyncGenerator[bytes, None]:
         """A streamed completion as Server-Sent Events bytes, exactly as OpenAI frames them."""
         ...

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..tokens import output_cap, prompt_tokens
-from . import Route
+from . import Answer, Route
 
 __all__ = ["MOCK_MODEL", "NATURAL_LENGTH", "MockBackend", "mock_text"]
 
@@ -81,7 +81,14 @@ class MockBackend:
         n = body.get("n") or 1
         return prompt_tokens(route, body), generated, finish, n
 
-    async def complete(self, route: Route, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, route: Route, body: dict[str, Any], raw: bytes | None = None
+    ) -> Answer:
+        answer = await self.answer(route, body)
+        return Answer(json.dumps(answer, separators=(",", ":")).encode(), answer)
+
+    async def answer(self, route: Route, body: dict[str, Any]) -> dict[str, Any]:
+        """The completion as a JSON object."""
         prompt, generated, finish, n = self._plan(route, body)
         if self.tokens_per_second > 0:
             await asyncio.sleep(generated / self.tokens_per_second)
@@ -122,7 +129,9 @@ class MockBackend:
             "usage": usage,
         }
 
-    async def stream(self, route: Route, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, route: Route, body: dict[str, Any], raw: bytes | None = None
+    ) -> AsyncGenerator[bytes, None]:
         prompt, generated, finish, n = self._plan(route, body)
         created = int(time.time())
         model = body.get("model") or MOCK_MODEL
@@ -192,7 +201,7 @@ def create_mock_app(tokens_per_second: float = 0.0) -> FastAPI:
             return JSONResponse({"error": {"message": "expected an object"}}, status_code=400)
         if body.get("stream"):
             return StreamingResponse(backend.stream(route, body), media_type="text/event-stream")
-        return JSONResponse(await backend.complete(route, body))
+        return JSONResponse(await backend.answer(route, body))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:

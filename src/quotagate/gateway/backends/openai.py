@@ -1,24 +1,47 @@
 """Any OpenAI-compatible model server (vLLM, llama.cpp, Ollama, OpenAI itself) as the backend.
 
-One pooled ``httpx.AsyncClient``; streams are passed through chunk by chunk, never buffered
-whole. Failures become ``UpstreamError`` (502 down or broken, 504 timed out); a 4xx from the
+Requests go over a pool of keep-alive connections (``http1.Http1Pool``); streams are passed
+through piece by piece, never buffered whole; the model server's JSON answer is passed on as
+it is. Failures become ``UpstreamError`` (502 down or broken, 504 timed out); a 4xx from the
 model server is the client's problem and is passed on as it is.
+
+``transport=`` routes the requests through ``httpx`` with that transport instead (in-process
+test upstreams, or a transport of your own).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any, Protocol
 
 import httpx
 
-from . import Route, UpstreamError, UpstreamRejected
+from . import Answer, Route, UpstreamError, UpstreamRejected
+from .http1 import Http1Pool
 
 __all__ = ["OpenAIBackend"]
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+
+
+class _Response(Protocol):
+    status: int
+
+    def header(self, name: bytes, default: str = "") -> str: ...
+
+    async def read(self) -> bytes: ...
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+class _Client(Protocol):
+    async def request(self, method: str, path: str, body: bytes | None = None) -> _Response: ...
+
+    async def aclose(self) -> None: ...
 
 
 class OpenAIBackend:
@@ -38,84 +61,83 @@ class OpenAIBackend:
     ) -> None:
         self.url = url.rstrip("/")
         self.api_key = api_key
-        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
-        self.limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
-        )
-        self._transport = transport
-        self._client: httpx.AsyncClient | None = None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client: _Client
+        if transport is None:
+            self._client = Http1Pool(
+                self.url,
+                headers=headers,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                max_connections=max_connections,
+            )
+        else:
+            self._client = _HttpxClient(self.url, headers, timeout, connect_timeout, transport)
 
     @classmethod
     def from_env(cls, url: str, api_key_env: str | None, **kwargs: Any) -> OpenAIBackend:
         return cls(url, api_key=os.environ.get(api_key_env) if api_key_env else None, **kwargs)
 
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = httpx.AsyncClient(
-                base_url=self.url,
-                timeout=self.timeout,
-                limits=self.limits,
-                headers=headers,
-                transport=self._transport,
-            )
-        return self._client
-
     async def start(self) -> None:
-        _ = self.client
+        return None
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._client.aclose()
 
     async def models(self) -> list[dict[str, Any]]:
-        try:
-            response = await self.client.get("/models")
-        except httpx.HTTPError as exc:
-            raise _upstream_error(exc, self.url) from exc
-        if response.status_code != 200:
+        response = await self._client.request("GET", "/models")
+        content = await response.read()
+        if response.status != 200:
             raise UpstreamError(
-                502, "upstream_error", f"upstream /models answered {response.status_code}"
+                502, "upstream_error", f"upstream /models answered {response.status}"
             )
-        data = response.json().get("data", [])
+        try:
+            data = json.loads(content).get("data", [])
+        except (ValueError, AttributeError):
+            raise UpstreamError(502, "upstream_error", "upstream /models: invalid JSON") from None
         return data if isinstance(data, list) else []
 
-    async def complete(self, route: Route, body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self, route: Route, body: dict[str, Any], raw: bytes | None = None
+    ) -> Answer:
+        response = await self._client.request("POST", _PATHS[route], raw or _dumps(body))
+        content = await response.read()
+        _raise_for_status(response, content)
         try:
-            response = await self.client.post(_PATHS[route], json=body)
-        except httpx.HTTPError as exc:
-            raise _upstream_error(exc, self.url) from exc
-        _raise_for_status(response.status_code, response.content, response.headers)
-        try:
-            answer = response.json()
+            answer = json.loads(content)
         except ValueError:
             raise UpstreamError(502, "upstream_error", "upstream answered invalid JSON") from None
         if not isinstance(answer, dict):
             raise UpstreamError(
                 502, "upstream_error", "upstream answered JSON that is not an object"
             )
-        return answer
+        return Answer(content, answer)
 
-    async def stream(self, route: Route, body: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    async def stream(
+        self, route: Route, body: dict[str, Any], raw: bytes | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        response = await self._client.request("POST", _PATHS[route], raw or _dumps(body))
         try:
-            async with self.client.stream("POST", _PATHS[route], json=body) as response:
-                if response.status_code != 200:
-                    _raise_for_status(
-                        response.status_code, await response.aread(), response.headers
-                    )
-                async for chunk in response.aiter_raw():
-                    yield chunk
-        except httpx.HTTPError as exc:
-            raise _upstream_error(exc, self.url) from exc
+            if response.status != 200:
+                _raise_for_status(response, await response.read())
+            async for chunk in response.chunks():
+                yield chunk
+        finally:
+            response.close()
 
 
-def _raise_for_status(status: int, content: bytes, headers: httpx.Headers) -> None:
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _raise_for_status(response: _Response, content: bytes) -> None:
+    status = response.status
     if status < 300:
         return
     if 400 <= status < 500:
-        raise UpstreamRejected(status, content, headers.get("content-type", "application/json"))
+        raise UpstreamRejected(
+            status, content, response.header(b"content-type", "application/json")
+        )
     detail = content[:200].decode("utf-8", "replace")
     try:
         parsed = json.loads(content)
@@ -125,6 +147,61 @@ def _raise_for_status(status: int, content: bytes, headers: httpx.Headers) -> No
     except ValueError:
         pass
     raise UpstreamError(502, "upstream_error", f"the model server answered {status}: {detail}")
+
+
+class _HttpxResponse:
+    def __init__(self, response: httpx.Response, url: str) -> None:
+        self._response = response
+        self._url = url
+        self.status = response.status_code
+
+    def header(self, name: bytes, default: str = "") -> str:
+        return str(self._response.headers.get(name.decode(), default))
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+        except httpx.HTTPError as exc:
+            raise _upstream_error(exc, self._url) from exc
+        finally:
+            await self._response.aclose()
+
+    def close(self) -> None:
+        return None  # ``chunks`` closes the response; an unread one goes with the client
+
+
+class _HttpxClient:
+    def __init__(
+        self,
+        url: str,
+        headers: dict[str, str],
+        timeout: float,
+        connect_timeout: float,
+        transport: httpx.AsyncBaseTransport,
+    ) -> None:
+        self.url = url
+        self._client = httpx.AsyncClient(
+            base_url=url,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            transport=transport,
+        )
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> _Response:
+        headers = {"content-type": "application/json"} if body is not None else None
+        request = self._client.build_request(method, path, content=body, headers=headers)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise _upstream_error(exc, self.url) from exc
+        return _HttpxResponse(response, self.url)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
 
 def _upstream_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
