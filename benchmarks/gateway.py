@@ -40,9 +40,18 @@ Loads, each against every column (loopback, keep-alive):
                empty; p50, p99, streams/s; every stream must answer 200 and end in
                ``data: [DONE]``
 
-Method: the mock and the servers in front of it are pinned to core 0 with ``taskset`` (so a
-proxy and its upstream share that core, as they would share a host), hey and this script (the
-stream client) to core 1. Servers start once, on free loopback ports, each waited for until it
+Method (``--layout``), with ``taskset``:
+
+    split      (default) the process under test has core 0 to itself: for ``direct`` that is
+               the mock; for a proxy column the proxy, while the mock moves (``taskset -a -p``)
+               to core 1 beside hey and this script (the stream client). In production the
+               model server is on a GPU host of its own and the gateway's CPU is the gateway's:
+               this layout measures what the proxy itself can carry.
+    shared     the mock and every proxy on core 0, hey and this script on core 1: a proxy and
+               its upstream fight for one core (the worst case: every proxied request costs
+               the upstream's work plus the proxy's on the same core).
+
+Servers start once, on free loopback ports, each waited for until it
 answers, checked with one normal and one streamed request, warmed up (1 s of hey at 50
 connections and 100 streams) and stopped by pid at the end (TERM, then KILL; try/finally).
 ``--rounds`` rounds (default 3) interleave the columns: every load runs on each column in turn,
@@ -61,7 +70,8 @@ Targets (from the issue): quotagate adds under 1 ms at p50 at 10 connections, ke
 Every measurement also records the CPU time the column's own servers spent per answered
 request (``/proc/PID/stat``; a proxy column includes its upstream's share), a figure that other
 jobs on the machine move less than req/s (they still raise it: fewer requests share each turn
-of the event loop); "proxy CPU per request" is that minus the direct column's, per round. And
+of the event loop); "proxy CPU per request" is that minus the direct column's, per round;
+"front ms/req" is the front process alone (the proxy; the mock for ``direct``). And
 the machine's load average and the CPU used by processes that are not ours (``/proc/stat`` busy
 time minus what our servers, hey and this script used), on core 0 and overall: other jobs on a
 shared machine show there. Loopback kernel work charged to no process counts as "other" too, so
@@ -283,9 +293,10 @@ class CpuSample:
     busy_core: float
     ours: float  # this script and its finished children (hey)
     servers: float
+    servers_core: float  # those of them pinned to the server core
 
 
-def cpu_sample(servers: Sequence[Server]) -> CpuSample:
+def cpu_sample(servers: Sequence[Server], on_core: Sequence[Server]) -> CpuSample:
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_all, busy_core = _busy()
@@ -295,6 +306,7 @@ def cpu_sample(servers: Sequence[Server]) -> CpuSample:
         busy_core=busy_core,
         ours=own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
         servers=sum(_process_cpu(server.pid) for server in servers),
+        servers_core=sum(_process_cpu(server.pid) for server in on_core),
     )
 
 
@@ -305,7 +317,13 @@ def foreign_cpu(before: CpuSample, after: CpuSample) -> dict[str, float]:
     ours = servers + after.ours - before.ours
     return {
         "server_cores": round(servers / wall, 3),
-        "other_core0": round(max(0.0, after.busy_core - before.busy_core - servers) / wall, 3),
+        "other_core0": round(
+            max(
+                0.0, after.busy_core - before.busy_core - (after.servers_core - before.servers_core)
+            )
+            / wall,
+            3,
+        ),
         "other_all": round(max(0.0, after.busy_all - before.busy_all - ours) / wall, 3),
     }
 
@@ -675,7 +693,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def _figure(m: Measurement, metric: str) -> float | None:
-    value = m.cpu[metric] if metric == "cpu_ms_per_req" else getattr(m.result, metric)
+    value = m.cpu[metric] if metric.endswith("ms_per_req") else getattr(m.result, metric)
     return None if value is None else float(value)
 
 
@@ -705,6 +723,7 @@ def summarize(measurements: Sequence[Measurement]) -> dict[str, Any]:
             "other_core0": _median([m.cpu["other_core0"] for m in ms]),
             "other_all": _median([m.cpu["other_all"] for m in ms]),
             "cpu_ms_per_req": _median([m.cpu["cpu_ms_per_req"] for m in ms]),
+            "front_ms_per_req": _median([m.cpu.get("front_ms_per_req") for m in ms]),
             "rounds": len(ms),
         }
 
@@ -773,7 +792,13 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [
         f"quotagate gateway benchmark · {setup['rounds']} round(s) x {setup['duration']:g} s "
         f"per hey load · {setup['streams']} streams at {STREAM_CONCURRENCY} connections · "
-        f"servers on core {SERVER_CORE}, hey and the stream client on core {LOAD_CORE}",
+        + (
+            f"layout split: each proxy alone on core {SERVER_CORE}; the upstream (alone on core "
+            f"{SERVER_CORE} for direct) with hey and the stream client on core {LOAD_CORE}"
+            if setup.get("layout", "shared") == "split"
+            else f"layout shared: servers on core {SERVER_CORE}, hey and the stream client on "
+            f"core {LOAD_CORE}"
+        ),
         f"upstream: quotagate mock (tokens/s 0) · quotagate {setup['quotagate_version']} · "
         f"LiteLLM {setup['litellm'].get('version') or '-'} "
         f"({setup['litellm'].get('note') or 'not run'})",
@@ -796,6 +821,9 @@ def render_table(report: dict[str, Any]) -> str:
         ("c10", "cpu_ms_per_req", "CPU ms/req", 3),
         ("c50", "cpu_ms_per_req", "CPU ms/req", 3),
         (STREAM_LOAD, "cpu_ms_per_req", "CPU ms/stream", 3),
+        ("c10", "front_ms_per_req", "front ms/req", 3),
+        ("c50", "front_ms_per_req", "front ms/req", 3),
+        (STREAM_LOAD, "front_ms_per_req", "front ms/strm", 3),
     ]
     for load, metric, label, digits in rows:
         name = f"{load} {label}" if load != STREAM_LOAD else label
@@ -902,18 +930,40 @@ def measure(
     args: argparse.Namespace,
     all_servers: Sequence[Server],
 ) -> tuple[Result, dict[str, float]]:
-    before = cpu_sample(all_servers)
+    upstream = column.servers[0]
+    on_core = list(all_servers)
+    if args.layout == "split":
+        # The model server runs on a host of its own in production: give the proxy the
+        # server core to itself and put the upstream with the load generator.
+        core = SERVER_CORE if column.name == "direct" else LOAD_CORE
+        pin(upstream, core)
+        if core != SERVER_CORE:
+            on_core.remove(upstream)
+    before = cpu_sample(all_servers, on_core)
     own_before = sum(_process_cpu(server.pid) for server in column.servers)
+    proxy_before = _process_cpu(column.servers[-1].pid)
     if load == STREAM_LOAD:
         result = run_streams(column.port, key, args.streams)
     else:
         result = run_hey(column.port, key, HEY_LOADS[load], args.duration)
     own = sum(_process_cpu(server.pid) for server in column.servers) - own_before
-    cpu = foreign_cpu(before, cpu_sample(all_servers))
+    proxy = _process_cpu(column.servers[-1].pid) - proxy_before
+    cpu = foreign_cpu(before, cpu_sample(all_servers, on_core))
     # CPU the column's own servers spent per answered request: less moved than req/s by other
     # jobs on the machine (a proxy column includes the upstream's share).
     cpu["cpu_ms_per_req"] = round(own * 1000 / result.count, 3) if result.count else 0.0
+    # The proxy process alone (the upstream itself for the direct column).
+    cpu["front_ms_per_req"] = round(proxy * 1000 / result.count, 3) if result.count else 0.0
     return result, cpu
+
+
+def pin(server: Server, core: int) -> None:
+    """Move every thread of a running server to ``core``."""
+    subprocess.run(
+        ["taskset", "-a", "-p", "-c", str(core), str(server.pid)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def log(message: str, out: TextIO) -> None:
@@ -1070,6 +1120,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         "setup": {
             "duration": args.duration,
             "rounds": args.rounds,
+            "layout": args.layout,
             "streams": args.streams,
             "stream_concurrency": STREAM_CONCURRENCY,
             "request": REQUEST,
@@ -1109,6 +1160,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--streams", type=int, default=2000, help="streamed requests per TTFT")
     parser.add_argument("--quick", action="store_true", help="3 s, 1 round, 500 streams")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
+    parser.add_argument(
+        "--layout",
+        choices=("split", "shared"),
+        default="split",
+        help="split: a proxy has core 0 to itself, its upstream runs on core 1 with the load; "
+        "shared: proxies and upstream all on core 0",
+    )
     parser.add_argument(
         "--litellm",
         metavar="PATH",

@@ -373,6 +373,15 @@ def _decision(
     )
 
 
+def most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
+    """Of admitted states, the one the client is closest to exhausting: the smallest
+    ``remaining / limit``, ties to the longer ``reset_after`` (the rule ``_decision`` applies
+    inline on the hot path)."""
+    if not states:
+        return None
+    return min(states, key=lambda s: (s.remaining / s.limit if s.limit else 0.0, -s.reset_after))
+
+
 def combine(decisions: Sequence[Decision]) -> Decision:
     """One Decision standing for several taken on the same request (route and default limits).
 
@@ -386,9 +395,9 @@ def combine(decisions: Sequence[Decision]) -> Decision:
     if rejected:
         worst = max(rejected, key=lambda d: d.retry_after)
         return worst._replace(states=states)
-    if not states:
+    pick = most_restrictive(states)
+    if pick is None:
         return decisions[0]
-    pick = min(states, key=lambda s: (s.remaining / s.limit if s.limit else 0.0, -s.reset_after))
     lease = next((d.lease for d in decisions if d.lease is not None), None)
     return Decision(
         True, "allowed", 0.0, pick.limit, pick.remaining, pick.reset_after, states, lease

@@ -1,4 +1,4 @@
-"""Metrics: a small Protocol, a no-op default, and the Prometheus adapter the gateway serves.
+"""Metrics: the Prometheus counters the gateway serves on ``/metrics``.
 
 Labels are tier, route, status, limit kind and outcome: never an API key or an IP address
 (their cardinality is unbounded).
@@ -6,50 +6,12 @@ Labels are tier, route, status, limit kind and outcome: never an API key or an I
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-__all__ = ["CONTENT_TYPE_LATEST", "Metrics", "NoMetrics", "PrometheusMetrics"]
-
-
-class Metrics(Protocol):
-    def request(self, tier: str, route: str, status: int) -> None: ...
-
-    def rejection(self, tier: str, limit: str) -> None: ...
-
-    def tokens(self, tier: str, kind: str, amount: int) -> None: ...
-
-    def decision_seconds(self, seconds: float) -> None: ...
-
-    def in_flight(self, tier: str, delta: int) -> None: ...
-
-    def storage_mode(self, mode: str) -> None: ...
-
-    def shadow_rejection(self, tier: str, limit: str) -> None: ...
-
-    def unlimited(self, tier: str) -> None: ...
-
-
-class NoMetrics:
-    """Records nothing (library use without Prometheus)."""
-
-    def request(self, tier: str, route: str, status: int) -> None: ...
-
-    def rejection(self, tier: str, limit: str) -> None: ...
-
-    def tokens(self, tier: str, kind: str, amount: int) -> None: ...
-
-    def decision_seconds(self, seconds: float) -> None: ...
-
-    def in_flight(self, tier: str, delta: int) -> None: ...
-
-    def storage_mode(self, mode: str) -> None: ...
-
-    def shadow_rejection(self, tier: str, limit: str) -> None: ...
-
-    def unlimited(self, tier: str) -> None: ...
+__all__ = ["CONTENT_TYPE_LATEST", "PrometheusMetrics"]
 
 
 _MODES = ("memory", "redis", "fallback")
@@ -60,6 +22,7 @@ class PrometheusMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         r = self.registry
         self._requests = Counter(
             "quotagate_requests", "Requests answered", ["tier", "route", "status"], registry=r
@@ -104,27 +67,36 @@ class PrometheusMetrics:
             registry=r,
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, remembered: ``labels`` takes a lock and builds a tuple
+        of strings every call, on the hot path several times per request."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request(self, tier: str, route: str, status: int) -> None:
-        self._requests.labels(tier, route, str(status)).inc()
+        self._child(self._requests, tier, route, str(status)).inc()
 
     def rejection(self, tier: str, limit: str) -> None:
-        self._rejections.labels(tier, limit).inc()
+        self._child(self._rejections, tier, limit).inc()
 
     def shadow_rejection(self, tier: str, limit: str) -> None:
-        self._shadow.labels(tier, limit).inc()
+        self._child(self._shadow, tier, limit).inc()
 
     def unlimited(self, tier: str) -> None:
-        self._unlimited.labels(tier).inc()
+        self._child(self._unlimited, tier).inc()
 
     def tokens(self, tier: str, kind: str, amount: int) -> None:
         if amount > 0:
-            self._tokens.labels(tier, kind).inc(amount)
+            self._child(self._tokens, tier, kind).inc(amount)
 
     def decision_seconds(self, seconds: float) -> None:
         self._decision.observe(seconds)
 
     def in_flight(self, tier: str, delta: int) -> None:
-        self._in_flight.labels(tier).inc(delta)
+        self._child(self._in_flight, tier).inc(delta)
 
     def storage_mode(self, mode: str) -> None:
         for name in _MODES:
