@@ -30,10 +30,15 @@ answers at once):
 
 Loads, each against every column (loopback, keep-alive):
 
-    c10, c50   ``hey -z 10s -c 10`` / ``-c 50 -m POST -T application/json -H "Authorization:
-               Bearer KEY" -d '{"model": "quotagate-mock", "messages": [{"role": "user",
-               "content": "Hello"}], "max_tokens": 16}' URL/v1/chat/completions``: req/s, p50,
-               p99 and the status distribution (hey prints latencies to 0.1 ms)
+    c10, c50   10 / 50 keep-alive connections for ``--duration`` s, each sending
+               ``POST URL/v1/chat/completions`` with ``Authorization: Bearer KEY`` and
+               ``{"model": "quotagate-mock", "messages": [{"role": "user", "content":
+               "Hello"}], "max_tokens": 16}``: req/s, p50, p99, statuses. ``--loadgen wrk``
+               (default): ``wrk -t1 -c10 -s benchmarks/gateway_wrk.lua`` (C, one pre-rendered
+               request: the lightest load generator, which matters in the split layout where
+               the upstream shares its core; statuses as 2xx / non-2xx). ``--loadgen hey``:
+               ``hey -z 10s -c 10 -m POST ...`` (Go; prints latencies to 0.1 ms and every
+               status; it needs about as much CPU per request as the mock model itself)
     ttft       the same body with ``"stream": true``, ``--streams`` requests (default 2000) from
                this script's own asyncio client over 10 keep-alive connections: the time from
                writing a request to the first SSE ``data:`` event whose ``delta.content`` is not
@@ -44,16 +49,16 @@ Method (``--layout``), with ``taskset``:
 
     split      (default) the process under test has core 0 to itself: for ``direct`` that is
                the mock; for a proxy column the proxy, while the mock moves (``taskset -a -p``)
-               to core 1 beside hey and this script (the stream client). In production the
-               model server is on a GPU host of its own and the gateway's CPU is the gateway's:
-               this layout measures what the proxy itself can carry.
-    shared     the mock and every proxy on core 0, hey and this script on core 1: a proxy and
-               its upstream fight for one core (the worst case: every proxied request costs
-               the upstream's work plus the proxy's on the same core).
+               to core 1 beside the load generator and this script (the stream client). In
+               production the model server is on a GPU host of its own and the gateway's CPU
+               is the gateway's: this layout measures what the proxy itself can carry.
+    shared     the mock and every proxy on core 0, the load generator and this script on
+               core 1: a proxy and its upstream fight for one core (the worst case: every
+               proxied request costs the upstream's work plus the proxy's on the same core).
 
-Servers start once, on free loopback ports, each waited for until it
-answers, checked with one normal and one streamed request, warmed up (1 s of hey at 50
-connections and 100 streams) and stopped by pid at the end (TERM, then KILL; try/finally).
+Servers start once, on free loopback ports, each waited for until it answers, checked with
+one normal and one streamed request, warmed up (1 s of the load generator at 50 connections
+and 100 streams) and stopped by pid at the end (TERM, then KILL; try/finally).
 ``--rounds`` rounds (default 3) interleave the columns: every load runs on each column in turn,
 in an order rotated every round, so that a slow spell on the machine hits all of them. Figures
 are medians over rounds; ratios and differences are taken between columns of the SAME round,
@@ -124,6 +129,7 @@ from typing import Any, TextIO
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 LITELLM_CONFIG = BENCH_DIR / "gateway_litellm_config.yaml"
+WRK_SCRIPT = BENCH_DIR / "gateway_wrk.lua"
 SERVER_CORE = 0
 LOAD_CORE = 1
 MODEL = "quotagate-mock"
@@ -373,6 +379,59 @@ def run_hey(port: int, key: str, connections: int, duration: float) -> Result:
     ]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
     return parse_hey(done.stdout, done.stderr, done.returncode)
+
+
+def run_wrk(port: int, key: str, connections: int, duration: float) -> Result:
+    """``wrk`` (one thread, static request) on the load core; raises when it prints no summary."""
+    argv = [
+        "taskset",
+        "-c",
+        str(LOAD_CORE),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "-s",
+        str(WRK_SCRIPT),
+        f"http://127.0.0.1:{port}{PATH}",
+        "--",
+        key,
+        json.dumps(REQUEST),
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
+    return parse_wrk(done.stdout, done.stderr, done.returncode)
+
+
+def parse_wrk(out: str, err: str = "", returncode: int = 0) -> Result:
+    line = next((x for x in out.splitlines() if x.startswith("GATEWAYBENCH ")), None)
+    if returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {returncode}): {(err or out).strip()[:500]}")
+    values = {k: int(v) for k, v in (pair.split("=", 1) for pair in line.split()[1:])}
+    non2xx = values["non2xx"]
+    statuses = {"2xx": values["requests"] - non2xx}
+    if non2xx:
+        statuses["non-2xx"] = non2xx
+    errors = {
+        f"socket {kind} errors": values[f"errors_{kind}"]
+        for kind in ("connect", "read", "write", "timeout")
+        if values[f"errors_{kind}"]
+    }
+    seconds = values["duration_us"] / 1e6
+    return Result(
+        rps=values["requests"] / seconds if seconds else 0.0,
+        p50_ms=values["p50_us"] / 1000,
+        p99_ms=values["p99_us"] / 1000,
+        count=values["requests"],
+        statuses=statuses,
+        errors=errors,
+    )
+
+
+def run_http_load(
+    args: argparse.Namespace, port: int, key: str, connections: int, duration: float
+) -> Result:
+    run = run_wrk if args.loadgen == "wrk" else run_hey
+    return run(port, key, connections, duration)
 
 
 def parse_hey(out: str, err: str = "", returncode: int = 0) -> Result:
@@ -791,12 +850,15 @@ def render_table(report: dict[str, Any]) -> str:
     variants = [v for v in VARIANTS if v in medians]
     lines = [
         f"quotagate gateway benchmark · {setup['rounds']} round(s) x {setup['duration']:g} s "
-        f"per hey load · {setup['streams']} streams at {STREAM_CONCURRENCY} connections · "
+        f"per {setup.get('loadgen', 'hey')} load · {setup['streams']} streams at "
+        f"{STREAM_CONCURRENCY} connections · "
         + (
             f"layout split: each proxy alone on core {SERVER_CORE}; the upstream (alone on core "
-            f"{SERVER_CORE} for direct) with hey and the stream client on core {LOAD_CORE}"
+            f"{SERVER_CORE} for direct) with {setup.get('loadgen', 'hey')} and the stream client "
+            f"on core {LOAD_CORE}"
             if setup.get("layout", "shared") == "split"
-            else f"layout shared: servers on core {SERVER_CORE}, hey and the stream client on "
+            else f"layout shared: servers on core {SERVER_CORE}, {setup.get('loadgen', 'hey')} and "
+            "the stream client on "
             f"core {LOAD_CORE}"
         ),
         f"upstream: quotagate mock (tokens/s 0) · quotagate {setup['quotagate_version']} · "
@@ -945,7 +1007,7 @@ def measure(
     if load == STREAM_LOAD:
         result = run_streams(column.port, key, args.streams)
     else:
-        result = run_hey(column.port, key, HEY_LOADS[load], args.duration)
+        result = run_http_load(args, column.port, key, HEY_LOADS[load], args.duration)
     own = sum(_process_cpu(server.pid) for server in column.servers) - own_before
     proxy = _process_cpu(column.servers[-1].pid) - proxy_before
     cpu = foreign_cpu(before, cpu_sample(all_servers, on_core))
@@ -1072,11 +1134,11 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 del columns[name]
 
         for name, column in columns.items():  # warm-up, not measured
-            warm = run_hey(column.port, key, 50, WARMUP_SECONDS)
+            warm = run_http_load(args, column.port, key, 50, WARMUP_SECONDS)
             warm_streams = run_streams(column.port, key, WARMUP_STREAMS)
             if warm.bad or warm_streams.bad:
                 notes.append(
-                    f"{name} warm-up: hey {warm.statuses} {warm.errors}; "
+                    f"{name} warm-up: {args.loadgen} {warm.statuses} {warm.errors}; "
                     f"streams {warm_streams.statuses} {warm_streams.errors}"
                 )
 
@@ -1121,6 +1183,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             "duration": args.duration,
             "rounds": args.rounds,
             "layout": args.layout,
+            "loadgen": args.loadgen,
             "streams": args.streams,
             "stream_concurrency": STREAM_CONCURRENCY,
             "request": REQUEST,
@@ -1155,11 +1218,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="quotagate gateway vs direct vs LiteLLM proxy, in front of the mock model."
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per hey load")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per c10/c50 load")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--streams", type=int, default=2000, help="streamed requests per TTFT")
     parser.add_argument("--quick", action="store_true", help="3 s, 1 round, 500 streams")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
+    parser.add_argument(
+        "--loadgen",
+        choices=("wrk", "hey"),
+        default="wrk",
+        help="the c10/c50 load generator: wrk (C, static request: leaves the load core to the "
+        "upstream in the split layout) or hey",
+    )
     parser.add_argument(
         "--layout",
         choices=("split", "shared"),
@@ -1191,7 +1261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in ("hey", "taskset"):
+    for tool in (args.loadgen, "taskset"):
         if shutil.which(tool) is None:
             print(f"{tool} is not on PATH", file=sys.stderr)
             return 2

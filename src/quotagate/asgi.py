@@ -82,9 +82,11 @@ def with_rate_limit_headers(scope: Scope, send: Send) -> Send:
             decisions = scope.get(DECISIONS)
             if decisions:
                 headers: Headers = list(message.get("headers", ()))
-                # A rejection rendered by us already has them.
-                if not any(name.lower() == b"x-ratelimit-limit" for name, _ in headers):
-                    headers.extend(rate_limit_headers(combine(decisions)))
+                for name, _ in headers:
+                    if name.lower() == b"x-ratelimit-limit":
+                        break  # a rejection rendered by us already has them
+                else:
+                    headers += rate_limit_headers(combine(decisions))
                     message = {**message, "headers": headers}
         await send(message)
 

@@ -255,7 +255,9 @@ class Limiter:
                 spec.cost if isinstance(spec.cost, int) else await maybe_await(spec.cost(request))
             )
             key_func = self.key_func if spec.key_func is None else spec.key_func
-            key = await maybe_await(key_func(request))
+            key = key_func(request)
+            if not isinstance(key, str):  # an async key function
+                key = await maybe_await(key)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "quotagate: %s %s -> client %s",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
 from .decision import Decision, LimitState
@@ -34,21 +33,21 @@ __all__ = [
 Headers = list[tuple[bytes, bytes]]
 
 
-@lru_cache(maxsize=1024)
 def policy_name(rate: Rate) -> str:
     """``60/minute`` -> ``60-per-minute``; ``100/5 minutes`` -> ``100-per-5-minutes``."""
-    return f"{rate.amount}-per-{rate.unit_text.replace(' ', '-')}"
+    return rate.policy
 
 
-@lru_cache(maxsize=1024)
-def _policy_item(rate: Rate | None, limit: int) -> str:
+def _policy_item(state: LimitState) -> str:
+    rate = state.rate
     if rate is None:
-        return f'"{limit}-concurrent";q={limit}'
-    return f'"{policy_name(rate)}";q={rate.amount};w={math.ceil(rate.period)}'
+        return f'"{state.limit}-concurrent";q={state.limit}'
+    return rate.policy_item
 
 
 def _state_item(state: LimitState) -> str:
-    name = policy_name(state.rate) if state.rate is not None else f"{state.limit}-concurrent"
+    rate = state.rate
+    name = rate.policy if rate is not None else f"{state.limit}-concurrent"
     return f'"{name}";r={state.remaining};t={math.ceil(state.reset_after)}'
 
 
@@ -60,18 +59,18 @@ def retry_after_seconds(seconds: float) -> int:
 def rate_limit_headers(decision: Decision) -> Headers:
     """The headers every response of a limited route carries."""
     headers: Headers = [
-        (b"x-ratelimit-limit", str(decision.limit).encode()),
-        (b"x-ratelimit-remaining", str(decision.remaining).encode()),
-        (b"x-ratelimit-reset", str(math.ceil(decision.reset_after)).encode()),
+        (b"x-ratelimit-limit", b"%d" % decision.limit),
+        (b"x-ratelimit-remaining", b"%d" % decision.remaining),
+        (b"x-ratelimit-reset", b"%d" % math.ceil(decision.reset_after)),
     ]
-    if decision.states:
-        headers.append(
-            (
-                b"ratelimit-policy",
-                ", ".join(_policy_item(s.rate, s.limit) for s in decision.states).encode(),
-            )
-        )
-        headers.append((b"ratelimit", ", ".join(_state_item(s) for s in decision.states).encode()))
+    states = decision.states
+    if len(states) == 1:
+        state = states[0]
+        headers.append((b"ratelimit-policy", _policy_item(state).encode()))
+        headers.append((b"ratelimit", _state_item(state).encode()))
+    elif states:
+        headers.append((b"ratelimit-policy", ", ".join(map(_policy_item, states)).encode()))
+        headers.append((b"ratelimit", ", ".join(map(_state_item, states)).encode()))
     return headers
 
 

@@ -202,9 +202,35 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
     def __call__(self, request: HasScope) -> ClientKey:
         api_key = bearer_or_header_key(request.scope)
         if api_key:
-            return ClientKey(key_client_id(hash_api_key(api_key)), secret=api_key)
+            key = _API_KEYS.get(api_key)
+            if key is None:
+                key = _remember(_API_KEYS, api_key, ClientKey(_hashed_id(api_key), secret=api_key))
+            return key
         host = self.trusted.client_host(request.scope)
         return ClientKey("ip:" + host, "ip:" + host)
+
+
+#: API key -> its client key / id, for keys seen lately: a SHA-256 per request costs more than
+#: the whole rate-limit decision. Bounded (emptied when full); what it holds, a ClientKey made
+#: per request holds too.
+_API_KEYS: dict[str, ClientKey] = {}
+_HASHED: dict[str, str] = {}
+_IDS: dict[str, str] = {}  # what storage_id made of keys that custom key functions returned
+_REMEMBERED = 4096
+
+
+def _remember(table: dict[str, Any], key: str, value: Any) -> Any:
+    if len(table) >= _REMEMBERED:
+        table.clear()
+    table[key] = value
+    return value
+
+
+def _hashed_id(secret: str) -> str:
+    found = _HASHED.get(secret)
+    if found is None:
+        found = _remember(_HASHED, secret, key_client_id(hash_api_key(secret)))
+    return found
 
 
 def bearer_or_header_key(scope: Mapping[str, Any]) -> str | None:
@@ -256,9 +282,10 @@ def storage_id(key: str) -> str:
     """
     if isinstance(key, ClientKey):
         return str(key)
-    if _is_ip(key):
-        return "ip:" + key
-    return key_client_id(hash_api_key(key))
+    found = _IDS.get(key)
+    if found is None:
+        found = _remember(_IDS, key, "ip:" + key if _is_ip(key) else _hashed_id(key))
+    return found
 
 
 def display_key(key: str) -> str:

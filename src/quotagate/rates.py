@@ -7,6 +7,7 @@ units second, minute, hour, day, week (singular or plural); several separated by
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ class Rate:
     interval_us: int = field(init=False, repr=False, compare=False)
     #: Stable text used in storage keys, e.g. ``60/60s``.
     key_suffix: str = field(init=False, repr=False, compare=False)
+    #: Its name in the IETF RateLimit headers, e.g. ``60-per-minute``; and its whole
+    #: ``RateLimit-Policy`` item, ``"60-per-minute";q=60;w=60`` (rendered once, sent often).
+    policy: str = field(init=False, repr=False, compare=False)
+    policy_item: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.amount, bool) or not isinstance(self.amount, int) or self.amount < 1:
@@ -65,6 +70,11 @@ class Rate:
         object.__setattr__(self, "period_us", period_us)
         object.__setattr__(self, "interval_us", max(1, round(period_us / self.amount)))
         object.__setattr__(self, "key_suffix", f"{self.amount}/{self.period:g}s")
+        policy = f"{self.amount}-per-{self.unit_text.replace(' ', '-')}"
+        object.__setattr__(self, "policy", policy)
+        object.__setattr__(
+            self, "policy_item", f'"{policy}";q={self.amount};w={math.ceil(self.period)}'
+        )
 
     @property
     def emission_interval(self) -> float:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import textwrap
 from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+import uvloop
 
 import quotagate as qg
 from support import RedisServer
@@ -182,3 +184,28 @@ async def test_a_paused_redis_costs_at_most_the_timeout(key_prefix: str) -> None
         finally:
             server.resume()
             await storage.aclose()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_reply_that_arrived_while_the_event_loop_was_stuck_is_not_a_timeout(
+    redis_server: RedisServer, key_prefix: str, loop: str
+) -> None:
+    """The timeout measures Redis, not the event loop: a loop blocked past the timeout (CPU
+    starvation, a slow callback) finds the reply in the socket and takes it. uvloop runs due
+    timers before it polls sockets, so it is the loop that needs this (``quotagate serve``'s)."""
+
+    async def main() -> list[int]:
+        storage = qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=0.05)
+        await storage.start()
+        try:
+            call = asyncio.ensure_future(storage.decide(["{k}:x"], [1, 1, 10, 1_000_000, 1]))
+            await asyncio.sleep(0)  # the EVALSHA is written
+            time.sleep(0.3)  # the loop is stuck six timeouts long; Redis answers meanwhile
+            return list(await call)
+        finally:
+            await storage.aclose()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        out = runner.run(main())
+    assert out[0] == 0  # allowed, as a healthy Redis decided

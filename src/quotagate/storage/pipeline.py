@@ -14,6 +14,7 @@ redis-py is still used for everything else (start-up, script loading, releases, 
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections import deque
 from collections.abc import Sequence
@@ -73,6 +74,16 @@ class _Protocol(asyncio.Protocol):
             if not future.done():
                 future.set_exception(StorageError(f"Redis connection lost: {self.lost!r}"))
 
+    def readable(self) -> bool:
+        """Bytes wait in the socket, not yet handed to ``data_received``."""
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is None:
+            return False
+        try:
+            return bool(select.select([sock.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
     def send(self, packed: bytes) -> asyncio.Future[Any]:
         transport = self.transport
         if transport is None:
@@ -124,13 +135,32 @@ class PipelinedConnection:
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             protocol = await self._connect()
+        future = protocol.send(packed)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.timeout, self._expire, protocol, future, loop.time())
         try:
-            async with asyncio.timeout(self.timeout):
-                return await protocol.send(packed)
-        except TimeoutError:
-            raise StorageError(
-                f"Redis did not answer within {self.timeout * 1000:.0f} ms"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, protocol: _Protocol, future: asyncio.Future[Any], sent: float) -> None:
+        """The timeout fired: fail the call, unless its reply is already waiting to be read.
+
+        A busy event loop (CPU starvation, a long callback) runs this timer late, and uvloop
+        runs timers before it polls sockets: the reply may have been in the socket for a while.
+        That is the loop's lag, not Redis's: look again once the loop has read the socket
+        (bounded, so a stream of other replies cannot keep a lost one waiting for ever).
+        """
+        if future.done():
+            return
+        loop = asyncio.get_running_loop()
+        if protocol.readable() and loop.time() - sent < max(1.0, 10 * self.timeout):
+            timer = loop.call_later(0.001, self._expire, protocol, future, sent)
+            future.add_done_callback(lambda _: timer.cancel())
+            return
+        future.set_exception(
+            StorageError(f"Redis did not answer within {self.timeout * 1000:.0f} ms")
+        )
 
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
