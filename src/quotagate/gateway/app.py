@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..decision import Decision, LimitState
@@ -131,19 +131,32 @@ def _kind(state: LimitState) -> str:
     return "tokens" if part.startswith(("tok", "mtok")) else "requests"
 
 
+_OPENAI_NAMES = {
+    kind: (
+        f"x-ratelimit-limit-{kind}".encode(),
+        f"x-ratelimit-remaining-{kind}".encode(),
+        f"x-ratelimit-reset-{kind}".encode(),
+    )
+    for kind in ("requests", "tokens")
+}
+
+
 def _openai_headers(decision: Decision) -> Headers:
     """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` as OpenAI sends them."""
+    by_kind: dict[str, list[LimitState]] = {"requests": [], "tokens": []}
+    for state in decision.states:
+        if state.rate is not None:
+            by_kind[_kind(state)].append(state)
     headers: Headers = []
-    for kind in ("requests", "tokens"):
-        state = most_restrictive(
-            [s for s in decision.states if s.rate is not None and _kind(s) == kind]
-        )
-        if state is None:
+    for kind, states in by_kind.items():
+        pick = states[0] if len(states) == 1 else most_restrictive(states)
+        if pick is None:
             continue
+        limit, remaining, reset = _OPENAI_NAMES[kind]
         headers += [
-            (f"x-ratelimit-limit-{kind}".encode(), str(state.limit).encode()),
-            (f"x-ratelimit-remaining-{kind}".encode(), str(state.remaining).encode()),
-            (f"x-ratelimit-reset-{kind}".encode(), format_duration(state.reset_after).encode()),
+            (limit, b"%d" % pick.limit),
+            (remaining, b"%d" % pick.remaining),
+            (reset, format_duration(pick.reset_after).encode()),
         ]
     return headers
 
@@ -538,17 +551,26 @@ class Gateway:
     async def _read_json(self, request: Request) -> tuple[dict[str, Any], bytes] | Response:
         """The body as a JSON object, and its bytes."""
         limit = self.config.server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _error(413, "body_too_large", f"The request body exceeds {limit} bytes.")
+        for name, value in request.scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > limit:
+                    return _error(413, "body_too_large", f"The request body exceeds {limit} bytes.")
+                break
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
+        receive = request.receive
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:  # stop reading: never hold more than the limit in memory
                 return _error(413, "body_too_large", f"The request body exceeds {limit} bytes.")
             chunks.append(chunk)
-        raw = b"".join(chunks)
+            if not message.get("more_body", False):
+                break
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
             text = raw.decode("utf-8")
             body = _DECODER.decode(text)
@@ -733,10 +755,25 @@ def _rejecting_state(decision: Decision) -> LimitState | None:
 _JSON = (b"content-type", b"application/json")
 
 
+class _Raw(Response):
+    """A response whose headers are given whole (content-type and -length included): no
+    header models, two ``send`` calls."""
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
+
+
 def _raw(status: int, headers: Headers, body: bytes) -> Response:
-    response = Response(body, status_code=status)
-    response.raw_headers = headers
-    return response
+    return _Raw(status, headers, body)
 
 
 def _upstream_response(exc: UpstreamError | UpstreamRejected, headers: Headers) -> Response:
@@ -773,24 +810,17 @@ class _GatewayApp(FastAPI):
         if route is None or scope["method"] != "POST":
             await super().__call__(scope, receive, send)
             return
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = True
-            await send(message)
-
         try:
             response = await self.gateway.inference(Request(scope, receive), route)
-            await response(scope, receive, tracked)
         except ClientDisconnect:
             return  # the client went away: nobody to answer (what it held is settled)
         except Exception:
             logger.exception("quotagate: unexpected error on %s", scope["path"])
-            if started:
-                raise  # the status line is out: only closing the connection tells the client
-            error = _error(500, "internal_error", "The gateway failed; see its log.")
-            await error(scope, receive, send)
+            response = _error(500, "internal_error", "The gateway failed; see its log.")
+        try:
+            await response(scope, receive, send)
+        except ClientDisconnect:
+            return
 
 
 def create_app(
