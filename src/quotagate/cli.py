@@ -8,6 +8,7 @@ quotagate mock [--port N]            (the mock model alone, as a stand-in model 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -23,6 +24,16 @@ from .identity import hash_api_key
 __all__ = ["main"]
 
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
+def _http_protocol(max_header_bytes: int) -> Any:
+    """uvicorn's httptools protocol with a bound on request heads (431 past it); uvicorn's
+    default when httptools is not installed (it then parses with h11, which has a bound)."""
+    try:
+        from .gateway.protocol import BoundedHttpToolsProtocol
+    except ImportError:
+        return "auto"
+    return functools.partial(BoundedHttpToolsProtocol, max_header_bytes=max_header_bytes)
 
 
 def setup_logging(level: str) -> None:
@@ -81,6 +92,7 @@ def serve(
         "log_level": config.log_level,
         "proxy_headers": False,  # client IPs are resolved by quotagate's trusted_proxies
         "server_header": False,
+        "http": _http_protocol(config.server.max_header_bytes),
     }
     if workers == 1:
         from .gateway.app import create_app

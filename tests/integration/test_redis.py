@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 import textwrap
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -200,7 +200,7 @@ def test_a_reply_that_arrived_while_the_event_loop_was_stuck_is_not_a_timeout(
         try:
             call = asyncio.ensure_future(storage.decide(["{k}:x"], [1, 1, 10, 1_000_000, 1]))
             await asyncio.sleep(0)  # the EVALSHA is written
-            time.sleep(0.3)  # the loop is stuck six timeouts long; Redis answers meanwhile
+            time.sleep(0.3)  # noqa: ASYNC251 -- the loop is stuck six timeouts long on purpose
             return list(await call)
         finally:
             await storage.aclose()

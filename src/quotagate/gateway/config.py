@@ -108,6 +108,7 @@ class ServerConfig(_Section):
     port: int = Field(8000, ge=0, le=65535)
     trusted_proxies: Annotated[list[str], AfterValidator(_cidrs)] = []
     max_body_bytes: int = Field(1_048_576, gt=0)
+    max_header_bytes: int = Field(32_768, ge=1024)
 
 
 class StorageConfig(_Section):

@@ -155,8 +155,8 @@ class PipelinedConnection:
             return
         loop = asyncio.get_running_loop()
         if protocol.readable() and loop.time() - sent < max(1.0, 10 * self.timeout):
-            timer = loop.call_later(0.001, self._expire, protocol, future, sent)
-            future.add_done_callback(lambda _: timer.cancel())
+            # Look again in a millisecond; if the reply came meanwhile, that look is a no-op.
+            loop.call_later(0.001, self._expire, protocol, future, sent)
             return
         future.set_exception(
             StorageError(f"Redis did not answer within {self.timeout * 1000:.0f} ms")
