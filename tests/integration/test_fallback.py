@@ -125,3 +125,40 @@ async def test_leases_released_during_an_outage_are_released_when_redis_is_back(
             await _until(lambda: storage.mode == "redis")
             # The slot was given back on Redis once it answered again.
             assert await limiter.acquire("{a}:conc", 1, ttl=600) is not None
+
+
+async def test_an_outage_leaves_no_lease_on_redis_and_queues_only_redis_leases(
+    key_prefix: str,
+) -> None:
+    """Three leases across a stall: A taken on Redis; B whose call timed out on a paused Redis
+    (Redis runs it once it resumes: B exists there too); C granted in memory while the breaker
+    is open. All released while it is open: A and B are queued for Redis, C is not (it never
+    was there; a long outage would otherwise queue every request's lease). Once Redis is back,
+    its lease set is empty and the breaker is closed."""
+    with RedisServer() as server:
+        storage = _fallback(server, key_prefix)
+        async with qg.RateLimiter(storage) as limiter:
+            a = await limiter.acquire("{a}:conc", 10, ttl=600)
+            assert a is not None
+            client = aioredis.Redis.from_url(server.url)
+            lease_set = storage.primary.redis_key(a.key)  # type: ignore[attr-defined]
+            assert await client.zcard(lease_set) == 1
+            server.pause()
+            try:
+                b = await limiter.acquire("{a}:conc", 10, ttl=600)  # times out: decided in memory
+                assert storage.mode == "fallback"
+                c = await limiter.acquire("{a}:conc", 10, ttl=600)
+                assert a is not None
+                assert b is not None
+                assert c is not None
+                for lease in (a, b, c):
+                    await limiter.release(lease)
+                assert {lease.id for lease in storage._unreleased} == {a.id, b.id}
+            finally:
+                server.resume()
+            await _until(lambda: storage.mode == "redis")
+            try:
+                assert await client.zcard(lease_set) == 0  # A and B released there
+            finally:
+                await client.aclose()
+            assert storage._unreleased == []

@@ -30,6 +30,8 @@ UNAVAILABLE = 3
 
 #: Leases remembered for release when Redis is back; past this, the rest expire by deadline.
 _MAX_UNRELEASED = 100_000
+#: Releases sent together when Redis is back (they share round trips on the pipelined link).
+_RELEASE_BATCH = 512
 
 
 class FallbackStorage:
@@ -71,6 +73,9 @@ class FallbackStorage:
         self._next_probe_at = 0.0
         self._probe_task: asyncio.Task[None] | None = None
         self._unreleased: list[Lease] = []
+        # Ids of leases granted while the breaker was open: they live in memory only, and their
+        # release never needs Redis (without this, a long outage queues every one of them).
+        self._local_leases: set[str] = set()
 
     @property
     def mode(self) -> StorageMode:
@@ -106,6 +111,9 @@ class FallbackStorage:
                 return await self.primary.decide(keys, args, now_us)
             except StorageError as exc:
                 self._trip(exc)
+                # A call that timed out may still have run on Redis, lease and all: its lease
+                # is not "local", its release goes to Redis too (same id).
+                return self._decide_degraded(keys, args, now_us, local=False)
         return self._decide_degraded(keys, args, now_us)
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
@@ -128,6 +136,9 @@ class FallbackStorage:
         # no-op. A Redis lease that cannot be released now is released when Redis is back, so
         # a short outage (or one slow call) does not hold slots until their deadline.
         await self.memory.release(lease)
+        if lease.id in self._local_leases:
+            self._local_leases.discard(lease.id)
+            return
         if self._down_since is None:
             try:
                 await self.primary.release(lease)
@@ -137,24 +148,36 @@ class FallbackStorage:
         if len(self._unreleased) < _MAX_UNRELEASED:
             self._unreleased.append(lease)
 
-    def _decide_degraded(self, keys: Sequence[str], args: Args, now_us: int | None) -> list[int]:
+    def _decide_degraded(
+        self, keys: Sequence[str], args: Args, now_us: int | None, *, local: bool = True
+    ) -> list[int]:
         now = self.memory.now_us() if now_us is None else now_us
-        if self.policy == "memory":
-            return self.memory.decide_now(keys, self._scaled(args), now)
         n = int(args[0])
         leased = len(args) > 1 + 4 * n
+        if self.policy == "memory":
+            out = self.memory.decide_now(keys, self._scaled(args), now)
+            if leased and local and out[1]:
+                self._remember_local(str(args[-1]))
+            return out
         if self.policy == "allow":
             out = [0, 1 if leased else 0, now]
             for i in range(n):
                 out += (int(args[2 + 4 * i]), 0, 0)
             if leased:
                 out += (int(args[1 + 4 * n]), 0, 0)
+                if local:
+                    self._remember_local(str(args[-1]))
             return out
         retry_after = max(1_000_000, round((self._next_probe_at - time.monotonic()) * 1e6))
         out = [UNAVAILABLE, 0, now]
         for _ in range(n + (1 if leased else 0)):
             out += (0, 0, retry_after)
         return out
+
+    def _remember_local(self, lease_id: str) -> None:
+        if len(self._local_leases) >= _MAX_UNRELEASED:
+            self._local_leases.clear()  # at worst, some releases become no-op ZREMs later
+        self._local_leases.add(lease_id)
 
     def _scaled(self, args: Args) -> Args:
         """Args with every capacity cut to ``share`` (GCRA keeps its period)."""
@@ -198,10 +221,12 @@ class FallbackStorage:
             break
         down_for = time.monotonic() - (self._down_since or time.monotonic())
         pending, self._unreleased = self._unreleased, []
-        for lease in pending:
-            try:
-                await self.primary.release(lease)
-            except StorageError:
+        for at in range(0, len(pending), _RELEASE_BATCH):  # concurrent: one pipeline each
+            batch = pending[at : at + _RELEASE_BATCH]
+            done = await asyncio.gather(
+                *(self.primary.release(lease) for lease in batch), return_exceptions=True
+            )
+            if any(isinstance(result, BaseException) for result in done):
                 break  # down again: the rest expire at their deadlines
         self._down_since = None
         self._probe_task = None
