@@ -308,3 +308,17 @@ def test_no_bytes_get_a_500(fuzz_client: tuple[Any, Any], raw: bytes) -> None:
     loop, client = fuzz_client
     response = loop.run_until_complete(client.post(COMPLETIONS, content=raw))
     assert response.status_code in {200} | ERROR_STATUSES, (response.status_code, response.text)
+
+
+async def test_unknown_paths_and_methods_answer_in_the_gateway_error_shape(
+    tmp_path: Path,
+) -> None:
+    async with in_process(gateway_app(base_config(tmp_path))) as c:
+        missing = await c.get("/v1/nothing-here")
+        wrong_method = await c.get(CHAT)
+    body = _assert_json_error(missing, {404})
+    assert body["error"] == "not_found"
+    assert "/v1/nothing-here" in body["message"]
+    body = _assert_json_error(wrong_method, {405})
+    assert body["error"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"

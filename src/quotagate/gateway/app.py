@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
@@ -789,6 +790,8 @@ def _rates_text(rates: tuple[Rate, ...] | None) -> str:
     return "; ".join(str(rate) for rate in rates) if rates else "∞"
 
 
+_HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
 _INFERENCE: dict[str, Route] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
@@ -851,6 +854,17 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """404, 405 and the like in the gateway's error shape, not FastAPI's ``{"detail"}``."""
+        error = _HTTP_ERRORS.get(exc.status_code, "http_error")
+        response = _error(
+            exc.status_code, error, f"{exc.detail}: {request.method} {request.url.path}"
+        )
+        if exc.headers:
+            response.headers.update(exc.headers)  # Allow, on a 405
+        return response
 
     def inference_route(route: Route) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
