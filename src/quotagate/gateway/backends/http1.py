@@ -292,53 +292,52 @@ class Http1Pool:
         raise AssertionError("unreachable")
 
     async def _get(self) -> _Connection:
+        """An idle kept-alive connection, else a new one once the pool has room."""
+        while (conn := self._take_idle()) is None and self._open >= self.max_connections:
+            waiter = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # it was woken for a slot it will not take: pass it on
+                elif waiter in self._waiters:
+                    self._waiters.remove(waiter)
+                raise
+        if conn is not None:
+            return conn
+        self._open += 1
+        try:
+            _, fresh = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl
+                ),
+                self.connect_timeout,
+            )
+        except BaseException as exc:
+            self._open -= 1
+            self._wake_one()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamError(
+                    504,
+                    "upstream_timeout",
+                    f"connecting to the model server at {self.url} timed out",
+                ) from None
+            if isinstance(exc, OSError):
+                raise UpstreamError(
+                    502, "upstream_unavailable", f"cannot connect to the model server at {self.url}"
+                ) from None
+            raise
+        fresh.counted = True
+        return fresh
+
+    def _take_idle(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
                 conn.reused = True
                 return conn
-        while self._open >= self.max_connections:
-            waiter = self.loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if not waiter.cancelled() and waiter in self._waiters:
-                    self._waiters.remove(waiter)
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.closed:
-                    conn.reused = True
-                    return conn
-        self._open += 1
-        try:
-            _, conn = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Connection(self),
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                ),
-                self.connect_timeout,
-            )
-        except TimeoutError:
-            self._open -= 1
-            self._wake_one()
-            raise UpstreamError(
-                504, "upstream_timeout", f"connecting to the model server at {self.url} timed out"
-            ) from None
-        except OSError:
-            self._open -= 1
-            self._wake_one()
-            raise UpstreamError(
-                502, "upstream_unavailable", f"cannot connect to the model server at {self.url}"
-            ) from None
-        except BaseException:
-            self._open -= 1
-            self._wake_one()
-            raise
-        conn.counted = True
-        return conn
+        return None
 
     def _put(self, conn: _Connection) -> None:
         """Back to the pool when its exchange is over and it can carry another; else close it."""
