@@ -17,6 +17,7 @@ from fnmatch import translate
 from typing import Any
 
 from starlette.requests import Request
+from starlette.responses import Response
 
 from .decision import Decision
 from .errors import StorageError
@@ -36,6 +37,7 @@ __all__ = [
     "DECISIONS",
     "RateLimitHeadersMiddleware",
     "RateLimitMiddleware",
+    "RawResponse",
     "Rule",
     "maybe_await",
     "record_decision",
@@ -69,9 +71,24 @@ def storage_error_decision() -> Decision:
 
 
 async def send_rejection(send: Send, decision: Decision) -> None:
-    status, headers, body = rejection(decision)
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await RawResponse(*rejection(decision))(None, None, send)
+
+
+class RawResponse(Response):
+    """A Starlette response whose headers are given whole (content-type and -length
+    included, as ``quotagate.http`` renders them): no header models, two ``send`` calls."""
+
+    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
+        self.status_code = status
+        self.raw_headers = headers
+        self.body = body
+        self.background = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send({"type": "http.response.body", "body": self.body})
 
 
 def with_rate_limit_headers(scope: Scope, send: Send) -> Send:

@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Match, Mount
 from ._types import Algorithm
 from .asgi import (
     ASGIApp,
+    RawResponse,
     Receive,
     Scope,
     Send,
@@ -88,15 +89,11 @@ class RateLimitExceeded(Exception):
         self.decision = decision
 
 
-class _RejectionResponse(Response):
+class _RejectionResponse(RawResponse):
     """A rejection rendered by ``quotagate.http`` (status, headers and body as they are)."""
 
     def __init__(self, decision: Decision) -> None:
-        status, headers, body = rejection(decision)
-        self.status_code = status
-        self.body = body
-        self.background = None
-        self.raw_headers = headers
+        super().__init__(*rejection(decision))
 
 
 class Limiter:

@@ -204,7 +204,8 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
         if api_key:
             key = _API_KEYS.get(api_key)
             if key is None:
-                key = _remember(_API_KEYS, api_key, ClientKey(_hashed_id(api_key), secret=api_key))
+                client_id = key_client_id(hash_api_key(api_key))
+                key = _remember(_API_KEYS, api_key, ClientKey(client_id, secret=api_key))
             return key
         host = self.trusted.client_host(request.scope)
         return ClientKey("ip:" + host, "ip:" + host)
@@ -214,7 +215,6 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
 #: the whole rate-limit decision. Bounded (emptied when full); what it holds, a ClientKey made
 #: per request holds too.
 _API_KEYS: dict[str, ClientKey] = {}
-_HASHED: dict[str, str] = {}
 _IDS: dict[str, str] = {}  # what storage_id made of keys that custom key functions returned
 _REMEMBERED = 4096
 
@@ -224,13 +224,6 @@ def _remember(table: dict[str, Any], key: str, value: Any) -> Any:
         table.clear()
     table[key] = value
     return value
-
-
-def _hashed_id(secret: str) -> str:
-    found = _HASHED.get(secret)
-    if found is None:
-        found = _remember(_HASHED, secret, key_client_id(hash_api_key(secret)))
-    return found
 
 
 def bearer_or_header_key(scope: Mapping[str, Any]) -> str | None:
@@ -284,7 +277,8 @@ def storage_id(key: str) -> str:
         return str(key)
     found = _IDS.get(key)
     if found is None:
-        found = _remember(_IDS, key, "ip:" + key if _is_ip(key) else _hashed_id(key))
+        client_id = "ip:" + key if _is_ip(key) else key_client_id(hash_api_key(key))
+        found = _remember(_IDS, key, client_id)
     return found
 
 

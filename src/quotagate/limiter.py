@@ -99,6 +99,12 @@ class RateLimiter:
     def started(self) -> bool:
         return self._started
 
+    @property
+    def in_process(self) -> bool:
+        """Decisions, adjustments and releases run without suspending (memory storage): no
+        cancellation can cut them short."""
+        return self._memory is not None
+
     async def start(self) -> None:
         """Connect the storage; idempotent and safe to call from concurrent first requests."""
         if self._started:

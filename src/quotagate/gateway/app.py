@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
+from ..asgi import RawResponse
 from ..decision import Decision, LimitState
 from ..errors import StorageError
 from ..http import Headers, rate_limit_headers, rejection
@@ -39,7 +40,7 @@ from ..identity import (
 from ..limiter import Acquire, Hit, RateLimiter, most_restrictive
 from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics
 from ..rates import Rate, parse_rates
-from ..storage import FallbackStorage, MemoryStorage, Storage, mask_url, storage_from_url
+from ..storage import FallbackStorage, Storage, mask_url, storage_from_url
 from .backends import Backend, Route, UpstreamError, UpstreamRejected
 from .backends.mock import MockBackend
 from .backends.openai import OpenAIBackend
@@ -215,8 +216,6 @@ class Gateway:
         self._tasks: set[asyncio.Task[None]] = set()
         # Configured keys seen on the wire -> their caller: saves a SHA-256 per request.
         self._known: dict[str, _Caller] = {}
-        # Memory storage settles without suspending, so no cancellation can cut it short.
-        self._settles_inline = isinstance(self.limiter.storage, MemoryStorage)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -381,7 +380,7 @@ class Gateway:
             charged = prompt + _answer_tokens(parsed)
         await self._finish(admission, charged=charged)
         length = (b"content-length", str(len(answer)).encode())
-        return _raw(200, [*headers, _JSON, length], answer)
+        return RawResponse(200, [*headers, _JSON, length], answer)
 
     async def _decide(self, hits: list[Hit], acquire: Acquire | None) -> Decision:
         started = time.perf_counter()
@@ -398,7 +397,7 @@ class Gateway:
         if decision.reason == "unavailable":
             self.metrics.rejection(tier.name, "storage")
             status, headers, body = rejection(decision)
-            return _raw(status, headers, body)
+            return RawResponse(status, headers, body)
         pick = _rejecting_state(decision)
         kind = _kind(pick) if pick is not None else "requests"
         if tier.shadow:
@@ -411,7 +410,7 @@ class Gateway:
             headers.append(
                 (b"retry-after-ms", str(math.ceil(decision.retry_after * 1000)).encode())
             )
-        return _raw(status, headers, body)
+        return RawResponse(status, headers, body)
 
     async def _charge_shadow(self, hits: list[Hit]) -> None:
         """Shadow mode admits what the limits reject; count it anyway (not clamped)."""
@@ -451,7 +450,7 @@ class Gateway:
         """
         self.gate.release()
         self.metrics.in_flight(admission.caller.tier.name, -1)
-        if self._settles_inline and upstream is None:
+        if self.limiter.in_process and upstream is None:
             await self._settle(admission, charged, None)
             return
         await asyncio.shield(self._background(self._settle(admission, charged, upstream)))
@@ -605,7 +604,7 @@ class Gateway:
                 headers.append(
                     (b"retry-after-ms", str(math.ceil(decision.retry_after * 1000)).encode())
                 )
-            return _raw(status, headers, body)
+            return RawResponse(status, headers, body)
         self.metrics.request("none", "health", 200)
         response = JSONResponse(
             {"status": "ok", "storage": self.limiter.storage.mode, "version": __version__}
@@ -754,27 +753,6 @@ def _rejecting_state(decision: Decision) -> LimitState | None:
 
 
 _JSON = (b"content-type", b"application/json")
-
-
-class _Raw(Response):
-    """A response whose headers are given whole (content-type and -length included): no
-    header models, two ``send`` calls."""
-
-    def __init__(self, status: int, headers: Headers, body: bytes) -> None:
-        self.status_code = status
-        self.raw_headers = headers
-        self.body = body
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
-        )
-        await send({"type": "http.response.body", "body": self.body})
-
-
-def _raw(status: int, headers: Headers, body: bytes) -> Response:
-    return _Raw(status, headers, body)
 
 
 def _upstream_response(exc: UpstreamError | UpstreamRejected, headers: Headers) -> Response:
