@@ -1,7 +1,7 @@
 """Pure ASGI middleware (Starlette's ``trustedhost.py`` / ``cors.py`` are the model).
 
-``RateLimitMiddleware`` limits any ASGI app by route rules, no decorators needed. The fastapi
-module's ``Limiter.init_app`` installs ``RateLimitHeadersMiddleware``. Both add the headers by
+``RateLimitMiddleware`` limits any ASGI app by route rules, no decorators needed; the fastapi
+module's ``Limiter.init_app`` installs a middleware of its own. Both add the headers by
 wrapping ``send`` at ``http.response.start``, so success, error, 429 and streaming responses all
 carry them; non-HTTP scopes pass straight through. Never ``BaseHTTPMiddleware``.
 """
@@ -35,9 +35,9 @@ from .rates import RateLike, as_rates
 
 __all__ = [
     "DECISIONS",
-    "RateLimitHeadersMiddleware",
     "RateLimitMiddleware",
     "RawResponse",
+    "RejectionResponse",
     "Rule",
     "maybe_await",
     "record_decision",
@@ -70,8 +70,8 @@ def storage_error_decision() -> Decision:
     return Decision(False, "unavailable", 1.0, 0, 0, 0.0, ())
 
 
-async def send_rejection(send: Send, decision: Decision) -> None:
-    await RawResponse(*rejection(decision))(None, None, send)
+async def send_rejection(scope: Scope, send: Send, decision: Decision) -> None:
+    await RejectionResponse(decision)(scope, None, send)
 
 
 class RawResponse(Response):
@@ -91,36 +91,38 @@ class RawResponse(Response):
         await send({"type": "http.response.body", "body": self.body})
 
 
+class RejectionResponse(RawResponse):
+    """A rejection rendered by ``quotagate.http``: it carries the rate-limit headers already,
+    so it takes the request's decisions out of the scope (no wrapper adds them twice)."""
+
+    def __init__(self, decision: Decision) -> None:
+        super().__init__(*rejection(decision))
+
+    async def __call__(self, scope: Any, receive: Any, send: Send) -> None:
+        decisions = scope.get(DECISIONS)
+        if decisions:
+            decisions.clear()
+        await super().__call__(scope, receive, send)
+
+
 def with_rate_limit_headers(scope: Scope, send: Send) -> Send:
-    """Wrap ``send`` so the response start carries the headers of the request's decisions."""
+    """Wrap ``send`` so the response start carries the headers of the request's decisions.
+
+    The first wrapper to see the start renders them and empties the decisions, so nested
+    limiters (a middleware around a limited app) add them once.
+    """
 
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
             decisions = scope.get(DECISIONS)
             if decisions:
-                headers: Headers = list(message.get("headers", ()))
-                for name, _ in headers:
-                    if name.lower() == b"x-ratelimit-limit":
-                        break  # a rejection rendered by us already has them
-                else:
-                    headers += rate_limit_headers(combine(decisions))
-                    message = {**message, "headers": headers}
+                decision = decisions[0] if len(decisions) == 1 else combine(decisions)
+                decisions.clear()
+                headers = rate_limit_headers(decision)
+                message = {**message, "headers": [*message.get("headers", ()), *headers]}
         await send(message)
 
     return send_with_headers
-
-
-class RateLimitHeadersMiddleware:
-    """Adds the headers of whatever decisions endpoints recorded in the scope."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        await self.app(scope, receive, with_rate_limit_headers(scope, send))
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,6 @@ class RateLimitMiddleware:
             decision = storage_error_decision()
         record_decision(scope, decision)
         if not decision.allowed:
-            await send_rejection(send, decision)
+            await send_rejection(scope, send, decision)
             return
         await self.app(scope, receive, with_rate_limit_headers(scope, send))

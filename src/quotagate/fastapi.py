@@ -33,8 +33,8 @@ from starlette.routing import BaseRoute, Match, Mount
 from ._types import Algorithm
 from .asgi import (
     ASGIApp,
-    RawResponse,
     Receive,
+    RejectionResponse,
     Scope,
     Send,
     maybe_await,
@@ -45,7 +45,6 @@ from .asgi import (
 )
 from .decision import Decision
 from .errors import ConfigError, StorageError
-from .http import rejection
 from .identity import (
     KeyFunc,
     TrustedProxies,
@@ -87,13 +86,6 @@ class RateLimitExceeded(Exception):
     def __init__(self, decision: Decision) -> None:
         super().__init__(f"rate limit exceeded: retry after {decision.retry_after:.1f} s")
         self.decision = decision
-
-
-class _RejectionResponse(RawResponse):
-    """A rejection rendered by ``quotagate.http`` (status, headers and body as they are)."""
-
-    def __init__(self, decision: Decision) -> None:
-        super().__init__(*rejection(decision))
 
 
 class Limiter:
@@ -270,7 +262,7 @@ class Limiter:
             if not self.engine.started:
                 await self.engine.start()
             if len(hits) == 1:  # the common case, without building Hit objects
-                decision = await self.engine.hit(*hits[0])
+                decision = self.engine.hit_now(*hits[0]) or await self.engine.hit(*hits[0])
             else:
                 decision = await self.engine.hit_many([Hit(*hit) for hit in hits])
         except StorageError as exc:
@@ -301,7 +293,7 @@ class Limiter:
             request = kwargs.pop(_REQUEST_PARAM) if request_param is None else kwargs[request_param]
             decision = await self.check(request, specs, default_scope)
             if decision is not None and not decision.allowed:
-                return _RejectionResponse(decision)
+                return RejectionResponse(decision)
             if is_async:
                 return await func(*args, **kwargs)
             return await run_in_threadpool(func, *args, **kwargs)
@@ -337,7 +329,7 @@ def _is_request(annotation: Any) -> bool:
 
 
 async def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Response:
-    return _RejectionResponse(exc.decision)
+    return RejectionResponse(exc.decision)
 
 
 class _LimiterMiddleware:
@@ -360,7 +352,7 @@ class _LimiterMiddleware:
                 request = Request(scope, receive)
                 decision = await limiter.check(request, limiter.default_limits, "default:" + path)
                 if decision is not None and not decision.allowed:
-                    await send_rejection(send, decision)
+                    await send_rejection(scope, send, decision)
                     return
         if limiter.headers_enabled:
             send = with_rate_limit_headers(scope, send)

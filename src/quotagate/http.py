@@ -38,17 +38,17 @@ def policy_name(rate: Rate) -> str:
     return rate.policy
 
 
-def _policy_item(state: LimitState) -> str:
+def _policy_item(state: LimitState) -> bytes:
     rate = state.rate
     if rate is None:
-        return f'"{state.limit}-concurrent";q={state.limit}'
-    return rate.policy_item
+        return b'"%d-concurrent";q=%d' % (state.limit, state.limit)
+    return rate.policy_bytes
 
 
-def _state_item(state: LimitState) -> str:
+def _state_item(state: LimitState) -> bytes:
     rate = state.rate
-    name = rate.policy if rate is not None else f"{state.limit}-concurrent"
-    return f'"{name}";r={state.remaining};t={math.ceil(state.reset_after)}'
+    prefix = rate.state_prefix if rate is not None else b'"%d-concurrent";r=' % state.limit
+    return b"%s%d;t=%d" % (prefix, state.remaining, math.ceil(state.reset_after))
 
 
 def retry_after_seconds(seconds: float) -> int:
@@ -58,19 +58,29 @@ def retry_after_seconds(seconds: float) -> int:
 
 def rate_limit_headers(decision: Decision) -> Headers:
     """The headers every response of a limited route carries."""
+    reset = b"%d" % math.ceil(decision.reset_after)
     headers: Headers = [
         (b"x-ratelimit-limit", b"%d" % decision.limit),
         (b"x-ratelimit-remaining", b"%d" % decision.remaining),
-        (b"x-ratelimit-reset", b"%d" % math.ceil(decision.reset_after)),
+        (b"x-ratelimit-reset", reset),
     ]
     states = decision.states
     if len(states) == 1:
         state = states[0]
-        headers.append((b"ratelimit-policy", _policy_item(state).encode()))
-        headers.append((b"ratelimit", _state_item(state).encode()))
-    elif states:
-        headers.append((b"ratelimit-policy", ", ".join(map(_policy_item, states)).encode()))
-        headers.append((b"ratelimit", ", ".join(map(_state_item, states)).encode()))
+        rate = state.rate
+        if rate is not None:  # the common case, from precomputed bytes
+            headers.append((b"ratelimit-policy", rate.policy_bytes))
+            headers.append(
+                (
+                    b"ratelimit",
+                    b"%s%d;t=%d"
+                    % (rate.state_prefix, state.remaining, math.ceil(state.reset_after)),
+                )
+            )
+            return headers
+    if states:
+        headers.append((b"ratelimit-policy", b", ".join(map(_policy_item, states))))
+        headers.append((b"ratelimit", b", ".join(map(_state_item, states))))
     return headers
 
 

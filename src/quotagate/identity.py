@@ -46,28 +46,20 @@ KeyFunc = Callable[[Any], "str | Awaitable[str]"]
 
 
 class ClientKey(str):
-    """A client key that also knows how to show itself in logs (``masked``).
+    """A client key made by a built-in key function: safe to store as it is (not hashed again)
+    and shown masked in logs (``masked``).
 
-    Holds the API key it was made from, so that the masked form is only computed when a log
-    line asks for it (every request makes a ClientKey; few are logged).
+    Made afresh per request from a remembered plain str: an instance of a str subclass is
+    tracked by the garbage collector, and a cache of one per client would make every
+    collection walk them all.
     """
 
-    _secret: str | None
-    _masked: str | None
-
-    def __new__(
-        cls, value: str, masked: str | None = None, *, secret: str | None = None
-    ) -> ClientKey:
-        key = super().__new__(cls, value)
-        key._masked = masked
-        key._secret = secret
-        return key
+    __slots__ = ()
 
     @property
     def masked(self) -> str:
-        if self._masked is None:
-            self._masked = mask_key(self._secret) if self._secret is not None else str(self)
-        return self._masked
+        secret = _SECRETS.get(self)
+        return mask_key(secret) if secret is not None else str(self)
 
 
 def hash_api_key(api_key: str) -> str:
@@ -194,27 +186,29 @@ class _RemoteAddress(_BuiltinKeyFunc):
 
 class _ClientIp(_BuiltinKeyFunc):
     def __call__(self, request: HasScope) -> ClientKey:
-        host = self.trusted.client_host(request.scope)
-        return ClientKey("ip:" + host, "ip:" + host)
+        return ClientKey("ip:" + self.trusted.client_host(request.scope))
 
 
 class _ApiKeyOrIp(_BuiltinKeyFunc):
     def __call__(self, request: HasScope) -> ClientKey:
         api_key = bearer_or_header_key(request.scope)
         if api_key:
-            key = _API_KEYS.get(api_key)
-            if key is None:
-                client_id = key_client_id(hash_api_key(api_key))
-                key = _remember(_API_KEYS, api_key, ClientKey(client_id, secret=api_key))
-            return key
-        host = self.trusted.client_host(request.scope)
-        return ClientKey("ip:" + host, "ip:" + host)
+            client_id = _API_KEYS.get(api_key)
+            if client_id is None:
+                if len(_API_KEYS) >= _REMEMBERED:
+                    _API_KEYS.clear()
+                    _SECRETS.clear()
+                client_id = _API_KEYS[api_key] = key_client_id(hash_api_key(api_key))
+                _SECRETS[client_id] = api_key
+            return ClientKey(client_id)
+        return ClientKey("ip:" + self.trusted.client_host(request.scope))
 
 
-#: API key -> its client key / id, for keys seen lately: a SHA-256 per request costs more than
-#: the whole rate-limit decision. Bounded (emptied when full); what it holds, a ClientKey made
-#: per request holds too.
-_API_KEYS: dict[str, ClientKey] = {}
+#: API key -> its client id, for keys seen lately: a SHA-256 per request costs more than
+#: the whole rate-limit decision. Bounded (emptied when full). ``_SECRETS`` maps those client
+#: ids back to their API keys, for the masked form in DEBUG logs.
+_API_KEYS: dict[str, str] = {}
+_SECRETS: dict[str, str] = {}
 _IDS: dict[str, str] = {}  # what storage_id made of keys that custom key functions returned
 _REMEMBERED = 4096
 

@@ -63,6 +63,10 @@ def hash_tagged(key: str) -> str:
     return "{" + key + "}"
 
 
+def _tagged(key: str) -> str:
+    return "{" + key + "}" if "{" not in key else hash_tagged(key)
+
+
 class RateLimiter:
     """Checks and consumes limits against a storage.
 
@@ -131,11 +135,47 @@ class RateLimiter:
         self, key: str, rates: RateLike, cost: int = 1, algorithm: Algorithm = "gcra"
     ) -> Decision:
         """Check and consume ``cost`` units of every rate on ``key``; ``cost=0`` only reads."""
+        decision = self.hit_now(key, rates, cost, algorithm)
+        if decision is not None:
+            return decision
         keys: list[str] = []
         args: list[int | str] = [0]
         meta: list[_Meta] = []
         _add(keys, args, meta, key, rates, cost, algorithm, adjusting=False)
         return await self._decide(keys, args, meta, None, None)
+
+    def hit_now(
+        self, key: str, rates: RateLike, cost: int = 1, algorithm: Algorithm = "gcra"
+    ) -> Decision | None:
+        """``hit`` decided without suspending when it can be: one limit, memory storage, no
+        over-limit cache (the common request, made short). None when it cannot: await ``hit``."""
+        memory = self._memory
+        if memory is None or self._cache is not None or cost.__class__ is not int or cost < 0:
+            return None
+        template = _template(rates if isinstance(rates, str | Rate) else tuple(rates), algorithm)
+        if len(template) != 1:
+            return None
+        suffix, code, capacity, interval, rate = template[0]
+        state_key = _tagged(key) + suffix
+        verdict, _, remaining, reset_us, retry_us = memory.decide_one(
+            state_key, code, capacity, interval, cost, memory.now_us()
+        )
+        reset_after = reset_us / _MICROS
+        retry_after = math.inf if cost > capacity else retry_us / _MICROS
+        state = (state_key, rate, capacity, remaining, reset_after, retry_after)
+        return _new_decision(
+            Decision,
+            (
+                not verdict,
+                _REASONS[verdict],
+                retry_after if verdict else 0.0,
+                capacity,
+                remaining,
+                reset_after,
+                (_new_state(LimitState, state),),
+                None,
+            ),
+        )
 
     async def hit_many(
         self, hits: Sequence[Hit], *, acquire: Acquire | None = None, now_us: int | None = None
@@ -300,7 +340,7 @@ def _add(
         raise ConfigError(f"cost must be an integer, got {cost!r}")
     if cost < 0 and not adjusting:
         raise ConfigError(f"cost must be a non-negative integer, got {cost!r}")
-    tagged = "{" + key + "}" if "{" not in key else hash_tagged(key)
+    tagged = _tagged(key)
     template = _template(rates if isinstance(rates, str | Rate) else tuple(rates), algorithm)
     for suffix, code, capacity, interval, rate in template:
         state_key = tagged + suffix

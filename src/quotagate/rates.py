@@ -56,10 +56,12 @@ class Rate:
     interval_us: int = field(init=False, repr=False, compare=False)
     #: Stable text used in storage keys, e.g. ``60/60s``.
     key_suffix: str = field(init=False, repr=False, compare=False)
-    #: Its name in the IETF RateLimit headers, e.g. ``60-per-minute``; and its whole
-    #: ``RateLimit-Policy`` item, ``"60-per-minute";q=60;w=60`` (rendered once, sent often).
+    #: Its name in the IETF RateLimit headers, e.g. ``60-per-minute``; its whole
+    #: ``RateLimit-Policy`` item, ``"60-per-minute";q=60;w=60``; and the start of its
+    #: ``RateLimit`` item, ``"60-per-minute";r=`` (header bytes rendered once, sent often).
     policy: str = field(init=False, repr=False, compare=False)
-    policy_item: str = field(init=False, repr=False, compare=False)
+    policy_bytes: bytes = field(init=False, repr=False, compare=False)
+    state_prefix: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.amount, bool) or not isinstance(self.amount, int) or self.amount < 1:
@@ -72,9 +74,9 @@ class Rate:
         object.__setattr__(self, "key_suffix", f"{self.amount}/{self.period:g}s")
         policy = f"{self.amount}-per-{self.unit_text.replace(' ', '-')}"
         object.__setattr__(self, "policy", policy)
-        object.__setattr__(
-            self, "policy_item", f'"{policy}";q={self.amount};w={math.ceil(self.period)}'
-        )
+        item = f'"{policy}";q={self.amount};w={math.ceil(self.period)}'
+        object.__setattr__(self, "policy_bytes", item.encode())
+        object.__setattr__(self, "state_prefix", f'"{policy}";r='.encode())
 
     @property
     def emission_interval(self) -> float:

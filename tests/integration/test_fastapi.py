@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import StreamingResponse
 
 import quotagate as qg
+from quotagate.asgi import RateLimitMiddleware
 from quotagate.fastapi import Limiter
 from quotagate.identity import get_remote_address
 
@@ -275,6 +276,50 @@ async def test_dependency_form(limiter: Limiter) -> None:
         "message": f"Too many requests. Try again in {second.headers['retry-after']} seconds.",
         "retry_after": int(second.headers["retry-after"]),
     }
+
+
+async def test_each_header_is_sent_once_whichever_layer_decided(clock: qg.FakeClock) -> None:
+    """A rejection from the endpoint, from the dependency form, from default limits, and a
+    FastAPI app limited again by an outer ``RateLimitMiddleware``: one of each header."""
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock), default_limits=["1/minute"])
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/decorated")
+    @limiter.limit("1/minute")
+    async def decorated() -> None:
+        return None
+
+    @app.get("/dep", dependencies=[Depends(limiter.depends("1/minute"))])
+    @limiter.exempt
+    async def dep() -> None:
+        return None
+
+    @app.get("/default")
+    async def default() -> None:
+        return None
+
+    outer = RateLimitMiddleware(
+        app, limiter=qg.RateLimiter(qg.MemoryStorage(clock=clock)), rules=[("/*", "100/minute")]
+    )
+    names = ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"]
+    names += ["ratelimit-policy", "ratelimit"]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=outer), base_url="http://test"
+    ) as client:
+        for path in ("/decorated", "/dep", "/default"):
+            responses = [await client.get(path) for _ in range(2)]
+            assert [r.status_code for r in responses] == [200, 429], path
+            for response in responses:
+                for name in names:
+                    assert len(response.headers.get_list(name)) == 1, (path, name)
+                assert len(response.headers.get_list("retry-after")) == (
+                    response.status_code == 429
+                )
+            # Both limits are reported: the outer 100/minute and the route's 1/minute.
+            assert responses[0].headers["ratelimit-policy"] == (
+                '"100-per-minute";q=100;w=60, "1-per-minute";q=1;w=60'
+            )
 
 
 async def test_headers_can_be_turned_off_and_limiter_disabled(clock: qg.FakeClock) -> None:

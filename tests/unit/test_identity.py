@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
@@ -33,6 +34,22 @@ def test_api_key_header_is_hashed() -> None:
     assert key == "key:" + hash_api_key("sk-live-abcdef123456")[:20]
     assert "abcdef" not in key
     assert display_key(key) == "sk-…3456"
+
+
+def test_new_clients_leave_nothing_for_the_garbage_collector_to_walk() -> None:
+    """Keys are remembered as plain strings (a key seen again costs no SHA-256), not as
+    objects the collector tracks: a flood of new clients must not make collections longer."""
+    requests = [FakeRequest(headers={"X-API-Key": f"sk-flood-{i:06d}"}) for i in range(2000)]
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        keys = [api_key_or_ip(request) for request in requests]
+        del keys
+        after = gc.get_count()[0]
+    finally:
+        gc.enable()
+    assert after - before < 50  # was one tracked object per new client
 
 
 def test_bearer_token_is_the_same_client_as_the_header() -> None:
@@ -100,7 +117,7 @@ def test_limiter_trusted_proxies_apply_to_builtin_key_functions() -> None:
 def test_custom_key_function_results_are_hashed_before_storage() -> None:
     assert storage_id("sk-raw-secret-123") == "key:" + hash_api_key("sk-raw-secret-123")[:20]
     assert storage_id("203.0.113.7") == "ip:203.0.113.7"
-    assert storage_id(ClientKey("ip:1.2.3.4", "ip:1.2.3.4")) == "ip:1.2.3.4"
+    assert storage_id(ClientKey("ip:1.2.3.4")) == "ip:1.2.3.4"
 
 
 @pytest.mark.parametrize(

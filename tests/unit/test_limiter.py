@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import quotagate as qg
+from quotagate._types import Algorithm
 
 
 @pytest.fixture
@@ -139,6 +142,36 @@ async def test_decision_values() -> None:
     assert (decision.limit, decision.remaining) == (10, 9)
     with pytest.raises(AttributeError):
         decision.allowed = False  # type: ignore[misc]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b"]),
+            st.integers(min_value=0, max_value=5),  # cost; 5 is over the fixed window's 4
+            st.floats(min_value=0, max_value=20),  # seconds since the previous step
+        ),
+        max_size=40,
+    ),
+    rates=st.sampled_from(["3/minute", "4/10 seconds"]),
+    algorithm=st.sampled_from(["gcra", "fixed_window"]),
+)
+async def test_one_limit_in_memory_decides_as_the_general_program(
+    steps: list[tuple[str, int, float]], rates: str, algorithm: Algorithm
+) -> None:
+    """``hit`` answers a single in-memory limit on a short path; ``hit_many`` runs the general
+    storage program. Same clock, same requests: the same decisions, value for value."""
+    clock = qg.FakeClock()
+    short, general = (
+        qg.RateLimiter(qg.MemoryStorage(clock)),
+        qg.RateLimiter(qg.MemoryStorage(clock)),
+    )
+    for client, cost, seconds in steps:
+        clock.advance(seconds)
+        one = await short.hit(client, rates, cost, algorithm)
+        assert one == await general.hit_many([qg.Hit(client, rates, cost, algorithm)])
+    assert short.hit_now("a", "1/minute; 9/hour") is None  # two limits: the general program
 
 
 @pytest.mark.parametrize("cost", [-1, 1.5, True])

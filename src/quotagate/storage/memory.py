@@ -73,6 +73,8 @@ class MemoryStorage:
         return None
 
     def now_us(self) -> int:
+        if self.clock is time.time:  # the default: integer microseconds without a float
+            return time.time_ns() // 1000
         return round(self.clock() * 1_000_000)
 
     async def decide(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
@@ -160,6 +162,32 @@ class MemoryStorage:
         if len(states) > size:
             self._grown(now)
         return out
+
+    def decide_one(
+        self, key: str, algorithm: int, capacity: int, interval: int, cost: int, now: int
+    ) -> tuple[int, Any, int, int, int]:
+        """``decide_now`` for one limit and no lease, the common request, without building the
+        program: ``(verdict, state, remaining, reset_after, retry_after)``."""
+        states = self._states
+        hashed = hash(key)
+        stored = states.get(hashed)
+        result: tuple[int, Any, int, int, int]
+        if algorithm == GCRA:
+            result = gcra(
+                stored if stored.__class__ is int else None, now, capacity, interval, cost
+            )
+        else:
+            end, count = stored if stored.__class__ is tuple else (None, 0)
+            result = fixed_window(end, count, now, capacity, interval, cost)
+        if cost and not result[0]:
+            if stored is None:
+                states[hashed] = result[1]
+                if len(states) >= self._sweep_at or len(states) > self.max_keys:
+                    self._grown(now)
+            else:
+                del states[hashed]  # re-inserted at the recent end
+                states[hashed] = result[1]
+        return result
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
         return self.adjust_now(keys, args, self.now_us() if now_us is None else now_us)
