@@ -5,6 +5,8 @@ Each variant of ``benchmarks/http_apps.py`` is served in turn by uvicorn with ON
 load generator, Redis and this driver are pinned to core 1. Variants:
 
     bare              FastAPI, POST /v1/completions returning a small JSON, no limiting
+    bare-headers      the same sending the five rate-limit header fields quotagate sends, with
+                      fixed values, no limiting: the floor of any limiter that sends them
     slowapi-memory    the seed tutorial's slowapi code (headers_enabled=True), memory://
     slowapi-redis     the same with storage_uri="redis://127.0.0.1:PORT/0"
     quotagate-memory  the same app on quotagate.fastapi.Limiter(key_func=api_key_or_ip)
@@ -120,7 +122,7 @@ UVICORN_FLAGS = (
     "warning",
 )
 
-Library = Literal["bare", "slowapi", "quotagate"]
+Library = Literal["bare", "bare-headers", "slowapi", "quotagate"]
 Backend = Literal["none", "memory", "redis"]
 LoadName = Literal["one-key", "random-key"]
 LOADS: tuple[LoadName, ...] = ("one-key", "random-key")
@@ -135,6 +137,7 @@ class Variant:
 
 VARIANTS = (
     Variant("bare", "bare", "none"),
+    Variant("bare-headers", "bare-headers", "none"),
     Variant("slowapi-memory", "slowapi", "memory"),
     Variant("slowapi-redis", "slowapi", "redis"),
     Variant("quotagate-memory", "quotagate", "memory"),

@@ -2,8 +2,9 @@
 
 Served as ``uvicorn http_apps:app --app-dir benchmarks`` with the variant chosen by environment:
 
-- ``HTTP_BENCH_LIBRARY``: ``bare`` (no limiting), ``slowapi`` (the seed tutorial's code) or
-  ``quotagate`` (the same app on quotagate).
+- ``HTTP_BENCH_LIBRARY``: ``bare`` (no limiting), ``bare-headers`` (no limiting, five fixed
+  rate-limit header fields), ``slowapi`` (the seed tutorial's code) or ``quotagate`` (the same
+  app on quotagate).
 - ``HTTP_BENCH_STORAGE``: ``memory://`` or ``redis://127.0.0.1:PORT/0``.
 - ``HTTP_BENCH_RATE``: the limit of ``POST /v1/completions`` (same for both libraries).
 
@@ -37,6 +38,29 @@ def bare_app() -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions() -> dict[str, Any]:
+        return completion()
+
+    return app
+
+
+#: The five header fields quotagate adds to every limited response, with fixed values.
+RATE_LIMIT_HEADERS = [
+    (b"x-ratelimit-limit", b"1000000"),
+    (b"x-ratelimit-remaining", b"999999"),
+    (b"x-ratelimit-reset", b"1"),
+    (b"ratelimit-policy", b'"1000000-per-minute";q=1000000;w=60'),
+    (b"ratelimit", b'"1000000-per-minute";r=999999;t=1'),
+]
+
+
+def bare_headers_app() -> FastAPI:
+    """The bare app sending those five header fields, fixed, without limiting: what the header
+    lines alone cost FastAPI and uvicorn (uvicorn checks each name and value with a regex)."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(response: Response) -> dict[str, Any]:
+        response.raw_headers.extend(RATE_LIMIT_HEADERS)  # merged into the answer by FastAPI
         return completion()
 
     return app
@@ -81,7 +105,12 @@ def quotagate_app() -> FastAPI:
     return app
 
 
-_FACTORIES = {"bare": bare_app, "slowapi": slowapi_app, "quotagate": quotagate_app}
+_FACTORIES = {
+    "bare": bare_app,
+    "bare-headers": bare_headers_app,
+    "slowapi": slowapi_app,
+    "quotagate": quotagate_app,
+}
 if LIBRARY not in _FACTORIES:
     raise SystemExit(f"HTTP_BENCH_LIBRARY must be one of {sorted(_FACTORIES)}, got {LIBRARY!r}")
 
