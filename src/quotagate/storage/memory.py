@@ -95,14 +95,7 @@ class MemoryStorage:
             at += 4
             key = hash(keys[i])
             stored = states.get(key)
-            result: tuple[int, _State, int, int, int]
-            if algorithm == GCRA:
-                result = gcra(
-                    stored if stored.__class__ is int else None, now, capacity, interval, cost
-                )
-            else:
-                end, count = stored if stored.__class__ is tuple else (None, 0)
-                result = fixed_window(end, count, now, capacity, interval, cost)
+            result = _decide_limit(stored, algorithm, now, capacity, interval, cost)
             v = result[0]
             if v:
                 if v > verdict:
@@ -135,14 +128,7 @@ class MemoryStorage:
             # is left as things stand (the same numbers as a cost-0 read).
             out[0] = verdict
             for at, algorithm, stored, capacity, interval in unspent:
-                read: tuple[int, Any, int, int, int]
-                if algorithm == GCRA:
-                    read = gcra(
-                        stored if stored.__class__ is int else None, now, capacity, interval, 0
-                    )
-                else:
-                    end, count = stored if stored.__class__ is tuple else (None, 0)
-                    read = fixed_window(end, count, now, capacity, interval, 0)
+                read = _decide_limit(stored, algorithm, now, capacity, interval, 0)
                 out[at], out[at + 1] = read[2], read[3]
             if lease_unspent is not None:
                 out[lease_unspent[0]] = lease_unspent[1]
@@ -171,14 +157,7 @@ class MemoryStorage:
         states = self._states
         hashed = hash(key)
         stored = states.get(hashed)
-        result: tuple[int, Any, int, int, int]
-        if algorithm == GCRA:
-            result = gcra(
-                stored if stored.__class__ is int else None, now, capacity, interval, cost
-            )
-        else:
-            end, count = stored if stored.__class__ is tuple else (None, 0)
-            result = fixed_window(end, count, now, capacity, interval, cost)
+        result = _decide_limit(stored, algorithm, now, capacity, interval, cost)
         if cost and not result[0]:
             if stored is None:
                 states[hashed] = result[1]
@@ -254,6 +233,17 @@ class MemoryStorage:
         for key in spent:
             del self._states[key]
         return len(spent)
+
+
+def _decide_limit(
+    stored: _State | None, algorithm: int, now: int, capacity: int, interval: int, cost: int
+) -> tuple[int, Any, int, int, int]:
+    """One limit against its stored state: ``(verdict, new_state, remaining, reset_after,
+    retry_after)``; a state of the other kind (or none) counts as no state."""
+    if algorithm == GCRA:
+        return gcra(stored if stored.__class__ is int else None, now, capacity, interval, cost)
+    end, count = stored if stored.__class__ is tuple else (None, 0)
+    return fixed_window(end, count, now, capacity, interval, cost)
 
 
 def _is_spent(value: _State, now: int) -> bool:
