@@ -63,10 +63,6 @@ def hash_tagged(key: str) -> str:
     return "{" + key + "}"
 
 
-def _tagged(key: str) -> str:
-    return "{" + key + "}" if "{" not in key else hash_tagged(key)
-
-
 class RateLimiter:
     """Checks and consumes limits against a storage.
 
@@ -156,7 +152,7 @@ class RateLimiter:
         if len(template) != 1:
             return None
         suffix, code, capacity, interval, rate = template[0]
-        state_key = _tagged(key) + suffix
+        state_key = hash_tagged(key) + suffix
         verdict, _, remaining, reset_us, retry_us = memory.decide_one(
             state_key, code, capacity, interval, cost, memory.now_us()
         )
@@ -340,7 +336,7 @@ def _add(
         raise ConfigError(f"cost must be an integer, got {cost!r}")
     if cost < 0 and not adjusting:
         raise ConfigError(f"cost must be a non-negative integer, got {cost!r}")
-    tagged = _tagged(key)
+    tagged = hash_tagged(key)
     template = _template(rates if isinstance(rates, str | Rate) else tuple(rates), algorithm)
     for suffix, code, capacity, interval, rate in template:
         state_key = tagged + suffix
