@@ -7,9 +7,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 
 def free_port() -> int:
@@ -79,15 +81,7 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.process = None
 
     def pause(self) -> None:
@@ -107,7 +101,68 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class UvicornServer:
+class ServerProcess:
+    """A server run as ``argv`` (output to a log file), ready once 127.0.0.1:``port`` accepts
+    a connection; stopped by its process id."""
+
+    def __init__(
+        self, argv: list[str], *, port: int, name: str, env: dict[str, str] | None = None
+    ) -> None:
+        self.argv = argv
+        self.port = port
+        self.name = name
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+        fd, path = tempfile.mkstemp(prefix=f"qg-{name}-", suffix=".log")
+        os.close(fd)
+        self.log = Path(path)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, wait_port: int | None = None) -> None:
+        """Start, and wait until ``wait_port`` (default: ``port``) accepts a connection."""
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
+        port = self.port if wait_port is None else wait_port
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.output()
+                self.stop()
+                raise RuntimeError(f"{self.name} exited: {output}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not answer on port {port}")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        self.log.unlink(missing_ok=True)
+
+
+class UvicornServer(ServerProcess):
     """An ASGI app served by a real uvicorn process on a free loopback port."""
 
     def __init__(
@@ -120,76 +175,19 @@ class UvicornServer:
     ) -> None:
         # uvicorn itself believes X-Forwarded-For from 127.0.0.1 unless told not to; tests of
         # quotagate's own trusted-proxy rules turn that off.
-        self.extra_args = extra_args
-        self.app = app
-        self.app_dir = app_dir
-        self.env = {**os.environ, **(env or {})}
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = Path(tempfile.mkstemp(prefix="qg-uvicorn-", suffix=".log")[1])
+        port = free_port()
+        argv = [sys.executable, "-m", "uvicorn", app, "--app-dir", app_dir, "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--log-level", "warning", *extra_args]
+        super().__init__(argv, port=port, name="uvicorn", env=env)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
-        import sys
-
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    self.app,
-                    "--app-dir",
-                    self.app_dir,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--log-level",
-                    "warning",
-                    *self.extra_args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"uvicorn exited: {self.log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("uvicorn did not start")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def __enter__(self) -> UvicornServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self.log.unlink(missing_ok=True)
+def stop_process(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -6,11 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +24,7 @@ from quotagate.gateway.backends.mock import NATURAL_LENGTH, MockBackend, mock_te
 from quotagate.gateway.backends.openai import OpenAIBackend
 from quotagate.gateway.config import GatewayConfig, load_config
 from quotagate.gateway.tokens import prompt_tokens
-from support import free_port
+from support import ServerProcess, free_port
 
 __all__ = [
     "ALICE",
@@ -245,74 +242,16 @@ def sse_events(text: str) -> list[str]:
     ]
 
 
-def _port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-class QuotagateProcess:
-    """``python -m quotagate ARGS`` as a real process (serve, or mock), ready once ``port``
-    answers; stopped by its process id."""
+class QuotagateProcess(ServerProcess):
+    """``python -m quotagate ARGS`` as a real process (serve, or mock): ``{port}`` in ARGS
+    becomes its port."""
 
     def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None):
-        self.port = port if port is not None else free_port()
-        self.args = [a.replace("{port}", str(self.port)) for a in args]
-        self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen[bytes] | None = None
-        fd, name = tempfile.mkstemp(prefix="qg-gateway-", suffix=".log")
-        os.close(fd)
-        self.log = Path(name)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, *, wait_port: int | None = None) -> None:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "quotagate", *self.args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-            )
-        port = wait_port if wait_port is not None else self.port
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                output = self.output()
-                self.stop()
-                raise RuntimeError(f"quotagate {self.args} exited: {output}")
-            if _port_answers(port):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"quotagate {self.args} did not answer on port {port}")
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def __enter__(self) -> QuotagateProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-        self.log.unlink(missing_ok=True)
+        port = port if port is not None else free_port()
+        self.args = [a.replace("{port}", str(port)) for a in args]
+        super().__init__(
+            [sys.executable, "-m", "quotagate", *self.args], port=port, name="quotagate", env=env
+        )
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
