@@ -262,7 +262,7 @@ class Limiter:
             if not self.engine.started:
                 await self.engine.start()
             if len(hits) == 1:  # the common case, without building Hit objects
-                decision = self.engine.hit_now(*hits[0]) or await self.engine.hit(*hits[0])
+                decision = await self.engine.hit(*hits[0])
             else:
                 decision = await self.engine.hit_many([Hit(*hit) for hit in hits])
         except StorageError as exc:

@@ -58,23 +58,12 @@ def retry_after_seconds(seconds: float) -> int:
 
 def rate_limit_headers(decision: Decision) -> Headers:
     """The headers every response of a limited route carries."""
-    states = decision.states
-    if len(states) == 1 and (rate := states[0].rate) is not None:
-        # One rate limit, the common case: its policy bytes are rendered once per Rate.
-        state = states[0]
-        return [
-            (b"x-ratelimit-limit", b"%d" % decision.limit),
-            (b"x-ratelimit-remaining", b"%d" % decision.remaining),
-            (b"x-ratelimit-reset", b"%d" % math.ceil(decision.reset_after)),
-            (b"ratelimit-policy", rate.policy_bytes),
-            (b"ratelimit", _state_item(state)),
-        ]
     headers: Headers = [
         (b"x-ratelimit-limit", b"%d" % decision.limit),
         (b"x-ratelimit-remaining", b"%d" % decision.remaining),
         (b"x-ratelimit-reset", b"%d" % math.ceil(decision.reset_after)),
     ]
-    if states:
+    if states := decision.states:
         headers.append((b"ratelimit-policy", b", ".join(map(_policy_item, states))))
         headers.append((b"ratelimit", b", ".join(map(_state_item, states))))
     return headers

@@ -195,11 +195,8 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
         if api_key:
             client_id = _API_KEYS.get(api_key)
             if client_id is None:
-                if len(_API_KEYS) >= _REMEMBERED:
-                    _API_KEYS.clear()
-                    _SECRETS.clear()
-                client_id = _API_KEYS[api_key] = key_client_id(hash_api_key(api_key))
-                _SECRETS[client_id] = api_key
+                client_id = _remember(_API_KEYS, api_key, key_client_id(hash_api_key(api_key)))
+                _remember(_SECRETS, client_id, api_key)
             return ClientKey(client_id)
         return ClientKey("ip:" + self.trusted.client_host(request.scope))
 

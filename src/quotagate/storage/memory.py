@@ -159,13 +159,7 @@ class MemoryStorage:
         stored = states.get(hashed)
         result = _decide_limit(stored, algorithm, now, capacity, interval, cost)
         if cost and not result[0]:
-            if stored is None:
-                states[hashed] = result[1]
-                if len(states) >= self._sweep_at or len(states) > self.max_keys:
-                    self._grown(now)
-            else:
-                del states[hashed]  # re-inserted at the recent end
-                states[hashed] = result[1]
+            self._put(hashed, result[1], now)
         return result
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
@@ -187,13 +181,13 @@ class MemoryStorage:
                     states.pop(key, None)
                     out += (capacity, 0)
                 else:
-                    self._put(key, new_tat)
+                    self._put(key, new_tat, now)
                     reset_after = new_tat - now
                     out += (max(0, (capacity * interval - reset_after) // interval), reset_after)
             else:
                 end, count = stored if isinstance(stored, tuple) else (None, 0)
                 end, count = fixed_window_adjust(end, count, now, interval, delta)
-                self._put(key, (end, count))
+                self._put(key, (end, count), now)
                 out += (max(0, capacity - count), end - now)
         return out
 
@@ -205,14 +199,15 @@ class MemoryStorage:
             if not leases:
                 del self._states[key]
 
-    def _put(self, key: int, value: _State) -> None:
+    def _put(self, key: int, value: _State, now: int) -> None:
+        """Store a state at the recent end of the table."""
         states = self._states
         if key in states:
             del states[key]
             states[key] = value
         else:
             states[key] = value
-            self._grown(self.now_us())
+            self._grown(now)
 
     def _grown(self, now: int) -> None:
         """After new states: sweep when the table has doubled, evict past ``max_keys``."""
