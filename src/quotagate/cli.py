@@ -26,14 +26,19 @@ __all__ = ["main"]
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
-def _http_protocol(max_header_bytes: int) -> Any:
-    """uvicorn's httptools protocol with a bound on request heads (431 past it); uvicorn's
-    default when httptools is not installed (it then parses with h11, which has a bound)."""
+def _http_protocol(max_header_bytes: int, request_timeout_s: float) -> Any:
+    """uvicorn's httptools protocol with bounds on request heads (431 past it) and on the time
+    to send a request (408); uvicorn's default when httptools is not installed (h11 bounds
+    heads, not time)."""
     try:
         from .gateway.protocol import BoundedHttpToolsProtocol
     except ImportError:
         return "auto"
-    return functools.partial(BoundedHttpToolsProtocol, max_header_bytes=max_header_bytes)
+    return functools.partial(
+        BoundedHttpToolsProtocol,
+        max_header_bytes=max_header_bytes,
+        request_timeout_s=request_timeout_s,
+    )
 
 
 def setup_logging(level: str) -> None:
@@ -92,7 +97,7 @@ def serve(
         "log_level": config.log_level,
         "proxy_headers": False,  # client IPs are resolved by quotagate's trusted_proxies
         "server_header": False,
-        "http": _http_protocol(config.server.max_header_bytes),
+        "http": _http_protocol(config.server.max_header_bytes, config.server.request_timeout_s),
     }
     if workers == 1:
         from .gateway.app import create_app

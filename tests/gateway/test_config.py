@@ -65,6 +65,7 @@ def test_the_default_needs_no_file_memory_mock_and_a_tier_set() -> None:
     assert config.server.host == "127.0.0.1"
     assert config.server.port == 8000
     assert config.server.max_body_bytes == 1_048_576
+    assert config.server.request_timeout_s == 30
     assert config.storage.url == "memory://"
     assert config.backend.kind == "mock"
     assert config.anonymous is not None
@@ -135,6 +136,18 @@ def test_the_environment_overrides_the_built_in_default_too() -> None:
     config = load_config(None, environ={"QUOTAGATE_STORAGE_URL": "redis://127.0.0.1:1/0"})
     assert config.storage.url == "redis://127.0.0.1:1/0"
     assert config.backend.kind == "mock"
+
+
+def test_the_request_timeout_is_set_by_file_or_environment_and_must_be_positive(
+    tmp_path: Path,
+) -> None:
+    assert (
+        config_from(tmp_path, "[server]\nrequest_timeout_s = 2.5\n").server.request_timeout_s == 2.5
+    )
+    from_env = load_config(None, environ={"QUOTAGATE_SERVER_REQUEST_TIMEOUT_S": "7"})
+    assert from_env.server.request_timeout_s == 7
+    with pytest.raises(qg.ConfigError, match=r"server\.request_timeout_s"):
+        config_from(tmp_path, "[server]\nrequest_timeout_s = 0\n")
 
 
 def test_a_bad_environment_value_names_the_field() -> None:

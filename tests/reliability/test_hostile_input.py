@@ -52,11 +52,15 @@ tier = "pro"
 """
 
 
+REQUEST_TIMEOUT_S = 3  # a client sending a request for longer gets a 408
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     server = (
         f'trusted_proxies = ["{TRUSTED_PROXY}/32", "{SECOND_PROXY}/32"]\n'
-        f"max_body_bytes = {MAX_BODY}"
+        f"max_body_bytes = {MAX_BODY}\n"
+        f"request_timeout_s = {REQUEST_TIMEOUT_S}"
     )
     process = Gateway(
         config_text(TIERS, server=server, anonymous="anon"), tmp_path_factory.mktemp("hostile")
@@ -387,8 +391,9 @@ async def test_clients_that_stall_do_not_hold_up_others(
     gateway: Gateway, figures: dict[str, Any]
 ) -> None:
     """One client sends half its body and stalls, another half its headers; meanwhile 100
-    requests from other clients are served. Then: does the server drop the stalled ones?"""
-    watch_seconds = 7.0  # past uvicorn's 5 s keep-alive timeout
+    requests from other clients are served. At ``server.request_timeout_s`` the server answers
+    both stalled ones 408 and closes their connections (uvicorn alone keeps them for ever)."""
+    watch_seconds = REQUEST_TIMEOUT_S + 7.0
     async with http_client() as client:
         before = await ratelimit_of(client, gateway.url, KEY_PRO)
         half_body = await asyncio.open_connection("127.0.0.1", gateway.port)
@@ -408,21 +413,21 @@ async def test_clients_that_stall_do_not_hold_up_others(
             return response.status_code, time.monotonic() - started
 
         others = await asyncio.gather(*(one() for _ in range(100)))
-
-        async def closed_by_server(reader: asyncio.StreamReader) -> float | None:
-            """Seconds until the server closes (or answers) the stalled connection."""
-            try:
-                async with asyncio.timeout(watch_seconds - (time.monotonic() - stalled_at)):
-                    await reader.read(1)
-                return time.monotonic() - stalled_at
-            except TimeoutError:
-                return None
-
-        body_closed, head_closed = await asyncio.gather(
-            closed_by_server(half_body[0]), closed_by_server(half_head[0])
-        )
         in_flight_while_stalled = sample(
             await metrics_of(client, gateway.url), "quotagate_in_flight", tier="pro"
+        )
+
+        async def closed_by_server(reader: asyncio.StreamReader) -> tuple[bytes, float | None]:
+            """What the server sent the stalled connection, and seconds until it closed it."""
+            try:
+                async with asyncio.timeout(watch_seconds - (time.monotonic() - stalled_at)):
+                    data = await reader.read()
+                return data, time.monotonic() - stalled_at
+            except TimeoutError:
+                return b"", None
+
+        (body_answer, body_closed), (head_answer, head_closed) = await asyncio.gather(
+            closed_by_server(half_body[0]), closed_by_server(half_head[0])
         )
         half_body[1].close()
         half_head[1].close()
@@ -434,6 +439,8 @@ async def test_clients_that_stall_do_not_hold_up_others(
         other_p99_ms=round(percentile(latencies, 99) * 1000, 1),
         half_body_closed_by_server_after_s=body_closed or f"still open at {watch_seconds} s",
         half_headers_closed_by_server_after_s=head_closed or f"still open at {watch_seconds} s",
+        half_body_answer=body_answer.split(b"\r\n", 1)[0].decode(errors="replace"),
+        half_headers_answer=head_answer.split(b"\r\n", 1)[0].decode(errors="replace"),
         in_flight_while_stalled=in_flight_while_stalled,
     )
     assert [status for status, _ in others] == [200] * 100
@@ -441,3 +448,8 @@ async def test_clients_that_stall_do_not_hold_up_others(
     # The stalled request never reached a decision: nothing was charged or held for it.
     assert in_flight_while_stalled == 0
     assert after["concurrency"]["remaining"] == before["concurrency"]["remaining"]
+    for answer, closed_after in ((body_answer, body_closed), (head_answer, head_closed)):
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b'"error": "request_timeout"' in answer
+        assert closed_after is not None
+        assert closed_after >= REQUEST_TIMEOUT_S * 0.9

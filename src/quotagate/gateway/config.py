@@ -109,6 +109,7 @@ class ServerConfig(_Section):
     trusted_proxies: Annotated[list[str], AfterValidator(_cidrs)] = []
     max_body_bytes: int = Field(1_048_576, gt=0)
     max_header_bytes: int = Field(32_768, ge=1024)
+    request_timeout_s: float = Field(30, gt=0)
 
 
 class StorageConfig(_Section):
