@@ -4,6 +4,7 @@ lifespan, real ``quotagate`` processes on free ports, and upstreams made of http
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from quotagate.gateway.backends import Route
 from quotagate.gateway.backends.mock import NATURAL_LENGTH, MockBackend, mock_text
 from quotagate.gateway.backends.openai import OpenAIBackend
 from quotagate.gateway.config import GatewayConfig, load_config
+from quotagate.gateway.schemas import validate_body
 from quotagate.gateway.tokens import prompt_tokens
 from support import ServerProcess, free_port
 
@@ -218,6 +220,8 @@ async def mock_answer(path: str, body: dict[str, Any]) -> httpx.Response:
         payload = {"object": "list", "data": await MockBackend().models()}
         return httpx.Response(200, json=payload)
     route: Route = "chat" if path.endswith("/chat/completions") else "completions"
+    body = copy.deepcopy(body)  # the recorded body stays as it came
+    assert validate_body(route, body) is None  # as ``quotagate mock`` does (37.0 -> 37)
     if body.get("stream"):
         return httpx.Response(
             200,

@@ -115,6 +115,8 @@ async def test_a_lone_surrogate_escape_is_never_a_500(
         (COMPLETIONS, {"model": "quotagate-mock"}, "prompt"),
         (COMPLETIONS, {"prompt": 42}, "prompt"),
         (COMPLETIONS, {"prompt": {"text": "hi"}}, "prompt"),
+        (COMPLETIONS, {"prompt": []}, "prompt"),
+        (COMPLETIONS, {"prompt": [1, 2.5]}, "prompt"),
         (COMPLETIONS, {"prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
         (COMPLETIONS, {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         (COMPLETIONS, {"prompt": "hi", "max_tokens": -5}, "max_tokens"),
@@ -142,6 +144,27 @@ async def test_a_missing_or_invalid_field_is_named(
         response = await c.post(path, json=body, headers={"X-API-Key": BOB})
     _assert_json_error(response, {400, 422})
     assert field in response.text
+
+
+@pytest.mark.parametrize("backend", ["mock", "openai"])
+async def test_whole_numbers_written_as_decimals_are_integers(tmp_path: Path, backend: str) -> None:
+    """JSON Schema's ``integer`` (so the gateway's OpenAPI schema) admits ``37.0``: so does the
+    gateway, and it counts it as 37. The client's bytes go upstream as they came."""
+    upstream = RecordingUpstream() if backend == "openai" else None
+    app = gateway_app(base_config(tmp_path), backend=upstream.backend() if upstream else None)
+    async with in_process(app, raise_app_exceptions=False) as c:
+        response = await c.post(
+            COMPLETIONS,
+            content=b'{"prompt": [1.0, 2.0, 3.0], "max_tokens": 7.0, "n": 2.0}',
+            headers={"X-API-Key": BOB, "content-type": "application/json"},
+        )
+        limits = await limits_of(c, BOB)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (3, 7 * 2)
+    assert limits["tokens"]["limit"] - limits["tokens"]["remaining"] == 3 + 7 * 2
+    if upstream is not None:
+        assert upstream.bodies == [{"prompt": [1.0, 2.0, 3.0], "max_tokens": 7.0, "n": 2.0}]
 
 
 @pytest.mark.parametrize("raw", [b"[]", b'"hello"', b"42", b"null"])

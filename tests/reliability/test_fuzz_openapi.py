@@ -1,7 +1,7 @@
 """Schemathesis fuzzes every gateway endpoint from the gateway's own ``/openapi.json``, against a
 real ``quotagate serve`` process: valid-by-schema (positive) and invalid-by-schema (negative)
-requests, with no key, a valid key or an unknown key. No 5xx, the process never dies, and every
-error is a JSON object with an ``error`` field."""
+requests, with no key, a valid key or an unknown key. No 5xx, the process never dies, every
+error is a JSON object with an ``error`` field, and no body the schema admits gets a 400."""
 
 from __future__ import annotations
 
@@ -135,3 +135,5 @@ def test_fuzz_endpoint_no_5xx_and_every_error_is_json(
     assert fuzzed.process.poll() is None, "the gateway is still running"
     assert "Traceback" not in fuzzed.output()
     assert sum(statuses.values()) >= 1
+    # The schema is the contract: a body it admits is not refused as invalid.
+    assert not rejected_valid, rejected_valid

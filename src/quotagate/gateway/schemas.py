@@ -1,10 +1,15 @@
 """Request bodies: validated by hand (fast, with errors naming the field), documented for
 OpenAPI from pydantic models. Unknown fields are allowed and forwarded: model servers take
-extras (vLLM's ``top_k``, ``guided_json``, ...)."""
+extras (vLLM's ``top_k``, ``guided_json``, ...).
+
+The two agree: a body the schema admits is not refused (the fuzz test holds them to it). So
+a whole number written ``37.0`` is an integer, as JSON Schema's ``integer`` says (and
+pydantic, so vLLM, reads it); it is counted as ``37``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,11 +20,14 @@ MAX_N = 128
 
 
 def _is_int(value: Any) -> bool:
+    if isinstance(value, float):
+        return value.is_integer()
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_body(route: str, body: dict[str, Any]) -> tuple[str, str] | None:
-    """``(param, problem)`` for the first invalid field, or None when the body is usable."""
+    """``(param, problem)`` for the first invalid field, or None when the body is usable (its
+    counts then ints: ``max_tokens`` etc. written as ``37.0`` are made ``37`` in ``body``)."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         return "model", "expected a string"
@@ -51,13 +59,17 @@ def validate_body(route: str, body: dict[str, Any]) -> tuple[str, str] | None:
             )
         ):
             return "prompt", "expected a string, a list of strings, or token ids"
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name, most in (
+        ("max_tokens", MAX_OUTPUT_TOKENS),
+        ("max_completion_tokens", MAX_OUTPUT_TOKENS),
+        ("n", MAX_N),
+    ):
         value = body.get(name)
-        if value is not None and (not _is_int(value) or not 1 <= value <= MAX_OUTPUT_TOKENS):
-            return name, f"expected an integer from 1 to {MAX_OUTPUT_TOKENS}"
-    n = body.get("n")
-    if n is not None and (not _is_int(n) or not 1 <= n <= MAX_N):
-        return "n", f"expected an integer from 1 to {MAX_N}"
+        if value is not None:
+            if not _is_int(value) or not 1 <= value <= most:
+                return name, f"expected an integer from 1 to {most}"
+            if value.__class__ is float:
+                body[name] = int(value)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         return "stream", "expected true or false"
@@ -88,7 +100,12 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1)]
+    )
 
 
 def _request_body(model: type[BaseModel]) -> dict[str, Any]:

@@ -54,8 +54,8 @@ def prompt_tokens(route: str, body: dict[str, Any]) -> int:
     prompt = body["prompt"]
     if isinstance(prompt, str):
         return count_tokens(prompt)
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return len(prompt)  # already token ids
+    if not isinstance(prompt[0], str | list):
+        return len(prompt)  # already token ids (validated: all of them)
     return sum(count_tokens(p) if isinstance(p, str) else len(p) for p in prompt)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..schemas import validate_body
 from ..tokens import output_cap, prompt_tokens
 from . import Answer, Route
 
@@ -199,6 +200,8 @@ def create_mock_app(tokens_per_second: float = 0.0) -> FastAPI:
             return JSONResponse({"error": {"message": "invalid JSON"}}, status_code=400)
         if not isinstance(body, dict):
             return JSONResponse({"error": {"message": "expected an object"}}, status_code=400)
+        if problem := validate_body(route, body):
+            return JSONResponse({"error": {"message": ": ".join(problem)}}, status_code=400)
         if body.get("stream"):
             return StreamingResponse(backend.stream(route, body), media_type="text/event-stream")
         return JSONResponse(await backend.answer(route, body))
