@@ -175,6 +175,29 @@ async def test_a_client_trickling_bytes_is_cut_at_the_deadline(
     assert sent < len(head) - 4  # cut while still trickling
 
 
+async def test_a_second_request_stalled_after_an_answer_gets_408(
+    gateway: QuotagateProcess,
+) -> None:
+    """Keep-alive: one request answered at once, then half of the next: the deadline runs
+    again from the answer (and the idle keep-alive timer does not, once a byte came)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    head, body = completion(1)
+    writer.write(head + body)
+    first = await reader.readuntil(b"\r\n\r\n")
+    size = int(first.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    answered = first + await reader.readexactly(size)
+    answered_at = time.monotonic()
+    writer.write(head[:30])
+    data = await until_closed(reader)
+    waited = time.monotonic() - answered_at
+    await closed(writer)
+    [(status, _)] = answers(answered)
+    [(late, timed_out)] = answers(data)
+    assert status == 200
+    assert is_timeout_answer(late, timed_out), (late, timed_out)
+    assert waited >= TIMEOUT_S * 0.9
+
+
 async def test_a_connection_that_sends_nothing_is_closed_without_an_answer(
     gateway: QuotagateProcess,
 ) -> None:
