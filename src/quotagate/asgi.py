@@ -14,13 +14,13 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass
 from fnmatch import translate
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
 from .decision import Decision
-from .errors import StorageError
+from .errors import ConfigError, StorageError
 from .http import Headers, rate_limit_headers, rejection
 from .identity import (
     KeyFunc,
@@ -32,6 +32,10 @@ from .identity import (
 )
 from .limiter import Hit, RateLimiter, combine
 from .rates import RateLike, as_rates
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .fastapi import Limiter
 
 __all__ = [
     "DECISIONS",
@@ -146,7 +150,9 @@ class RateLimitMiddleware:
 
     Args:
         app: the ASGI app to protect.
-        limiter: the engine (``quotagate.RateLimiter``) or a URL for one.
+        limiter: the engine (``quotagate.RateLimiter``), a storage or its URL, or a
+            ``quotagate.fastapi.Limiter`` (its engine, and its key function unless
+            ``key_func`` is given: one set of counters for the decorators and the rules).
         rules: ``Rule`` values or ``(pattern, rates)`` pairs, e.g. ``("/v1/*", "60/minute")``;
             ``(pattern, None)`` exempts.
         key_func: who the client is; default ``api_key_or_ip``.
@@ -158,13 +164,25 @@ class RateLimitMiddleware:
         self,
         app: ASGIApp,
         *,
-        limiter: RateLimiter | str = "memory://",
+        limiter: RateLimiter | Storage | str | Limiter = "memory://",
         rules: Sequence[Rule | tuple[str, RateLike | None]],
-        key_func: KeyFunc = api_key_or_ip,
+        key_func: KeyFunc | None = None,
         trusted_proxies: Iterable[str] = (),
     ) -> None:
         self.app = app
-        self.limiter = RateLimiter(limiter) if isinstance(limiter, str) else limiter
+        if isinstance(limiter, RateLimiter):
+            self.limiter = limiter
+        elif isinstance(getattr(limiter, "engine", None), RateLimiter):  # quotagate.fastapi's
+            self.limiter = limiter.engine  # type: ignore[union-attr]
+            key_func = key_func or limiter.key_func  # type: ignore[union-attr]
+        elif isinstance(limiter, Storage | str):
+            self.limiter = RateLimiter(limiter)
+        else:
+            raise ConfigError(
+                f"limiter: expected a RateLimiter, a Storage, a storage URL or a "
+                f"quotagate.fastapi.Limiter, got {type(limiter).__name__}"
+            )
+        key_func = key_func or api_key_or_ip
         trusted = TrustedProxies(trusted_proxies)
         self.key_func = with_trusted_proxies(key_func, trusted)
         self.rules = [rule if isinstance(rule, Rule) else Rule(*rule) for rule in rules]

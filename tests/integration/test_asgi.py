@@ -129,3 +129,40 @@ async def test_non_http_scopes_pass_through(clock: qg.FakeClock) -> None:
 def test_bad_rule_rate_fails_at_construction() -> None:
     with pytest.raises(qg.ConfigError, match="sixty"):
         RateLimitMiddleware(JSONResponse({}), rules=[("/v1/*", "sixty/minute")])  # type: ignore[arg-type]
+
+
+async def test_the_limiter_may_be_a_storage_or_the_fastapi_limiter(clock: qg.FakeClock) -> None:
+    """``limiter=`` takes a storage (or its URL) too, or the FastAPI ``Limiter``: then the rules
+    count on its engine (its storage) with its key function."""
+    from fastapi import FastAPI
+
+    from quotagate.fastapi import Limiter
+
+    storage = qg.MemoryStorage(clock=clock)
+    by_storage = RateLimitMiddleware(
+        Starlette(routes=[Route("/x", hello)]), limiter=storage, rules=[("/x", "1/minute")]
+    )
+    assert by_storage.limiter.storage is storage
+
+    limiter = Limiter(key_func=lambda request: request.headers["x-user"], storage=storage)
+    api = FastAPI()
+    limiter.init_app(api)
+
+    @api.get("/ruled")
+    async def ruled() -> None:
+        return None
+
+    app = RateLimitMiddleware(api, limiter=limiter, rules=[("/ruled", "2/minute")])
+    assert app.limiter is limiter.engine
+    async with _client(app) as client:
+        alice = [
+            (await client.get("/ruled", headers={"x-user": "alice"})).status_code for _ in "abc"
+        ]
+        bob = await client.get("/ruled", headers={"x-user": "bob"})
+    assert alice == [200, 200, 429]  # counted by the Limiter's key function: per user
+    assert bob.status_code == 200
+
+
+def test_a_limiter_of_another_kind_is_a_config_error() -> None:
+    with pytest.raises(qg.ConfigError, match="limiter: expected"):
+        RateLimitMiddleware(JSONResponse({}), limiter=42, rules=[("/x", "1/minute")])  # type: ignore[arg-type]
