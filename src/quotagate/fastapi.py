@@ -130,6 +130,9 @@ class Limiter:
         self.default_limits = [_LimitSpec(_checked(rates)) for rates in default_limits]
         self.headers_enabled = headers_enabled
         self.enabled = enabled
+        # Until init_app installs the middleware, nothing adds the headers of an admitted
+        # request (the seed's ``app.state.limiter = limiter`` alone): say so, once.
+        self._warn_headerless = headers_enabled
 
     @property
     def storage(self) -> Storage:
@@ -145,6 +148,7 @@ class Limiter:
         """Install the limiter on an app: headers on every response, the 429 handler for the
         dependency form, default limits, and start/stop with the app's lifespan."""
         app.state.limiter = self
+        self._warn_headerless = False
         app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
         app.add_middleware(_LimiterMiddleware, limiter=self, app_routes=app)
         original = app.router.lifespan_context
@@ -270,6 +274,12 @@ class Limiter:
             decision = storage_error_decision()
         if self.headers_enabled or not decision.allowed:
             record_decision(request.scope, decision)
+        if self._warn_headerless:
+            self._warn_headerless = False
+            logger.warning(
+                "quotagate: Limiter.init_app(app) was not called, so admitted responses carry "
+                "no rate-limit headers (429s do): call it once after creating the app"
+            )
         return decision
 
     def _wrap(self, func: F, specs: list[_LimitSpec]) -> F:

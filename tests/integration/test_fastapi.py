@@ -387,3 +387,29 @@ async def test_a_storage_error_is_a_503_never_a_500() -> None:
 def test_bad_static_rate_fails_at_decoration_time(limiter: Limiter) -> None:
     with pytest.raises(qg.ConfigError, match="60 per fortnight"):
         limiter.limit("60 per fortnight")
+
+
+async def test_without_init_app_limits_hold_and_a_warning_says_headers_are_missing(
+    clock: qg.FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed's own set-up (``app.state.limiter = limiter``, no init_app): the decorator
+    still limits (429 with its headers); the missing headers on admitted responses are logged
+    once, not left for the reader to discover."""
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock))
+    app = FastAPI()
+    app.state.limiter = limiter
+
+    @app.get("/x")
+    @limiter.limit("2/minute")
+    async def x() -> dict[str, bool]:
+        return {"ok": True}
+
+    with caplog.at_level(logging.WARNING, logger="quotagate"):
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            responses = [await client.get("/x") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert "x-ratelimit-limit" in responses[2].headers
+    warnings = [r.getMessage() for r in caplog.records if "init_app" in r.getMessage()]
+    assert len(warnings) == 1, warnings
