@@ -39,12 +39,12 @@ from .asgi import (
     Send,
     maybe_await,
     record_decision,
-    send_rejection,
     storage_error_decision,
     with_rate_limit_headers,
 )
 from .decision import Decision
 from .errors import ConfigError, StorageError
+from .http import retry_after_seconds
 from .identity import (
     KeyFunc,
     TrustedProxies,
@@ -81,11 +81,16 @@ class _LimitSpec:
 
 
 class RateLimitExceeded(Exception):
-    """Raised by the dependency form; ``init_app`` turns it into the 429 (or 503) response."""
+    """A rejected request. ``init_app``'s handler answers it with the seed's 429 (or the 503
+    of a storage outage). Register your own handler for it to shape the answer: every
+    rejection, decorator or dependency, then goes through yours (the rate-limit headers are
+    still added; ``retry_after`` is the whole seconds of the seed's body and Retry-After).
+    """
 
     def __init__(self, decision: Decision) -> None:
         super().__init__(f"rate limit exceeded: retry after {decision.retry_after:.1f} s")
         self.decision = decision
+        self.retry_after = retry_after_seconds(decision.retry_after)
 
 
 class Limiter:
@@ -303,6 +308,9 @@ class Limiter:
             request = kwargs.pop(_REQUEST_PARAM) if request_param is None else kwargs[request_param]
             decision = await self.check(request, specs, default_scope)
             if decision is not None and not decision.allowed:
+                handler = request.app.exception_handlers.get(RateLimitExceeded)
+                if handler is not None and handler is not _rate_limit_exceeded_handler:
+                    raise RateLimitExceeded(decision)  # the app's own answer
                 return RejectionResponse(decision)
             if is_async:
                 return await func(*args, **kwargs)
@@ -362,7 +370,11 @@ class _LimiterMiddleware:
                 request = Request(scope, receive)
                 decision = await limiter.check(request, limiter.default_limits, "default:" + path)
                 if decision is not None and not decision.allowed:
-                    await send_rejection(scope, send, decision)
+                    handler = self.routes_of.exception_handlers.get(
+                        RateLimitExceeded, _rate_limit_exceeded_handler
+                    )  # the app's own, when it registered one
+                    response = await maybe_await(handler(request, RateLimitExceeded(decision)))
+                    await response(scope, receive, with_rate_limit_headers(scope, send))
                     return
         if limiter.headers_enabled:
             send = with_rate_limit_headers(scope, send)

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import quotagate as qg
 from quotagate.asgi import RateLimitMiddleware
-from quotagate.fastapi import Limiter
+from quotagate.fastapi import Limiter, RateLimitExceeded
 from quotagate.identity import get_remote_address
 
 
@@ -413,3 +413,50 @@ async def test_without_init_app_limits_hold_and_a_warning_says_headers_are_missi
     assert "x-ratelimit-limit" in responses[2].headers
     warnings = [r.getMessage() for r in caplog.records if "init_app" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+async def test_an_app_handler_for_rate_limit_exceeded_shapes_every_rejection(
+    clock: qg.FakeClock,
+) -> None:
+    """The seed's "exception handler for the 429": registered for ``RateLimitExceeded``, it
+    answers rejections of the decorator, the dependency and the default limits alike, and the
+    rate-limit headers are still added to its answer."""
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock), default_limits=["1/minute"])
+    app = FastAPI()
+    limiter.init_app(app)
+
+    async def shaped(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RateLimitExceeded)
+        return JSONResponse(
+            {"error": "slow_down", "wait": exc.retry_after},
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
+
+    app.add_exception_handler(RateLimitExceeded, shaped)
+
+    @app.get("/decorated")
+    @limiter.limit("1/minute")
+    async def decorated() -> None:
+        return None
+
+    @app.get("/dep", dependencies=[Depends(limiter.depends("1/minute"))])
+    async def dep() -> None:
+        return None
+
+    @app.get("/default")
+    async def default() -> None:
+        return None
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        for path in ("/decorated", "/dep", "/default"):
+            first, second = [await client.get(path) for _ in range(2)]
+            assert first.status_code == 200, path
+            assert second.status_code == 429, path
+            assert second.json() == {"error": "slow_down", "wait": 60}, path
+            assert second.headers["retry-after"] == "60"
+            assert second.headers["x-ratelimit-limit"] == "1"
+            assert second.headers["x-ratelimit-remaining"] == "0"
+            assert len(second.headers.get_list("x-ratelimit-limit")) == 1
