@@ -84,7 +84,9 @@ class RateLimitExceeded(Exception):
     """A rejected request. ``init_app``'s handler answers it with the seed's 429 (or the 503
     of a storage outage). Register your own handler for it to shape the answer: every
     rejection, decorator or dependency, then goes through yours (the rate-limit headers are
-    still added; ``retry_after`` is the whole seconds of the seed's body and Retry-After).
+    still added; ``retry_after`` is the whole seconds of the seed's body and Retry-After;
+    ``decision.reason`` tells a limit, ``limited`` or ``too_large``, from a storage outage
+    under the ``deny`` fallback, ``unavailable``).
     """
 
     def __init__(self, decision: Decision) -> None:
