@@ -151,6 +151,11 @@ class Limiter:
     async def aclose(self) -> None:
         await self.engine.aclose()
 
+    async def reset(self) -> int:
+        """Forget every counter: every client starts afresh (slowapi's ``reset``, awaited).
+        With Redis, every key under the storage's prefix. Returns how many states went."""
+        return await self.engine.reset()
+
     def init_app(self, app: Starlette) -> None:
         """Install the limiter on an app: headers on every response, the 429 handler for the
         dependency form, default limits, and start/stop with the app's lifespan."""

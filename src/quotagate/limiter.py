@@ -250,6 +250,17 @@ class RateLimiter:
         """Give a slot back (on completion, error, disconnect). Idempotent."""
         await self.storage.release(lease)
 
+    async def reset(self) -> int:
+        """Forget every limit's state: every client starts afresh (a test's fresh start, an
+        operator's clean slate). On Redis that is every key under the storage's prefix, for
+        every instance sharing it. Returns how many states were dropped."""
+        if not self._started:
+            await self.start()
+        if self._cache is not None:
+            self._cache.clear()
+            self._cache_by_key.clear()
+        return await self.storage.reset()
+
     def _cached(self, cache_key: tuple[str, ...], meta: list[_Meta]) -> Decision | None:
         assert self._cache is not None
         entry = self._cache.get(cache_key)

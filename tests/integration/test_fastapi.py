@@ -460,3 +460,25 @@ async def test_an_app_handler_for_rate_limit_exceeded_shapes_every_rejection(
             assert second.headers["x-ratelimit-limit"] == "1"
             assert second.headers["x-ratelimit-remaining"] == "0"
             assert len(second.headers.get_list("x-ratelimit-limit")) == 1
+
+
+async def test_reset_gives_every_client_a_fresh_start(clock: qg.FakeClock) -> None:
+    """``await limiter.reset()``: what a test suite calls between tests (slowapi's reset)."""
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock))
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/x")
+    @limiter.limit("2/minute")
+    async def x() -> None:
+        return None
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        before = [(await client.get("/x")).status_code for _ in range(3)]
+        assert await limiter.reset() == 1
+        after = await client.get("/x")
+    assert before == [200, 200, 429]
+    assert after.status_code == 200
+    assert after.headers["x-ratelimit-remaining"] == "1"

@@ -209,3 +209,58 @@ def test_a_reply_that_arrived_while_the_event_loop_was_stuck_is_not_a_timeout(
     with asyncio.Runner(loop_factory=factory) as runner:
         out = runner.run(main())
     assert out[0] == 0  # allowed, as a healthy Redis decided
+
+
+async def test_reset_deletes_its_prefix_only_and_prefix_globs_are_literal(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    """A prefix ``p*`` must not reach ``pX:...`` keys (its ``*`` is a character, not a glob);
+    other data in the database is left alone; more keys than one SCAN page all go."""
+    raw = aioredis.Redis.from_url(redis_server.url)
+    starred = qg.RedisStorage(redis_server.url, prefix=key_prefix + "*")
+    neighbour = qg.RedisStorage(redis_server.url, prefix=key_prefix + "X")
+    try:
+        async with starred, neighbour:
+            mine, theirs = qg.RateLimiter(starred), qg.RateLimiter(neighbour)
+            for i in range(1200):  # over two SCAN / UNLINK batches
+                await mine.hit(f"client-{i}", "5/minute")
+            await theirs.hit("client-0", "5/minute")
+            await raw.set(f"{key_prefix}-foreign", "keep me")
+
+            assert await mine.reset() == 1200
+            assert (await mine.hit("client-0", "5/minute")).remaining == 4
+            assert (await theirs.hit("client-0", "5/minute")).remaining == 3  # untouched
+            assert await raw.get(f"{key_prefix}-foreign") == b"keep me"
+    finally:
+        await raw.delete(f"{key_prefix}-foreign")
+        await raw.aclose()
+
+
+async def test_reset_without_a_prefix_is_refused(redis_server: RedisServer) -> None:
+    async with qg.RedisStorage(redis_server.url, prefix="") as storage:
+        with pytest.raises(qg.ConfigError, match="prefix"):
+            await storage.reset()
+
+
+async def test_reset_of_the_fallback_storage_resets_both_sides(
+    redis_server: RedisServer, key_prefix: str
+) -> None:
+    """Redis up: both the shared counters and the fallback memory start afresh. Redis down:
+    a StorageError says the shared counters were not reset."""
+    storage = qg.storage_from_url(f"{redis_server.url}?prefix={key_prefix}")
+    assert isinstance(storage, qg.FallbackStorage)
+    limiter = qg.RateLimiter(storage, overlimit_cache=True)
+    async with storage:
+        for _ in range(3):
+            await limiter.hit("alice", "2/minute")
+        await qg.RateLimiter(storage.memory).hit("bob", "2/minute")  # a state on that side
+        assert await limiter.reset() == 2  # Redis' alice, the memory side's bob
+        assert (await limiter.hit("alice", "2/minute")).allowed  # not the cached 429
+        assert len(storage.memory) == 0
+
+        shared, storage.primary = storage.primary, qg.RedisStorage("redis://127.0.0.1:1/0")
+        try:
+            with pytest.raises(qg.StorageError):  # a Redis that cannot be reached
+                await storage.reset()
+        finally:
+            storage.primary = shared

@@ -214,3 +214,21 @@ async def test_a_zero_ttl_acquire_reads_free_slots(limiter: qg.RateLimiter) -> N
     assert peek.lease is None
     assert peek.states[0].remaining == 2
     assert (await limiter.hit_many((), acquire=qg.Acquire("{a}:conc", 3, ttl=0))).remaining == 2
+
+
+async def test_reset_forgets_every_state(limiter: qg.RateLimiter) -> None:
+    hits = [qg.Hit("{a}:req", "2/minute"), qg.Hit("{b}:req", "2/minute", algorithm="fixed_window")]
+    for _ in range(2):
+        assert (await limiter.hit_many(hits)).allowed
+    lease = await limiter.acquire("{a}:conc", 1)
+    assert lease is not None
+    assert not (await limiter.hit_many(hits)).allowed
+    assert await limiter.acquire("{a}:conc", 1) is None
+
+    assert await limiter.reset() == 3  # two limits' states and the lease set
+    assert (await limiter.hit_many(hits)).remaining == 1  # full again, less this hit
+    assert await limiter.acquire("{a}:conc", 1) is not None
+    await limiter.release(lease)  # a lease from before the reset: a no-op
+    assert await limiter.acquire("{a}:conc", 1) is None  # the new holder still holds it
+    assert await limiter.reset() == 3
+    assert await limiter.reset() == 0

@@ -218,3 +218,34 @@ async def test_a_request_with_seven_limits_and_a_lease_touches_one_slot_never_cr
     assert len(keys) >= 2
     assert len(slots) == 1
     assert len(nodes_with_keys) == 1
+
+
+async def test_reset_on_a_cluster_deletes_the_prefix_on_every_node(
+    cluster: RedisCluster, key_prefix: str
+) -> None:
+    """Clients hash to slots on all three masters: reset scans each node and unlinks across
+    slots; afterwards no node holds a key of the prefix."""
+    import quotagate as qg
+
+    storage = qg.RedisStorage(cluster.url, prefix=key_prefix)
+    async with storage:
+        limiter = qg.RateLimiter(storage, overlimit_cache=False)
+        clients = [f"client-{i}" for i in range(300)]
+        for client in clients:
+            await limiter.hit(client, "5/minute")
+        per_node = [
+            int(
+                cluster.cli(node.port, "eval", f"return #redis.call('keys', '{key_prefix}:*')", "0")
+            )
+            for node in cluster.nodes
+        ]
+        assert all(per_node), per_node  # the keys really are spread over every master
+        assert await limiter.reset() == len(clients)
+        left = [
+            int(
+                cluster.cli(node.port, "eval", f"return #redis.call('keys', '{key_prefix}:*')", "0")
+            )
+            for node in cluster.nodes
+        ]
+        assert left == [0, 0, 0]
+        assert (await limiter.hit("client-0", "5/minute")).remaining == 4

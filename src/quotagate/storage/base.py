@@ -53,6 +53,11 @@ class Storage(Protocol):
         """Give a concurrency slot back; releasing an expired or unknown lease is a no-op."""
         ...
 
+    async def reset(self) -> int:
+        """Forget every limit's state (every client starts afresh); returns how many states
+        were dropped. Held leases go too: releasing one later is a no-op."""
+        ...
+
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ``***`` (safe for logs)."""

@@ -148,6 +148,13 @@ class FallbackStorage:
         if len(self._unreleased) < _MAX_UNRELEASED:
             self._unreleased.append(lease)
 
+    async def reset(self) -> int:
+        """Reset the fallback memory and the primary: a primary that is down raises
+        StorageError (its shared counters were not reset)."""
+        self._unreleased.clear()
+        self._local_leases.clear()
+        return await self.memory.reset() + await self.primary.reset()
+
     def _decide_degraded(
         self, keys: Sequence[str], args: Args, now_us: int | None, *, local: bool = True
     ) -> list[int]:

@@ -199,6 +199,12 @@ class MemoryStorage:
             if not leases:
                 del self._states[key]
 
+    async def reset(self) -> int:
+        dropped = len(self._states)
+        self._states.clear()
+        self._sweep_at = _FIRST_SWEEP
+        return dropped
+
     def _put(self, key: int, value: _State, now: int) -> None:
         """Store a state at the recent end of the table."""
         states = self._states

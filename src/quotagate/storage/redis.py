@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -32,6 +33,8 @@ from .base import Args, StorageMode, mask_url
 from .pipeline import PipelinedConnection, pack_command
 
 __all__ = ["RedisStorage", "load_script"]
+
+_RESET_BATCH = 500  # keys per SCAN page and per UNLINK
 
 logger = logging.getLogger("quotagate")
 
@@ -155,6 +158,29 @@ class RedisStorage:
                 await self.client.zrem(key, lease.id)
         except (RedisError, OSError, TimeoutError, hiredis.ReplyError) as exc:
             raise StorageError(f"Redis release failed: {exc!r}") from exc
+
+    async def reset(self) -> int:
+        """Delete every key under this storage's prefix, for every instance that shares it.
+
+        SCAN and UNLINK in batches (every node of a cluster): never KEYS or FLUSHDB, and
+        nothing outside the prefix is touched, so it needs one.
+        """
+        if not self.prefix:
+            raise ConfigError("reset needs a key prefix: without one it would empty the database")
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", self.prefix) + "*"  # the prefix, as a glob
+        deleted = 0
+        batch: list[Any] = []
+        try:
+            async for key in self.client.scan_iter(match=pattern, count=_RESET_BATCH):
+                batch.append(key)
+                if len(batch) >= _RESET_BATCH:
+                    deleted += await self.client.unlink(*batch)
+                    batch.clear()
+            if batch:
+                deleted += await self.client.unlink(*batch)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"Redis reset failed after {deleted} keys: {exc!r}") from exc
+        return deleted
 
     async def _call(
         self, script: str, keys: Sequence[str], args: Args, now_us: int | None
