@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, StorageError
 from .identity import hash_api_key
 
 __all__ = ["main"]
@@ -151,6 +151,54 @@ def check_config(path: str) -> None:
         f"{path}: OK · storage {config.storage.url.split('@')[-1]} · backend {config.backend.kind}"
         f" · tiers {tiers} · {len(config.keys)} keys"
     )
+
+
+@main.command("reset")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def reset(config_path: str | None, yes: bool) -> None:
+    """Forget every counter in the configured Redis: every client starts afresh.
+
+    Deletes the keys under the storage's prefix (SCAN + UNLINK), on every gateway sharing it.
+    """
+    import asyncio
+
+    from .gateway.app import configured_storage
+    from .gateway.config import load_config
+    from .storage import FallbackStorage, mask_url
+
+    try:
+        config = load_config(config_path)
+        storage = configured_storage(config)
+    except ConfigError as exc:
+        _fail_config(exc)
+    where = mask_url(config.storage.url)
+    if isinstance(storage, FallbackStorage):
+        storage = storage.primary  # Redis itself: an outage is an error, not a memory reset
+    elif storage.mode == "memory":
+        click.echo(
+            f"storage {where} keeps counters inside each gateway process: restart the gateway "
+            "to reset them",
+            err=True,
+        )
+        sys.exit(1)
+    prefix = getattr(storage, "prefix", "")
+    if not yes:
+        click.confirm(f"Delete every key under prefix {prefix!r} at {where}?", abort=True)
+
+    async def run() -> int:
+        await storage.start()
+        try:
+            return await storage.reset()
+        finally:
+            await storage.aclose()
+
+    try:
+        deleted = asyncio.run(run())
+    except (StorageError, ConfigError) as exc:
+        click.echo(f"reset failed: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"reset: {deleted} keys deleted under prefix {prefix!r} at {where}")
 
 
 @main.group()

@@ -258,14 +258,17 @@ class QuotagateProcess(ServerProcess):
         )
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``python -m quotagate ARGS`` to completion."""
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m quotagate ARGS`` to completion (``input`` on its stdin)."""
     return subprocess.run(
         [sys.executable, "-m", "quotagate", *args],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, **(env or {})},
+        input=input,
         check=False,
     )
 

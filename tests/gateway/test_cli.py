@@ -209,3 +209,48 @@ def _answers(port: int) -> bool:
     except httpx.TransportError:
         return False
     return True
+
+
+@pytest.mark.redis
+async def test_reset_deletes_the_configured_prefix_after_asking(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[storage]\nurl = "{redis_server.url}"\nprefix = "{prefix}"\n' + GOOD)
+    raw = redis.Redis(port=redis_server.port)
+    raw.set(f"{prefix}-foreign", "keep me")
+    async with qg.RedisStorage(redis_server.url, prefix=prefix) as storage:
+        limiter = qg.RateLimiter(storage)
+        for client in ("alice", "bob", "carol"):
+            await limiter.hit(client, "5/minute")
+    try:
+        declined = run_cli("reset", "--config", str(path), input="n\n")
+        kept = len(raw.keys(f"{prefix}:*"))
+        done = run_cli("reset", "--config", str(path), "--yes")
+        left = raw.keys(f"{prefix}:*")
+        foreign = raw.get(f"{prefix}-foreign")
+    finally:
+        raw.delete(f"{prefix}-foreign")
+        raw.close()
+    assert declined.returncode == 1  # click's abort
+    assert kept == 3
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"reset: 3 keys deleted under prefix '{prefix}:' at {redis_server.url}"
+    )
+    assert left == []
+    assert foreign == b"keep me"
+
+
+def test_reset_of_memory_storage_or_an_unreachable_redis_is_an_error(tmp_path: Path) -> None:
+    memory = tmp_path / "memory.toml"
+    memory.write_text(GOOD)
+    unreachable = tmp_path / "unreachable.toml"
+    unreachable.write_text(f'[storage]\nurl = "redis://127.0.0.1:{free_port()}/0"\n' + GOOD)
+    in_memory = run_cli("reset", "--config", str(memory), "--yes")
+    down = run_cli("reset", "--config", str(unreachable), "--yes")
+    assert in_memory.returncode == 1
+    assert "restart the gateway" in in_memory.stderr
+    assert down.returncode == 1
+    assert down.stderr.startswith("reset failed: cannot reach Redis"), down.stderr

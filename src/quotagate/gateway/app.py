@@ -163,6 +163,21 @@ def _openai_headers(decision: Decision) -> Headers:
     return headers
 
 
+def configured_storage(config: GatewayConfig) -> Storage:
+    """The storage the ``[storage]`` table describes (``quotagate serve`` and ``reset``)."""
+    s = config.storage
+    # Only what the config sets explicitly: the URL's own ?prefix=, ?timeout_ms=, ... stand
+    # unless the [storage] table overrides them.
+    given = s.model_fields_set
+    return storage_from_url(
+        s.url,
+        fallback=s.fallback if "fallback" in given else None,
+        fallback_share=s.fallback_share if "fallback_share" in given else None,
+        timeout=s.timeout_ms / 1000 if "timeout_ms" in given else None,
+        prefix=s.prefix if "prefix" in given else None,
+    )
+
+
 class Gateway:
     """The gateway's state and request pipeline; ``create_app`` wraps it in FastAPI."""
 
@@ -185,17 +200,7 @@ class Gateway:
         self.trusted = TrustedProxies(config.server.trusted_proxies)
         self.health_rates = parse_rates(config.health.requests)
         if storage is None:
-            s = config.storage
-            # Only what the config sets explicitly: the URL's own ?prefix=, ?timeout_ms=, ...
-            # stand unless the [storage] table overrides them.
-            given = s.model_fields_set
-            storage = storage_from_url(
-                s.url,
-                fallback=s.fallback if "fallback" in given else None,
-                fallback_share=s.fallback_share if "fallback_share" in given else None,
-                timeout=s.timeout_ms / 1000 if "timeout_ms" in given else None,
-                prefix=s.prefix if "prefix" in given else None,
-            )
+            storage = configured_storage(config)
         self.limiter = RateLimiter(storage, overlimit_cache=config.storage.overlimit_cache)
         if backend is None:
             b = config.backend
