@@ -3,8 +3,9 @@
 Served as ``uvicorn http_apps:app --app-dir benchmarks`` with the variant chosen by environment:
 
 - ``HTTP_BENCH_LIBRARY``: ``bare`` (no limiting), ``bare-headers`` (no limiting, five fixed
-  rate-limit header fields), ``slowapi`` (the seed tutorial's code) or ``quotagate`` (the same
-  app on quotagate).
+  rate-limit header fields), ``inline`` (one GCRA limit written into the endpoint by hand: the
+  floor of any limiter on this stack), ``slowapi`` (the seed tutorial's code) or
+  ``quotagate`` (the same app on quotagate).
 - ``HTTP_BENCH_STORAGE``: ``memory://`` or ``redis://127.0.0.1:PORT/0``.
 - ``HTTP_BENCH_RATE``: the limit of ``POST /v1/completions`` (same for both libraries).
 
@@ -14,9 +15,11 @@ The handler body is the same in every variant; only the limiting around it diffe
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 
 LIBRARY = os.environ.get("HTTP_BENCH_LIBRARY", "bare")
 STORAGE_URL = os.environ.get("HTTP_BENCH_STORAGE", "memory://")
@@ -66,6 +69,54 @@ def bare_headers_app() -> FastAPI:
     return app
 
 
+def inline_app() -> FastAPI:
+    """A limiter with nothing around it: GCRA on the ``X-API-Key`` header in a dict, inside
+    the endpoint, and the five header fields with their real values through FastAPI's
+    sub-response. No library does less per request; what a library costs beyond it is its
+    generality (key functions, several limits, storages, the middleware). Its 429 is bare:
+    the benchmarks never reach the limit."""
+    capacity = _rate_amount()
+    interval = 60_000_000 // capacity  # microseconds per request at a "N/minute" rate
+    name = b'"%d-per-minute"' % capacity
+    policy = name + b";q=%d;w=60" % capacity
+    states: dict[bytes, int] = {}
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, response: Response) -> dict[str, Any]:
+        key = b""
+        for field, value in request.scope["headers"]:
+            if field == b"x-api-key":
+                key = value
+                break
+        now = time.time_ns() // 1000
+        tat = max(states.get(key, now), now) + interval
+        if tat - now > capacity * interval:
+            return JSONResponse({"error": "rate_limit_exceeded"}, status_code=429)
+        states[key] = tat
+        remaining = (capacity * interval - (tat - now)) // interval
+        reset = b"%d" % -(-(tat - now) // 1_000_000)
+        response.raw_headers.extend(
+            [
+                (b"x-ratelimit-limit", b"%d" % capacity),
+                (b"x-ratelimit-remaining", b"%d" % remaining),
+                (b"x-ratelimit-reset", reset),
+                (b"ratelimit-policy", policy),
+                (b"ratelimit", name + b";r=%d;t=%s" % (remaining, reset)),
+            ]
+        )
+        return completion()
+
+    return app
+
+
+def _rate_amount() -> int:
+    amount, _, period = RATE.partition("/")
+    if period != "minute":
+        raise SystemExit(f"the inline variant takes N/minute rates, got {RATE!r}")
+    return int(amount)
+
+
 def slowapi_app() -> FastAPI:
     """The seed tutorial's slowapi code (``headers_enabled`` needs ``request`` and ``response``)."""
     from slowapi import Limiter, _rate_limit_exceeded_handler
@@ -108,6 +159,7 @@ def quotagate_app() -> FastAPI:
 _FACTORIES = {
     "bare": bare_app,
     "bare-headers": bare_headers_app,
+    "inline": inline_app,
     "slowapi": slowapi_app,
     "quotagate": quotagate_app,
 }

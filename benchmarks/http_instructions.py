@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("bare", "bare-headers", "slowapi-memory", "quotagate-memory")
+VARIANTS = ("bare", "bare-headers", "inline", "slowapi-memory", "quotagate-memory")
 ENDPOINT = "/v1/completions"
 START_TIMEOUT = 300.0  # uvicorn under valgrind takes tens of seconds to import
 
