@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount
@@ -44,7 +46,7 @@ from .asgi import (
 )
 from .decision import Decision
 from .errors import ConfigError, StorageError
-from .http import retry_after_seconds
+from .http import rejection, retry_after_seconds
 from .identity import (
     KeyFunc,
     TrustedProxies,
@@ -236,6 +238,19 @@ class Limiter:
             default_scope = _scope_id(getattr(route, "path", request.url.path))
             decision = await self.check(request, [spec], default_scope)
             if decision is not None and not decision.allowed:
+                if RateLimitExceeded not in request.app.exception_handlers:
+                    # No init_app: nothing would answer our exception but a 500. Starlette's
+                    # HTTPException handler is always there: the seed's body under "detail".
+                    status, headers, body = rejection(decision)
+                    raise HTTPException(
+                        status,
+                        detail=json.loads(body),
+                        headers={
+                            k.decode(): v.decode()
+                            for k, v in headers
+                            if k not in (b"content-type", b"content-length")
+                        },
+                    )
                 raise RateLimitExceeded(decision)
 
         return rate_limit_dependency

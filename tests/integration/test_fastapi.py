@@ -482,3 +482,31 @@ async def test_reset_gives_every_client_a_fresh_start(clock: qg.FakeClock) -> No
     assert before == [200, 200, 429]
     assert after.status_code == 200
     assert after.headers["x-ratelimit-remaining"] == "1"
+
+
+async def test_the_dependency_form_without_init_app_answers_429_not_500(
+    clock: qg.FakeClock,
+) -> None:
+    """Without init_app no handler knows RateLimitExceeded: the dependency answers through
+    Starlette's HTTPException instead (the seed's body under ``detail``), never a 500."""
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock))
+    app = FastAPI()
+
+    @app.get("/x", dependencies=[Depends(limiter.depends("1/minute"))])
+    async def x() -> None:
+        return None
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="http://test",
+    ) as client:
+        first, second = [await client.get("/x") for _ in range(2)]
+    assert first.status_code == 200
+    assert second.status_code == 429
+    assert second.json()["detail"] == {
+        "error": "rate_limit_exceeded",
+        "message": "Too many requests. Try again in 60 seconds.",
+        "retry_after": 60,
+    }
+    assert second.headers["retry-after"] == "60"
+    assert second.headers["x-ratelimit-remaining"] == "0"
