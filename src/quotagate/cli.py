@@ -102,7 +102,7 @@ def serve(
     if workers == 1:
         from .gateway.app import create_app
 
-        uvicorn.run(create_app(config, config_path=config_path), **common)
+        uvicorn.run(create_app(config, config_path=config_path, overrides=overrides), **common)
         return
     # Worker processes import the app by name: hand them the config path and the flags.
     os.environ["QUOTAGATE_CONFIG"] = config_path or ""

@@ -13,8 +13,16 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..asgi import RawResponse
 from ..decision import Decision, LimitState
-from ..errors import StorageError
+from ..errors import ConfigError, StorageError
 from ..http import Headers, rate_limit_headers, rejection
 from ..identity import (
     TrustedProxies,
@@ -52,6 +60,9 @@ from .tokens import count_tokens, output_cap, prompt_tokens
 __all__ = ["Gateway", "create_app"]
 
 logger = logging.getLogger("quotagate")
+
+#: ``[server]`` fields the listening socket is built with: a reload cannot change them.
+_RESTART_SERVER_FIELDS = ("host", "port", "max_header_bytes", "request_timeout_s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,17 +199,11 @@ class Gateway:
         backend: Backend | None = None,
         storage: Storage | None = None,
         config_path: str | None = None,
+        overrides: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        self.config = config
         self.config_path = config_path
-        self.tiers = {
-            name: _Tier.from_config(name, tier, config.shadow)
-            for name, tier in config.tiers.items()
-        }
-        self.keys: dict[str, KeyConfig] = {key.digest: key for key in config.keys}
-        self.anonymous = self.tiers[config.anonymous.tier] if config.anonymous else None
-        self.trusted = TrustedProxies(config.server.trusted_proxies)
-        self.health_rates = parse_rates(config.health.requests)
+        self.overrides = overrides or {}
+        self._apply(config)
         if storage is None:
             storage = configured_storage(config)
         self.limiter = RateLimiter(storage, overlimit_cache=config.storage.overlimit_cache)
@@ -219,8 +224,67 @@ class Gateway:
         self.metrics = PrometheusMetrics()
         self.lease_ttl = config.backend.timeout_s + 30
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _apply(self, config: GatewayConfig) -> None:
+        """Take the parts of ``config`` that change without a restart."""
+        self.config = config
+        self.tiers = {
+            name: _Tier.from_config(name, tier, config.shadow)
+            for name, tier in config.tiers.items()
+        }
+        self.keys: dict[str, KeyConfig] = {key.digest: key for key in config.keys}
+        self.anonymous = self.tiers[config.anonymous.tier] if config.anonymous else None
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
+        self.health_rates = parse_rates(config.health.requests)
         # Configured keys seen on the wire -> their caller: saves a SHA-256 per request.
         self._known: dict[str, _Caller] = {}
+
+    def reload(self) -> bool:
+        """Read the config file again (``kill -HUP``): keys, tiers, anonymous access, health
+        limit, shadow mode, trusted proxies, the body limit and the log level change at once,
+        for the requests that follow. What the running process is built on (storage, backend,
+        the listening socket and its bounds) needs a restart: kept, with a warning naming it.
+        A file that does not validate changes nothing. Returns whether it was applied."""
+        if self.config_path is None:
+            logger.warning("quotagate: nothing to reload: running the built-in default config")
+            return False
+        try:
+            new = load_config(self.config_path, overrides=self.overrides)
+        except ConfigError as exc:
+            logger.error(
+                "quotagate: %s not reloaded, the running config stays:\n%s", self.config_path, exc
+            )
+            return False
+        old = self.config
+        server = new.server.model_copy(
+            update={name: getattr(old.server, name) for name in _RESTART_SERVER_FIELDS}
+        )
+        kept = [
+            f"server.{name}"
+            for name in _RESTART_SERVER_FIELDS
+            if getattr(new.server, name) != getattr(old.server, name)
+        ]
+        kept += [
+            name for name in ("storage", "backend") if getattr(new, name) != getattr(old, name)
+        ]
+        if kept:
+            logger.warning(
+                "quotagate: %s changed, which needs a restart: the running value is kept",
+                ", ".join(kept),
+            )
+        self._apply(
+            new.model_copy(
+                update={"server": server, "storage": old.storage, "backend": old.backend}
+            )
+        )
+        logging.getLogger("quotagate").setLevel(new.log_level.upper())
+        logger.info(
+            "quotagate: reloaded %s: %d tiers, %d keys",
+            self.config_path,
+            len(self.tiers),
+            len(self.keys),
+        )
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -815,18 +879,34 @@ def create_app(
     backend: Backend | None = None,
     storage: Storage | None = None,
     config_path: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> FastAPI:
-    """The gateway as a FastAPI app (``quotagate serve`` runs this under uvicorn)."""
+    """The gateway as a FastAPI app (``quotagate serve`` runs this under uvicorn).
+
+    ``overrides``: the command line's flags, which a reload keeps above the file.
+    """
     gateway = Gateway(
-        config or load_config(), backend=backend, storage=storage, config_path=config_path
+        config or load_config(),
+        backend=backend,
+        storage=storage,
+        config_path=config_path,
+        overrides=overrides,
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        loop = asyncio.get_running_loop()
+        try:  # SIGHUP reloads; only a main thread's loop can take signals
+            loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+            hup = True
+        except (NotImplementedError, RuntimeError, ValueError):
+            hup = False
         try:
             yield
         finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
             await gateway.aclose()
 
     app = _GatewayApp(
