@@ -155,18 +155,24 @@ def check_config(path: str) -> None:
 
 @main.command("reset")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--key", "api_key", help="Only this API key's counters.")
+@click.option("--ip", help="Only this client address's counters (anonymous callers).")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def reset(config_path: str | None, yes: bool) -> None:
-    """Forget every counter in the configured Redis: every client starts afresh.
+def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: bool) -> None:
+    """Forget counters in the configured Redis: every client's, or one client's.
 
-    Deletes the keys under the storage's prefix (SCAN + UNLINK), on every gateway sharing it.
+    Deletes the keys under the storage's prefix (SCAN + UNLINK), for every gateway sharing it.
     """
     import asyncio
 
     from .gateway.app import configured_storage
     from .gateway.config import load_config
-    from .storage import FallbackStorage, mask_url
+    from .identity import key_client_id, mask_key
+    from .storage import FallbackStorage, RedisStorage, mask_url
 
+    if api_key is not None and ip is not None:
+        click.echo("give --key or --ip, not both", err=True)
+        sys.exit(2)
     try:
         config = load_config(config_path)
         storage = configured_storage(config)
@@ -175,30 +181,37 @@ def reset(config_path: str | None, yes: bool) -> None:
     where = mask_url(config.storage.url)
     if isinstance(storage, FallbackStorage):
         storage = storage.primary  # Redis itself: an outage is an error, not a memory reset
-    elif storage.mode == "memory":
+    if not isinstance(storage, RedisStorage):
         click.echo(
             f"storage {where} keeps counters inside each gateway process: restart the gateway "
             "to reset them",
             err=True,
         )
         sys.exit(1)
-    prefix = getattr(storage, "prefix", "")
+    redis_storage = storage
+    client = None
+    whose = "every client"
+    if api_key is not None:
+        client, whose = key_client_id(hash_api_key(api_key)), f"key {mask_key(api_key)}"
+    elif ip is not None:
+        client, whose = "ip:" + ip, f"ip {ip}"
+    scope = f"prefix {redis_storage.prefix!r} at {where}"
     if not yes:
-        click.confirm(f"Delete every key under prefix {prefix!r} at {where}?", abort=True)
+        click.confirm(f"Delete the counters of {whose} under {scope}?", abort=True)
 
     async def run() -> int:
-        await storage.start()
+        await redis_storage.start()
         try:
-            return await storage.reset()
+            return await redis_storage.reset(client)
         finally:
-            await storage.aclose()
+            await redis_storage.aclose()
 
     try:
         deleted = asyncio.run(run())
     except (StorageError, ConfigError) as exc:
         click.echo(f"reset failed: {exc}", err=True)
         sys.exit(1)
-    click.echo(f"reset: {deleted} keys deleted under prefix {prefix!r} at {where}")
+    click.echo(f"reset: {deleted} keys deleted ({whose}) under {scope}")
 
 
 @main.group()

@@ -15,6 +15,7 @@ from helpers import QuotagateProcess, config_from, in_process, limits_of, run_cl
 
 import quotagate as qg
 from quotagate.gateway.app import create_app
+from quotagate.identity import hash_api_key, key_client_id
 from support import RedisServer, free_port
 
 GOOD = """
@@ -215,31 +216,49 @@ def _answers(port: int) -> bool:
 async def test_reset_deletes_the_configured_prefix_after_asking(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
+    """``quotagate reset``: every client's counters, or one API key's or one address's (as the
+    gateway names them in its keys), never anything outside the prefix."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     path = tmp_path / "gateway.toml"
     path.write_text(f'[storage]\nurl = "{redis_server.url}"\nprefix = "{prefix}"\n' + GOOD)
+    alice = "{" + key_client_id(hash_api_key("sk-dev-alice")) + "}"
+    bob = "{" + key_client_id(hash_api_key("sk-dev-bob")) + "}"
     raw = redis.Redis(port=redis_server.port)
     raw.set(f"{prefix}-foreign", "keep me")
     async with qg.RedisStorage(redis_server.url, prefix=prefix) as storage:
         limiter = qg.RateLimiter(storage)
-        for client in ("alice", "bob", "carol"):
-            await limiter.hit(client, "5/minute")
+        for client in (alice, bob, "{ip:203.0.113.7}"):
+            await limiter.hit(client + ":req", "5/minute")
+            await limiter.hit(client + ":tok", "500/minute", cost=20)
+
+    def left() -> list[bytes]:
+        return sorted(raw.keys(f"{prefix}:*"))
+
     try:
         declined = run_cli("reset", "--config", str(path), input="n\n")
-        kept = len(raw.keys(f"{prefix}:*"))
-        done = run_cli("reset", "--config", str(path), "--yes")
-        left = raw.keys(f"{prefix}:*")
+        after_declining = len(left())
+        one_key = run_cli("reset", "--config", str(path), "--key", "sk-dev-alice", "--yes")
+        after_one_key = left()
+        one_ip = run_cli("reset", "--config", str(path), "--ip", "203.0.113.7", "--yes")
+        after_one_ip = left()
+        everyone = run_cli("reset", "--config", str(path), "--yes")
+        after_everyone = left()
         foreign = raw.get(f"{prefix}-foreign")
     finally:
         raw.delete(f"{prefix}-foreign")
         raw.close()
     assert declined.returncode == 1  # click's abort
-    assert kept == 3
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == (
-        f"reset: 3 keys deleted under prefix '{prefix}:' at {redis_server.url}"
+    assert after_declining == 6
+    assert one_key.returncode == 0, one_key.stderr
+    assert one_key.stdout.strip() == (
+        f"reset: 2 keys deleted (key sk-…lice) under prefix '{prefix}:' at {redis_server.url}"
     )
-    assert left == []
+    assert len(after_one_key) == 4
+    assert not any(alice.encode() in key for key in after_one_key)
+    assert one_ip.stdout.startswith("reset: 2 keys deleted (ip 203.0.113.7)")
+    assert [bob.encode() in key for key in after_one_ip] == [True, True]
+    assert everyone.stdout.startswith("reset: 2 keys deleted (every client)")
+    assert after_everyone == []
     assert foreign == b"keep me"
 
 

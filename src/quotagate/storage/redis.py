@@ -159,15 +159,18 @@ class RedisStorage:
         except (RedisError, OSError, TimeoutError, hiredis.ReplyError) as exc:
             raise StorageError(f"Redis release failed: {exc!r}") from exc
 
-    async def reset(self) -> int:
-        """Delete every key under this storage's prefix, for every instance that shares it.
+    async def reset(self, client: str | None = None) -> int:
+        """Delete every key under this storage's prefix, for every instance that shares it;
+        with ``client`` (``key:<hash>``, ``ip:<address>``: what goes in a key's hash tag), only
+        that client's keys.
 
         SCAN and UNLINK in batches (every node of a cluster): never KEYS or FLUSHDB, and
         nothing outside the prefix is touched, so it needs one.
         """
         if not self.prefix:
             raise ConfigError("reset needs a key prefix: without one it would empty the database")
-        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", self.prefix) + "*"  # the prefix, as a glob
+        start = self.prefix if client is None else f"{self.prefix}{{{client}}}"
+        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", start) + "*"  # the start, as a glob
         deleted = 0
         batch: list[Any] = []
         try:
