@@ -238,7 +238,7 @@ class Limiter:
             default_scope = _scope_id(getattr(route, "path", request.url.path))
             decision = await self.check(request, [spec], default_scope)
             if decision is not None and not decision.allowed:
-                if RateLimitExceeded not in request.app.exception_handlers:
+                if _app_handler(request) is None:
                     # No init_app: nothing would answer our exception but a 500. Starlette's
                     # HTTPException handler is always there: the seed's body under "detail".
                     status, headers, body = rejection(decision)
@@ -330,7 +330,7 @@ class Limiter:
             request = kwargs.pop(_REQUEST_PARAM) if request_param is None else kwargs[request_param]
             decision = await self.check(request, specs, default_scope)
             if decision is not None and not decision.allowed:
-                handler = request.app.exception_handlers.get(RateLimitExceeded)
+                handler = _app_handler(request)
                 if handler is not None and handler is not _rate_limit_exceeded_handler:
                     raise RateLimitExceeded(decision)  # the app's own answer
                 return RejectionResponse(decision)
@@ -366,6 +366,13 @@ def _resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
 
 def _is_request(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Request)
+
+
+def _app_handler(request: Request) -> Any:
+    """The app's handler for RateLimitExceeded: ours after ``init_app``, the app's own if it
+    registered one, None without either (or outside a Starlette app)."""
+    handlers = getattr(request.scope.get("app"), "exception_handlers", None) or {}
+    return handlers.get(RateLimitExceeded)
 
 
 async def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Response:
