@@ -141,6 +141,7 @@ class Limiter:
         self.enabled = enabled
         # Until init_app installs the middleware, nothing adds the headers of an admitted
         # request (the seed's ``app.state.limiter = limiter`` alone): say so, once.
+        self._installed = False  # init_app called (on some app)
         self._warn_headerless = headers_enabled
 
     @property
@@ -162,6 +163,7 @@ class Limiter:
         """Install the limiter on an app: headers on every response, the 429 handler for the
         dependency form, default limits, and start/stop with the app's lifespan."""
         app.state.limiter = self
+        self._installed = True
         self._warn_headerless = False
         app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
         app.add_middleware(_LimiterMiddleware, limiter=self, app_routes=app)
@@ -238,8 +240,9 @@ class Limiter:
             default_scope = _scope_id(getattr(route, "path", request.url.path))
             decision = await self.check(request, [spec], default_scope)
             if decision is not None and not decision.allowed:
-                if _app_handler(request) is None:
-                    # No init_app: nothing would answer our exception but a 500. Starlette's
+                if not self._installed and _app_handler(request) is None:
+                    # No init_app: nothing would answer our exception but a 500 (with it, the
+                    # app it was called on answers, even from a mounted sub-app). Starlette's
                     # HTTPException handler is always there: the seed's body under "detail".
                     status, headers, body = rejection(decision)
                     raise HTTPException(
@@ -387,11 +390,15 @@ class _LimiterMiddleware:
         self.app = app
         self.limiter = limiter
         self.routes_of = app_routes
+        self._mounts_ready = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self._mounts_ready:  # the first request: every mount is in place by now
+            self._mounts_ready = True
+            _share_handler(self.routes_of)
         limiter = self.limiter
         if limiter.default_limits and limiter.enabled:
             endpoint, path = _find_endpoint(self.routes_of.routes, scope)
@@ -408,6 +415,19 @@ class _LimiterMiddleware:
         if limiter.headers_enabled:
             send = with_rate_limit_headers(scope, send)
         await self.app(scope, receive, send)
+
+
+def _share_handler(app: Starlette) -> None:
+    """Give mounted Starlette apps the app's RateLimitExceeded handler, unless they have one.
+
+    Each has its own ServerErrorMiddleware, which would answer our exception with a 500
+    before it reached the handler ``init_app`` installed on the outer app.
+    """
+    handler = app.exception_handlers.get(RateLimitExceeded, _rate_limit_exceeded_handler)
+    for route in app.routes:
+        if isinstance(route, Mount) and isinstance(route.app, Starlette):
+            route.app.exception_handlers.setdefault(RateLimitExceeded, handler)
+            _share_handler(route.app)
 
 
 def _find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]:

@@ -74,13 +74,20 @@ async def test_mounted_sub_app(limiter: Limiter) -> None:
     async def thing() -> dict[str, bool]:
         return {"ok": True}
 
+    @sub.get("/dep", dependencies=[Depends(limiter.depends("1/minute"))])
+    async def dep() -> dict[str, bool]:
+        return {"ok": True}
+
     app.mount("/sub", sub)
     async with _client(app) as client:
-        first = await client.get("/sub/thing")
-        second = await client.get("/sub/thing")
-    assert first.status_code == 200
-    assert first.headers["x-ratelimit-limit"] == "1"
-    assert second.status_code == 429
+        for path in ("/sub/thing", "/sub/dep"):
+            first = await client.get(path)
+            second = await client.get(path)
+            assert first.status_code == 200
+            assert first.headers["x-ratelimit-limit"] == "1"
+            assert second.status_code == 429
+            # The main app's handler answers for the sub-app: the seed's body, as is.
+            assert second.json()["error"] == "rate_limit_exceeded", path
 
 
 async def test_headers_on_streaming_and_error_responses(limiter: Limiter) -> None:
@@ -419,8 +426,8 @@ async def test_an_app_handler_for_rate_limit_exceeded_shapes_every_rejection(
     clock: qg.FakeClock,
 ) -> None:
     """The seed's "exception handler for the 429": registered for ``RateLimitExceeded``, it
-    answers rejections of the decorator, the dependency and the default limits alike, and the
-    rate-limit headers are still added to its answer."""
+    answers rejections of the decorator, the dependency and the default limits alike (in
+    mounted sub-apps too), and the rate-limit headers are still added to its answer."""
     limiter = Limiter(storage=qg.MemoryStorage(clock=clock), default_limits=["1/minute"])
     app = FastAPI()
     limiter.init_app(app)
@@ -448,10 +455,19 @@ async def test_an_app_handler_for_rate_limit_exceeded_shapes_every_rejection(
     async def default() -> None:
         return None
 
+    sub = FastAPI()
+
+    @sub.get("/decorated")
+    @limiter.limit("1/minute")
+    async def sub_decorated() -> None:
+        return None
+
+    app.mount("/sub", sub)
+
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://test"
     ) as client:
-        for path in ("/decorated", "/dep", "/default"):
+        for path in ("/decorated", "/dep", "/default", "/sub/decorated"):
             first, second = [await client.get(path) for _ in range(2)]
             assert first.status_code == 200, path
             assert second.status_code == 429, path
