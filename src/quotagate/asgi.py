@@ -27,6 +27,7 @@ from .identity import (
     TrustedProxies,
     api_key_or_ip,
     display_key,
+    settled_key,
     storage_id,
     with_trusted_proxies,
 )
@@ -183,8 +184,8 @@ class RateLimitMiddleware:
                 f"quotagate.fastapi.Limiter, got {type(limiter).__name__}"
             )
         key_func = key_func or api_key_or_ip
-        trusted = TrustedProxies(trusted_proxies)
-        self.key_func = with_trusted_proxies(key_func, trusted)
+        self.trusted = TrustedProxies(trusted_proxies)
+        self.key_func = with_trusted_proxies(key_func, self.trusted)
         self.rules = [rule if isinstance(rule, Rule) else Rule(*rule) for rule in rules]
         for rule in self.rules:
             if rule.rates is not None:
@@ -206,7 +207,9 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request = Request(scope, receive)
-        key = await maybe_await((rule.key_func or self.key_func)(request))
+        key = (rule.key_func or self.key_func)(request)
+        if not isinstance(key, str):  # async, None or not text
+            key = await settled_key(key, request, self.trusted)
         cost = rule.cost if isinstance(rule.cost, int) else await maybe_await(rule.cost(request))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(

@@ -52,6 +52,7 @@ from .identity import (
     TrustedProxies,
     api_key_or_ip,
     display_key,
+    settled_key,
     storage_id,
     with_trusted_proxies,
 )
@@ -279,8 +280,8 @@ class Limiter:
             )
             key_func = self.key_func if spec.key_func is None else spec.key_func
             key = key_func(request)
-            if not isinstance(key, str):  # an async key function
-                key = await maybe_await(key)
+            if not isinstance(key, str):  # async, None or not text
+                key = await settled_key(key, request, self.trusted_proxies)
             if logger.isEnabledFor(logging.DEBUG):
                 logger.debug(
                     "quotagate: %s %s -> client %s",
@@ -330,7 +331,14 @@ class Limiter:
 
         @functools.wraps(func)
         async def endpoint(*args: Any, **kwargs: Any) -> Any:
-            request = kwargs.pop(_REQUEST_PARAM) if request_param is None else kwargs[request_param]
+            if request_param is None:
+                request = kwargs.pop(_REQUEST_PARAM, None)
+            else:
+                request = kwargs.get(request_param)
+            if request is None:  # a Starlette endpoint: called as endpoint(request)
+                request = next((a for a in args if isinstance(a, Request)), None)
+                if request is None:
+                    raise TypeError(f"{func.__qualname__}: a limited endpoint needs its request")
             decision = await self.check(request, specs, default_scope)
             if decision is not None and not decision.allowed:
                 handler = _app_handler(request)

@@ -13,6 +13,7 @@ the raw API key never reaches storage or logs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -255,6 +256,17 @@ def with_trusted_proxies(key_func: KeyFunc, trusted: TrustedProxies) -> KeyFunc:
     if isinstance(key_func, _BuiltinKeyFunc) and trusted and not key_func.trusted:
         return key_func.trusting(trusted)
     return key_func
+
+
+async def settled_key(key: Any, request: HasScope, trusted: TrustedProxies) -> str:
+    """What a key function gave that is not a plain string, as a key: an async one's result
+    awaited; None (it could not tell who the client is) becomes the client's address, so
+    unidentified clients are counted each on their own, not all as one; anything else, text."""
+    if inspect.isawaitable(key):
+        key = await key
+    if key is None:
+        return trusted.client_host(request.scope)
+    return key if isinstance(key, str) else str(key)
 
 
 def storage_id(key: str) -> str:

@@ -166,3 +166,17 @@ async def test_the_limiter_may_be_a_storage_or_the_fastapi_limiter(clock: qg.Fak
 def test_a_limiter_of_another_kind_is_a_config_error() -> None:
     with pytest.raises(qg.ConfigError, match="limiter: expected"):
         RateLimitMiddleware(JSONResponse({}), limiter=42, rules=[("/x", "1/minute")])  # type: ignore[arg-type]
+
+
+async def test_a_key_function_answering_none_counts_by_address(clock: qg.FakeClock) -> None:
+    app = _app(clock, [("/v1/*", "1/minute")], key_func=lambda request: None)
+
+    def client(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(address, 5000))
+        return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+    async with client("203.0.113.1") as one, client("203.0.113.2") as two:
+        first = [(await one.post("/v1/completions")).status_code for _ in range(2)]
+        other = (await two.post("/v1/completions")).status_code
+    assert first == [200, 429]
+    assert other == 200

@@ -526,3 +526,58 @@ async def test_the_dependency_form_without_init_app_answers_429_not_500(
     }
     assert second.headers["retry-after"] == "60"
     assert second.headers["x-ratelimit-remaining"] == "0"
+
+
+async def test_plain_starlette_endpoints_take_the_decorator(clock: qg.FakeClock) -> None:
+    """Starlette calls ``endpoint(request)``: sync and async endpoints alike, headers added."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock))
+
+    @limiter.limit("1/minute")
+    async def home(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("home")
+
+    @limiter.limit("1/minute")
+    def blocking(request):  # type: ignore[no-untyped-def]  # unannotated, as Starlette allows
+        return PlainTextResponse("sync")
+
+    app = Starlette(routes=[Route("/", home), Route("/sync", blocking)])
+    limiter.init_app(app)
+    async with _client(app) as client:
+        for path, text in (("/", "home"), ("/sync", "sync")):
+            first, second = [await client.get(path) for _ in range(2)]
+            assert (first.status_code, first.text) == (200, text)
+            assert first.headers["x-ratelimit-remaining"] == "0"
+            assert second.status_code == 429
+            assert second.json()["error"] == "rate_limit_exceeded"
+
+
+async def test_a_key_function_that_cannot_tell_counts_by_address(clock: qg.FakeClock) -> None:
+    """``request.headers.get("x-user")`` is None without the header: those callers are
+    counted by their address, each apart (not all as one client, and not a 500)."""
+    limiter = Limiter(
+        key_func=lambda request: request.headers.get("x-user"),
+        storage=qg.MemoryStorage(clock=clock),
+    )
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/x")
+    @limiter.limit("1/minute")
+    async def x() -> None:
+        return None
+
+    def client(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(address, 5000))
+        return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+    async with client("203.0.113.1") as one, client("203.0.113.2") as two:
+        first = [(await one.get("/x")).status_code for _ in range(2)]
+        other = (await two.get("/x")).status_code
+        named = (await one.get("/x", headers={"x-user": "ann"})).status_code
+    assert first == [200, 429]
+    assert other == 200
+    assert named == 200
