@@ -143,6 +143,7 @@ class Limiter:
         # Until init_app installs the middleware, nothing adds the headers of an admitted
         # request (the seed's ``app.state.limiter = limiter`` alone): say so, once.
         self._installed = False  # init_app called (on some app)
+        self._wrapped: set[int] = set()  # ids of the endpoints given a limit, unwrapped
         self._warn_headerless = headers_enabled
 
     @property
@@ -314,6 +315,7 @@ class Limiter:
         return decision
 
     def _wrap(self, func: F, specs: list[_LimitSpec]) -> F:
+        self._wrapped.add(id(func))  # the wrapper keeps func alive: its id stays its own
         signature = _resolved_signature(func)
         request_param = next(
             (p.name for p in signature.parameters.values() if _is_request(p.annotation)), None
@@ -404,9 +406,10 @@ class _LimiterMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._mounts_ready:  # the first request: every mount is in place by now
+        if not self._mounts_ready:  # the first request: every route and mount is in place
             self._mounts_ready = True
             _share_handler(self.routes_of)
+            _warn_unlimited_routes(self.routes_of.routes, self.limiter._wrapped)
         limiter = self.limiter
         if limiter.default_limits and limiter.enabled:
             endpoint, path = _find_endpoint(self.routes_of.routes, scope)
@@ -436,6 +439,24 @@ def _share_handler(app: Starlette) -> None:
         if isinstance(route, Mount) and isinstance(route.app, Starlette):
             route.app.exception_handlers.setdefault(RateLimitExceeded, handler)
             _share_handler(route.app)
+
+
+def _warn_unlimited_routes(
+    routes: Iterable[BaseRoute], wrapped: set[int], prefix: str = ""
+) -> None:
+    """Say which routes registered an endpoint without its limit: ``@limiter.limit`` above
+    ``@app.get(...)`` limits a copy the app never calls (slowapi's classic silent mistake)."""
+    for route in routes:
+        if isinstance(route, Mount):
+            inner = route.routes or getattr(getattr(route.app, "router", None), "routes", [])
+            _warn_unlimited_routes(inner, wrapped, prefix + route.path)
+        elif id(getattr(route, "endpoint", None)) in wrapped:
+            logger.warning(
+                "quotagate: %s%s is NOT limited: put @limiter.limit(...) below @app.<method>(...),"
+                " next to the function",
+                prefix,
+                getattr(route, "path", "?"),
+            )
 
 
 def _find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]:

@@ -581,3 +581,40 @@ async def test_a_key_function_that_cannot_tell_counts_by_address(clock: qg.FakeC
     assert first == [200, 429]
     assert other == 200
     assert named == 200
+
+
+async def test_a_limit_above_the_route_decorator_is_named_in_a_warning(
+    clock: qg.FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``@limiter.limit`` above ``@app.get`` limits a function the app never calls: the route
+    is unlimited. Said once, on the first request, naming the route (a sub-app's included)."""
+    limiter = Limiter(storage=qg.MemoryStorage(clock=clock))
+    app, sub = FastAPI(), FastAPI()
+    limiter.init_app(app)
+
+    @limiter.limit("1/minute")
+    @app.get("/upside-down")
+    async def upside_down() -> None:
+        return None
+
+    @limiter.limit("1/minute")
+    @sub.get("/also")
+    async def also() -> None:
+        return None
+
+    @app.get("/right")
+    @limiter.limit("1/minute")
+    async def right() -> None:
+        return None
+
+    app.mount("/sub", sub)
+    with caplog.at_level(logging.WARNING, logger="quotagate"):
+        async with _client(app) as client:
+            statuses = [(await client.get("/upside-down")).status_code for _ in range(2)]
+            await client.get("/right")
+    warnings = sorted(r.getMessage() for r in caplog.records if "NOT limited" in r.getMessage())
+    assert statuses == [200, 200]  # what the warning is about
+    assert [w.split(" is NOT")[0] for w in warnings] == [
+        "quotagate: /sub/also",
+        "quotagate: /upside-down",
+    ]
