@@ -228,8 +228,8 @@ async def test_reset_deletes_the_configured_prefix_after_asking(
     async with qg.RedisStorage(redis_server.url, prefix=prefix) as storage:
         limiter = qg.RateLimiter(storage)
         for client in (alice, bob, "{ip:203.0.113.7}"):
-            await limiter.hit(client + ":req", "5/minute")
-            await limiter.hit(client + ":tok", "500/minute", cost=20)
+            await limiter.hit(client + ":req", "5/day")
+            await limiter.hit(client + ":tok", "500/day", cost=20)
 
     def left() -> list[bytes]:
         return sorted(raw.keys(f"{prefix}:*"))

@@ -223,13 +223,13 @@ async def test_reset_deletes_its_prefix_only_and_prefix_globs_are_literal(
         async with starred, neighbour:
             mine, theirs = qg.RateLimiter(starred), qg.RateLimiter(neighbour)
             for i in range(1200):  # over two SCAN / UNLINK batches
-                await mine.hit(f"client-{i}", "5/minute")
-            await theirs.hit("client-0", "5/minute")
+                await mine.hit(f"client-{i}", "5/day")
+            await theirs.hit("client-0", "5/day")
             await raw.set(f"{key_prefix}-foreign", "keep me")
 
             assert await mine.reset() == 1200
-            assert (await mine.hit("client-0", "5/minute")).remaining == 4
-            assert (await theirs.hit("client-0", "5/minute")).remaining == 3  # untouched
+            assert (await mine.hit("client-0", "5/day")).remaining == 4
+            assert (await theirs.hit("client-0", "5/day")).remaining == 3  # untouched
             assert await raw.get(f"{key_prefix}-foreign") == b"keep me"
     finally:
         await raw.delete(f"{key_prefix}-foreign")
@@ -252,10 +252,10 @@ async def test_reset_of_the_fallback_storage_resets_both_sides(
     limiter = qg.RateLimiter(storage, overlimit_cache=True)
     async with storage:
         for _ in range(3):
-            await limiter.hit("alice", "2/minute")
-        await qg.RateLimiter(storage.memory).hit("bob", "2/minute")  # a state on that side
+            await limiter.hit("alice", "2/day")
+        await qg.RateLimiter(storage.memory).hit("bob", "2/day")  # a state on that side
         assert await limiter.reset() == 2  # Redis' alice, the memory side's bob
-        assert (await limiter.hit("alice", "2/minute")).allowed  # not the cached 429
+        assert (await limiter.hit("alice", "2/day")).allowed  # not the cached 429
         assert len(storage.memory) == 0
 
         shared, storage.primary = storage.primary, qg.RedisStorage("redis://127.0.0.1:1/0")

@@ -217,7 +217,7 @@ async def test_a_zero_ttl_acquire_reads_free_slots(limiter: qg.RateLimiter) -> N
 
 
 async def test_reset_forgets_every_state(limiter: qg.RateLimiter) -> None:
-    hits = [qg.Hit("{a}:req", "2/minute"), qg.Hit("{b}:req", "2/minute", algorithm="fixed_window")]
+    hits = [qg.Hit("{a}:req", "2/day"), qg.Hit("{b}:req", "2/day", algorithm="fixed_window")]
     for _ in range(2):
         assert (await limiter.hit_many(hits)).allowed
     lease = await limiter.acquire("{a}:conc", 1)
