@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
@@ -62,7 +63,13 @@ __all__ = ["Gateway", "create_app"]
 logger = logging.getLogger("quotagate")
 
 #: ``[server]`` fields the listening socket is built with: a reload cannot change them.
-_RESTART_SERVER_FIELDS = ("host", "port", "max_header_bytes", "request_timeout_s")
+_RESTART_SERVER_FIELDS = (
+    "host",
+    "port",
+    "max_header_bytes",
+    "request_timeout_s",
+    "cors_allow_origins",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -842,6 +849,19 @@ _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed"}
 _INFERENCE: dict[str, Route] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
+#: Response headers a page's code may read across origins (CORS): the rate-limit contract.
+_CORS_EXPOSED = [
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit-policy",
+    "ratelimit",
+    "retry-after",
+    "retry-after-ms",
+    *(name.decode() for names in _OPENAI_NAMES.values() for name in names),
+]
+
+
 class _GatewayApp(FastAPI):
     """FastAPI for everything but the two inference routes, which go straight to the gateway.
 
@@ -854,8 +874,26 @@ class _GatewayApp(FastAPI):
     def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gateway = gateway
+        origins = gateway.config.server.cors_allow_origins
+        # Browsers calling the gateway directly: preflights answered, and the rate-limit
+        # headers readable by the page's code (so it can pace itself). Around everything.
+        self._entry: Callable[[Scope, Receive, Send], Awaitable[None]] = (
+            CORSMiddleware(
+                self._dispatch,
+                allow_origins=origins,
+                allow_methods=["GET", "POST"],
+                allow_headers=["*"],
+                expose_headers=_CORS_EXPOSED,
+                max_age=600,
+            )
+            if origins
+            else self._dispatch
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._entry(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = _INFERENCE.get(scope["path"]) if scope["type"] == "http" else None
         if route is None or scope["method"] != "POST":
             await super().__call__(scope, receive, send)

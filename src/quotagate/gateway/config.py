@@ -110,6 +110,7 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(1_048_576, gt=0)
     max_header_bytes: int = Field(32_768, ge=1024)
     request_timeout_s: float = Field(30, gt=0)
+    cors_allow_origins: list[str] = []
 
 
 class StorageConfig(_Section):
