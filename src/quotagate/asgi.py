@@ -192,6 +192,18 @@ class RateLimitMiddleware:
                 as_rates(rule.rates)  # a bad rate fails at start-up, not on a request
         self._patterns = [re.compile(translate(rule.pattern)) for rule in self.rules]
 
+    def _closing_at_shutdown(self, receive: Receive) -> Receive:
+        """The app's lifespan, closing the engine (its Redis connections) at shutdown; it
+        connects on the first request it decides."""
+
+        async def lifespan_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.limiter.aclose()
+            return message
+
+        return lifespan_receive
+
     def match(self, path: str, method: str) -> Rule | None:
         for rule, pattern in zip(self.rules, self._patterns, strict=True):
             if pattern.match(path) and (rule.methods is None or method in rule.methods):
@@ -200,6 +212,8 @@ class RateLimitMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._closing_at_shutdown(receive)
             await self.app(scope, receive, send)
             return
         rule = self.match(scope["path"], scope["method"])

@@ -180,3 +180,25 @@ async def test_a_key_function_answering_none_counts_by_address(clock: qg.FakeClo
         other = (await two.post("/v1/completions")).status_code
     assert first == [200, 429]
     assert other == 200
+
+
+async def test_the_engine_is_closed_when_the_app_shuts_down(clock: qg.FakeClock) -> None:
+    """The lifespan passes through to the app; at its shutdown the engine lets go of its
+    storage (Redis connections)."""
+    import asyncio
+
+    app = _app(clock, [("/v1/*", "5/minute")])
+    async with _client(app) as client:
+        await client.post("/v1/completions")  # connects the engine
+    assert app.limiter.started
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: list[str] = []
+    for message in ("lifespan.startup", "lifespan.shutdown"):
+        inbox.put_nowait({"type": message})
+
+    async def send(message: dict[str, Any]) -> None:
+        outbox.append(message["type"])
+
+    await app({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send)  # type: ignore[arg-type]
+    assert outbox == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert not app.limiter.started
