@@ -11,7 +11,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+import httpx
 
 
 def free_port() -> int:
@@ -191,3 +193,12 @@ def stop_process(process: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def asgi_client(app: Any, address: str | None = None) -> httpx.AsyncClient:
+    """An httpx client calling ``app`` in process, as the peer ``address`` when given."""
+    if address is None:
+        transport = httpx.ASGITransport(app=app)
+    else:
+        transport = httpx.ASGITransport(app=app, client=(address, 5000))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -13,6 +12,7 @@ from starlette.routing import Route
 
 import quotagate as qg
 from quotagate.asgi import RateLimitMiddleware, Rule
+from support import asgi_client
 
 
 async def hello(request: Request) -> PlainTextResponse:
@@ -40,13 +40,9 @@ def _app(clock: qg.FakeClock, rules: list[Any], **kwargs: Any) -> RateLimitMiddl
     return RateLimitMiddleware(inner, limiter=limiter, rules=rules, **kwargs)
 
 
-def _client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
-
-
 async def test_rules_limit_matching_paths_and_the_first_match_wins(clock: qg.FakeClock) -> None:
     app = _app(clock, [("/health", "600/minute"), ("/v1/*", "2/minute")])
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         completions = [(await client.post("/v1/completions")).status_code for _ in range(3)]
         chat = await client.post("/v1/chat/completions")  # shares the /v1/* counter
         health = await client.get("/health")
@@ -60,7 +56,7 @@ async def test_rules_limit_matching_paths_and_the_first_match_wins(clock: qg.Fak
 
 async def test_rejection_body_and_headers(clock: qg.FakeClock) -> None:
     app = _app(clock, [("/v1/*", "1/minute")])
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         await client.post("/v1/completions")
         over = await client.post("/v1/completions")
     assert over.status_code == 429
@@ -78,7 +74,7 @@ async def test_exempt_rule_method_filter_and_cost(clock: qg.FakeClock) -> None:
         Rule("/v1/*", "10/minute", methods=frozenset({"POST"}), cost=lambda r: 4),
     ]
     app = _app(clock, rules)
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         exempt = await client.post("/v1/chat/completions")
         get = await client.get("/v1/completions")
         posts = [(await client.post("/v1/completions")).status_code for _ in range(3)]
@@ -89,7 +85,7 @@ async def test_exempt_rule_method_filter_and_cost(clock: qg.FakeClock) -> None:
 
 async def test_headers_on_streaming_responses(clock: qg.FakeClock) -> None:
     app = _app(clock, [("/v1/*", "5/minute")])
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         response = await client.post("/v1/chat/completions")
     assert response.text == "xy"
     assert response.headers["x-ratelimit-remaining"] == "4"
@@ -98,7 +94,7 @@ async def test_headers_on_streaming_responses(clock: qg.FakeClock) -> None:
 
 async def test_api_keys_are_separate_clients(clock: qg.FakeClock) -> None:
     app = _app(clock, [("/v1/*", "1/minute")])
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         a = await client.post("/v1/completions", headers={"x-api-key": "sk-aaaa-111111"})
         b = await client.post("/v1/completions", headers={"authorization": "Bearer sk-bbbb-2222"})
         a_again = await client.post("/v1/completions", headers={"x-api-key": "sk-aaaa-111111"})
@@ -107,7 +103,7 @@ async def test_api_keys_are_separate_clients(clock: qg.FakeClock) -> None:
 
 async def test_trusted_proxies(clock: qg.FakeClock) -> None:
     app = _app(clock, [("/v1/*", "1/minute")], trusted_proxies=["127.0.0.0/8"])
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         # httpx's ASGI transport reports the peer as 127.0.0.1: a trusted proxy here.
         first = await client.post("/v1/completions", headers={"x-forwarded-for": "203.0.113.1"})
         second = await client.post("/v1/completions", headers={"x-forwarded-for": "203.0.113.2"})
@@ -154,7 +150,7 @@ async def test_the_limiter_may_be_a_storage_or_the_fastapi_limiter(clock: qg.Fak
 
     app = RateLimitMiddleware(api, limiter=limiter, rules=[("/ruled", "2/minute")])
     assert app.limiter is limiter.engine
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         alice = [
             (await client.get("/ruled", headers={"x-user": "alice"})).status_code for _ in "abc"
         ]
@@ -171,11 +167,7 @@ def test_a_limiter_of_another_kind_is_a_config_error() -> None:
 async def test_a_key_function_answering_none_counts_by_address(clock: qg.FakeClock) -> None:
     app = _app(clock, [("/v1/*", "1/minute")], key_func=lambda request: None)
 
-    def client(address: str) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=app, client=(address, 5000))
-        return httpx.AsyncClient(transport=transport, base_url="http://test")
-
-    async with client("203.0.113.1") as one, client("203.0.113.2") as two:
+    async with asgi_client(app, "203.0.113.1") as one, asgi_client(app, "203.0.113.2") as two:
         first = [(await one.post("/v1/completions")).status_code for _ in range(2)]
         other = (await two.post("/v1/completions")).status_code
     assert first == [200, 429]
@@ -188,7 +180,7 @@ async def test_the_engine_is_closed_when_the_app_shuts_down(clock: qg.FakeClock)
     import asyncio
 
     app = _app(clock, [("/v1/*", "5/minute")])
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         await client.post("/v1/completions")  # connects the engine
     assert app.limiter.started
     inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()

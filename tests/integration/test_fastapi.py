@@ -14,15 +14,12 @@ import quotagate as qg
 from quotagate.asgi import RateLimitMiddleware
 from quotagate.fastapi import Limiter, RateLimitExceeded
 from quotagate.identity import get_remote_address
+from support import asgi_client
 
 
 @pytest.fixture
 def limiter(clock: qg.FakeClock) -> Limiter:
     return Limiter(storage=qg.MemoryStorage(clock=clock))
-
-
-def _client(app: FastAPI) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 async def test_endpoint_needs_no_request_or_response_parameter(limiter: Limiter) -> None:
@@ -34,7 +31,7 @@ async def test_endpoint_needs_no_request_or_response_parameter(limiter: Limiter)
     async def completions(body: dict[str, str]) -> dict[str, str]:
         return body
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         ok = await client.post("/v1/completions", json={"prompt": "hi"})
         await client.post("/v1/completions", json={"prompt": "hi"})
         over = await client.post("/v1/completions", json={"prompt": "hi"})
@@ -58,7 +55,7 @@ async def test_sync_endpoints_routers_and_request_parameters(limiter: Limiter) -
         return {"path": request.url.path}
 
     app.include_router(router)
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         first = await client.get("/api/sync")
         second = await client.get("/api/sync")
     assert first.json() == {"path": "/api/sync"}
@@ -79,7 +76,7 @@ async def test_mounted_sub_app(limiter: Limiter) -> None:
         return {"ok": True}
 
     app.mount("/sub", sub)
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         for path in ("/sub/thing", "/sub/dep"):
             first = await client.get(path)
             second = await client.get(path)
@@ -108,7 +105,7 @@ async def test_headers_on_streaming_and_error_responses(limiter: Limiter) -> Non
     async def fails() -> None:
         raise HTTPException(status_code=418, detail="teapot")
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         streamed = await client.get("/stream")
         failed = await client.get("/fails")
     assert streamed.text == "abc"
@@ -135,7 +132,7 @@ async def test_tiered_rates_and_token_costs_from_the_request(limiter: Limiter) -
     async def completions() -> dict[str, bool]:
         return {"ok": True}
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         free = [
             await client.post("/v1/completions", headers={"x-api-key": "sk-free-000001"})
             for _ in range(3)
@@ -175,7 +172,7 @@ async def test_several_limits_on_a_route_are_one_storage_call(clock: qg.FakeCloc
     async def root() -> None:
         return None
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         response = await client.get("/")
     assert calls == 1
     assert response.headers["ratelimit-policy"].count("-per-") == 3
@@ -200,7 +197,7 @@ async def test_scope_shares_a_counter_between_routes(limiter: Limiter) -> None:
     async def c() -> None:
         return None
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         statuses = [(await client.get(path)).status_code for path in ("/a", "/b", "/a", "/b")]
         separate = await client.get("/c")
     assert statuses == [200, 200, 200, 429]
@@ -220,7 +217,7 @@ async def test_per_route_key_function_and_exempt_when(limiter: Limiter) -> None:
     async def by_ip() -> None:
         return None
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         await client.get("/by-ip", headers={"x-api-key": "sk-one-111111"})
         # Another key, same address: the route limits by address.
         assert (
@@ -254,7 +251,7 @@ async def test_default_limits_exempt_and_per_route_counters(clock: qg.FakeClock)
     async def own() -> None:
         return None
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         ones = [(await client.get("/one")).status_code for _ in range(3)]
         two = await client.get("/two")
         frees = [(await client.get("/free")).status_code for _ in range(5)]
@@ -273,7 +270,7 @@ async def test_dependency_form(limiter: Limiter) -> None:
     async def dep() -> dict[str, bool]:
         return {"ok": True}
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         first = await client.get("/dep")
         second = await client.get("/dep")
     assert first.headers["x-ratelimit-limit"] == "1"
@@ -341,7 +338,7 @@ async def test_headers_can_be_turned_off_and_limiter_disabled(clock: qg.FakeCloc
         async def root() -> None:
             return None
 
-        async with _client(app) as client:
+        async with asgi_client(app) as client:
             responses = [await client.get("/") for _ in range(2)]
         assert [r.status_code for r in responses] == expected
         assert "x-ratelimit-limit" not in responses[0].headers
@@ -359,7 +356,7 @@ async def test_resolved_key_is_logged_masked_at_debug(
     async def root() -> None:
         return None
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         await client.get("/", headers={"x-api-key": "sk-secret-abcd1234"})
         await client.get("/")
     text = caplog.text
@@ -369,7 +366,7 @@ async def test_resolved_key_is_logged_masked_at_debug(
 
 
 async def test_a_storage_error_is_a_503_never_a_500() -> None:
-    from support import free_port
+    from support import asgi_client, free_port
 
     # Redis without a fallback, and nothing listening: every call fails.
     storage = qg.RedisStorage(f"redis://127.0.0.1:{free_port()}/0", timeout=0.05)
@@ -382,7 +379,7 @@ async def test_a_storage_error_is_a_503_never_a_500() -> None:
     async def root() -> None:
         return None
 
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         response = await client.get("/")
     await limiter.aclose()
     await storage.aclose()
@@ -546,7 +543,7 @@ async def test_plain_starlette_endpoints_take_the_decorator(clock: qg.FakeClock)
 
     app = Starlette(routes=[Route("/", home), Route("/sync", blocking)])
     limiter.init_app(app)
-    async with _client(app) as client:
+    async with asgi_client(app) as client:
         for path, text in (("/", "home"), ("/sync", "sync")):
             first, second = [await client.get(path) for _ in range(2)]
             assert (first.status_code, first.text) == (200, text)
@@ -570,11 +567,7 @@ async def test_a_key_function_that_cannot_tell_counts_by_address(clock: qg.FakeC
     async def x() -> None:
         return None
 
-    def client(address: str) -> httpx.AsyncClient:
-        transport = httpx.ASGITransport(app=app, client=(address, 5000))
-        return httpx.AsyncClient(transport=transport, base_url="http://test")
-
-    async with client("203.0.113.1") as one, client("203.0.113.2") as two:
+    async with asgi_client(app, "203.0.113.1") as one, asgi_client(app, "203.0.113.2") as two:
         first = [(await one.get("/x")).status_code for _ in range(2)]
         other = (await two.get("/x")).status_code
         named = (await one.get("/x", headers={"x-user": "ann"})).status_code
@@ -609,7 +602,7 @@ async def test_a_limit_above_the_route_decorator_is_named_in_a_warning(
 
     app.mount("/sub", sub)
     with caplog.at_level(logging.WARNING, logger="quotagate"):
-        async with _client(app) as client:
+        async with asgi_client(app) as client:
             statuses = [(await client.get("/upside-down")).status_code for _ in range(2)]
             await client.get("/right")
     warnings = sorted(r.getMessage() for r in caplog.records if "NOT limited" in r.getMessage())
