@@ -99,6 +99,9 @@ def serve(
         "server_header": False,
         "http": _http_protocol(config.server.max_header_bytes, config.server.request_timeout_s),
     }
+    if config.server.tls_certfile:  # HTTPS on the gateway's own socket
+        common["ssl_certfile"] = config.server.tls_certfile
+        common["ssl_keyfile"] = config.server.tls_keyfile
     if workers == 1:
         from .gateway.app import create_app
 

@@ -273,3 +273,33 @@ def test_reset_of_memory_storage_or_an_unreachable_redis_is_an_error(tmp_path: P
     assert "restart the gateway" in in_memory.stderr
     assert down.returncode == 1
     assert down.stderr.startswith("reset failed: cannot reach Redis"), down.stderr
+
+
+def test_serve_over_tls_with_the_configured_certificate(tmp_path: Path) -> None:
+    """``[server] tls_certfile/tls_keyfile``: the gateway speaks HTTPS on its own socket, with
+    its rate-limit headers as ever; plain HTTP there gets no answer."""
+    import ssl
+
+    import trustme
+
+    authority = trustme.CA()
+    certificate = authority.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certificate.cert_chain_pems[0].write_to_path(str(cert))
+    certificate.private_key_pem.write_to_path(str(key))
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[server]\ntls_certfile = "{cert}"\ntls_keyfile = "{key}"\n' + GOOD)
+    trust = ssl.create_default_context()
+    authority.configure_trust(trust)
+    with QuotagateProcess("serve", "--config", str(path), "--port", "{port}") as gateway:
+        url = f"https://127.0.0.1:{gateway.port}"
+        with httpx.Client(verify=trust, timeout=10) as client:
+            answer = client.post(
+                f"{url}/v1/completions",
+                json={"prompt": "hi"},
+                headers={"X-API-Key": "sk-dev-alice"},
+            )
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{gateway.port}/health", timeout=5)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-ratelimit-limit-requests"] == "60"

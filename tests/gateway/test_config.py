@@ -216,3 +216,16 @@ def test_not_toml_and_no_such_file_are_config_errors(tmp_path: Path) -> None:
         load_config(broken, environ={})
     with pytest.raises(qg.ConfigError):
         load_config(tmp_path / "missing.toml", environ={})
+
+
+def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here: uvicorn loads it")
+    with pytest.raises(qg.ConfigError) as missing:
+        config_from(tmp_path, f'[server]\ntls_certfile = "{tmp_path / "nope.pem"}"\n')
+    with pytest.raises(qg.ConfigError) as alone:
+        config_from(tmp_path, f'[server]\ntls_certfile = "{cert}"\n')
+    both = config_from(tmp_path, f'[server]\ntls_certfile = "{cert}"\ntls_keyfile = "{cert}"\n')
+    assert str(missing.value).startswith("server.tls_certfile: no such file")
+    assert "give both or neither" in str(alone.value)
+    assert both.server.tls_keyfile == str(cert)

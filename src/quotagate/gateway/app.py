@@ -69,6 +69,8 @@ _RESTART_SERVER_FIELDS = (
     "max_header_bytes",
     "request_timeout_s",
     "cors_allow_origins",
+    "tls_certfile",
+    "tls_keyfile",
 )
 
 

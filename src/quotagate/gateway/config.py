@@ -96,6 +96,12 @@ def _cidrs(value: list[str]) -> list[str]:
     return value
 
 
+def _existing_file(path: str | None) -> str | None:
+    if path is not None and not Path(path).is_file():
+        raise ValueError("no such file")
+    return path
+
+
 RateText = Annotated[str, AfterValidator(_rate_text)]
 
 
@@ -111,6 +117,14 @@ class ServerConfig(_Section):
     max_header_bytes: int = Field(32_768, ge=1024)
     request_timeout_s: float = Field(30, gt=0)
     cors_allow_origins: list[str] = []
+    tls_certfile: Annotated[str | None, AfterValidator(_existing_file)] = None
+    tls_keyfile: Annotated[str | None, AfterValidator(_existing_file)] = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile: give both or neither (got one)")
+        return self
 
 
 class StorageConfig(_Section):
