@@ -286,7 +286,7 @@ class Gateway:
                 update={"server": server, "storage": old.storage, "backend": old.backend}
             )
         )
-        logging.getLogger("quotagate").setLevel(new.log_level.upper())
+        logger.setLevel(new.log_level.upper())
         logger.info(
             "quotagate: reloaded %s: %d tiers, %d keys",
             self.config_path,
