@@ -18,16 +18,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fastapi import HTTPException  # Starlette's, with a detail of any JSON
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount
@@ -46,7 +45,7 @@ from .asgi import (
 )
 from .decision import Decision
 from .errors import ConfigError, StorageError
-from .http import rejection, retry_after_seconds
+from .http import rejection_parts, retry_after_seconds
 from .identity import (
     KeyFunc,
     TrustedProxies,
@@ -140,10 +139,11 @@ class Limiter:
         self.default_limits = [_LimitSpec(_checked(rates)) for rates in default_limits]
         self.headers_enabled = headers_enabled
         self.enabled = enabled
-        # Until init_app installs the middleware, nothing adds the headers of an admitted
-        # request (the seed's ``app.state.limiter = limiter`` alone): say so, once.
         self._installed = False  # init_app called (on some app)
         self._wrapped: set[int] = set()  # ids of the endpoints given a limit, unwrapped
+        # Until init_app installs the middleware, nothing adds the headers of an admitted
+        # request (the seed's ``app.state.limiter = limiter`` alone): say so, once. One flag,
+        # read on every decision, rather than ``_installed`` and a "said it" flag.
         self._warn_headerless = headers_enabled
 
     @property
@@ -246,15 +246,9 @@ class Limiter:
                     # No init_app: nothing would answer our exception but a 500 (with it, the
                     # app it was called on answers, even from a mounted sub-app). Starlette's
                     # HTTPException handler is always there: the seed's body under "detail".
-                    status, headers, body = rejection(decision)
+                    status, headers, body = rejection_parts(decision)
                     raise HTTPException(
-                        status,
-                        detail=json.loads(body),
-                        headers={
-                            k.decode(): v.decode()
-                            for k, v in headers
-                            if k not in (b"content-type", b"content-length")
-                        },
+                        status, detail=body, headers={k.decode(): v.decode() for k, v in headers}
                     )
                 raise RateLimitExceeded(decision)
 
@@ -417,9 +411,7 @@ class _LimiterMiddleware:
                 request = Request(scope, receive)
                 decision = await limiter.check(request, limiter.default_limits, "default:" + path)
                 if decision is not None and not decision.allowed:
-                    handler = self.routes_of.exception_handlers.get(
-                        RateLimitExceeded, _rate_limit_exceeded_handler
-                    )  # the app's own, when it registered one
+                    handler = _app_handler(request) or _rate_limit_exceeded_handler
                     response = await maybe_await(handler(request, RateLimitExceeded(decision)))
                     await response(scope, receive, with_rate_limit_headers(scope, send))
                     return
@@ -448,8 +440,7 @@ def _warn_unlimited_routes(
     ``@app.get(...)`` limits a copy the app never calls (slowapi's classic silent mistake)."""
     for route in routes:
         if isinstance(route, Mount):
-            inner = route.routes or getattr(getattr(route.app, "router", None), "routes", [])
-            _warn_unlimited_routes(inner, wrapped, prefix + route.path)
+            _warn_unlimited_routes(_mounted_routes(route), wrapped, prefix + route.path)
         elif id(getattr(route, "endpoint", None)) in wrapped:
             logger.warning(
                 "quotagate: %s%s is NOT limited: put @limiter.limit(...) below @app.<method>(...),"
@@ -465,8 +456,7 @@ def _find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]
         match, child = route.matches(scope)
         if match is Match.FULL:
             if isinstance(route, Mount):
-                inner = route.routes or getattr(getattr(route.app, "router", None), "routes", [])
-                endpoint, path = _find_endpoint(inner, {**scope, **child})
+                endpoint, path = _find_endpoint(_mounted_routes(route), {**scope, **child})
                 return endpoint, route.path + path if endpoint is not None else route.path
             return getattr(route, "endpoint", None), getattr(route, "path", "*")
     return None, "*"
@@ -474,3 +464,8 @@ def _find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]
 
 def _limited_or_exempt(endpoint: Any) -> bool:
     return endpoint is not None and (hasattr(endpoint, _SPECS) or hasattr(endpoint, _EXEMPT))
+
+
+def _mounted_routes(mount: Mount) -> list[BaseRoute]:
+    """The routes behind a mount: a Router's, or a mounted app's router's."""
+    return mount.routes or getattr(getattr(mount.app, "router", None), "routes", [])

@@ -27,6 +27,7 @@ __all__ = [
     "policy_name",
     "rate_limit_headers",
     "rejection",
+    "rejection_parts",
     "retry_after_seconds",
 ]
 
@@ -72,7 +73,19 @@ def rate_limit_headers(decision: Decision) -> Headers:
 def rejection(
     decision: Decision, extra: Mapping[str, Any] | None = None
 ) -> tuple[int, Headers, bytes]:
-    """Status, headers and JSON body for a request the decision rejected.
+    """Status, headers (content type and length included) and JSON body for a request the
+    decision rejected; ``rejection_parts`` says what they hold."""
+    status, headers, body = rejection_parts(decision, extra)
+    payload = json.dumps(body).encode()
+    headers.append((b"content-type", b"application/json"))
+    headers.append((b"content-length", str(len(payload)).encode()))
+    return status, headers, payload
+
+
+def rejection_parts(
+    decision: Decision, extra: Mapping[str, Any] | None = None
+) -> tuple[int, Headers, dict[str, Any]]:
+    """Status, rate-limit headers and body (unencoded) for a request the decision rejected.
 
     ``limited`` -> 429 with Retry-After and the seed's body; ``too_large`` -> 429
     ``request_too_large`` without Retry-After (waiting cannot help); ``unavailable`` (storage
@@ -106,10 +119,7 @@ def rejection(
             }
     if extra:
         body.update(extra)
-    payload = json.dumps(body).encode()
-    headers.append((b"content-type", b"application/json"))
-    headers.append((b"content-length", str(len(payload)).encode()))
-    return status, headers, payload
+    return status, headers, body
 
 
 def _limit_words(state: LimitState) -> str:
