@@ -8,9 +8,6 @@ quotagate mock [--port N]            (the mock model alone, as a stand-in model 
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
 import secrets
 import sys
 from typing import Any
@@ -19,38 +16,10 @@ import click
 
 from . import __version__
 from .errors import ConfigError, StorageError
+from .gateway.config import LOG_LEVELS
 from .identity import hash_api_key
 
 __all__ = ["main"]
-
-LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
-
-
-def _http_protocol(max_header_bytes: int, request_timeout_s: float) -> Any:
-    """uvicorn's httptools protocol with bounds on request heads (431 past it) and on the time
-    to send a request (408); uvicorn's default when httptools is not installed (h11 bounds
-    heads, not time)."""
-    try:
-        from .gateway.protocol import BoundedHttpToolsProtocol
-    except ImportError:
-        return "auto"
-    return functools.partial(
-        BoundedHttpToolsProtocol,
-        max_header_bytes=max_header_bytes,
-        request_timeout_s=request_timeout_s,
-    )
-
-
-def setup_logging(level: str) -> None:
-    """Our logger at ``level`` on stderr, in uvicorn's style."""
-    logger = logging.getLogger("quotagate")
-    logger.setLevel(level.upper())
-    if not any(getattr(h, "_quotagate", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-        handler._quotagate = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,8 +42,7 @@ def serve(
     log_level: str | None,
 ) -> None:
     """Run the OpenAI-compatible rate-limiting gateway."""
-    import uvicorn
-
+    from .gateway import server
     from .gateway.config import load_config
 
     overrides = _flag_overrides(host, port, log_level)
@@ -82,42 +50,10 @@ def serve(
         config = load_config(config_path, overrides=overrides)
     except ConfigError as exc:
         _fail_config(exc)
-    setup_logging(config.log_level)
-    if workers > 1 and config.storage.url.startswith("memory"):
-        click.secho(
-            f"warning: --workers {workers} with memory storage: every worker keeps its own "
-            f"counters, so each limit is enforced per process ({workers}x the configured "
-            "traffic gets through). Use Redis storage to share limits between workers.",
-            fg="yellow",
-            err=True,
-        )
-    common: dict[str, Any] = {
-        "host": config.server.host,
-        "port": config.server.port,
-        "log_level": config.log_level,
-        "proxy_headers": False,  # client IPs are resolved by quotagate's trusted_proxies
-        "server_header": False,
-        "http": _http_protocol(config.server.max_header_bytes, config.server.request_timeout_s),
-    }
-    if config.server.tls_certfile:  # HTTPS on the gateway's own socket
-        common["ssl_certfile"] = config.server.tls_certfile
-        common["ssl_keyfile"] = config.server.tls_keyfile
-    if workers == 1:
-        from .gateway.app import create_app
-
-        uvicorn.run(create_app(config, config_path=config_path, overrides=overrides), **common)
-        return
-    # Worker processes import the app by name: hand them the config path and the flags.
-    os.environ["QUOTAGATE_CONFIG"] = config_path or ""
-    for section, values in overrides.items():
-        for field, value in values.items():
-            name = (
-                f"QUOTAGATE_{section.upper()}_{field.upper()}"
-                if section
-                else f"QUOTAGATE_{field.upper()}"
-            )
-            os.environ[name] = str(value)
-    uvicorn.run("quotagate.gateway.app:app_from_env", factory=True, workers=workers, **common)
+    warning = server.check_workers(config, workers)
+    if warning:
+        click.secho(warning, fg="yellow", err=True)
+    server.run(config, config_path=config_path, overrides=overrides, workers=workers)
 
 
 def _flag_overrides(
@@ -168,49 +104,37 @@ def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: boo
     """
     import asyncio
 
-    from .gateway.app import configured_storage
+    from .gateway import server
     from .gateway.config import load_config
     from .identity import key_client_id, mask_key
-    from .storage import FallbackStorage, RedisStorage, mask_url
+    from .storage import mask_url
 
     if api_key is not None and ip is not None:
         click.echo("give --key or --ip, not both", err=True)
         sys.exit(2)
     try:
         config = load_config(config_path)
-        storage = configured_storage(config)
+        storage = server.redis_of(config)
     except ConfigError as exc:
         _fail_config(exc)
-    where = mask_url(config.storage.url)
-    if isinstance(storage, FallbackStorage):
-        storage = storage.primary  # Redis itself: an outage is an error, not a memory reset
-    if not isinstance(storage, RedisStorage):
+    if storage is None:
         click.echo(
-            f"storage {where} keeps counters inside each gateway process: restart the gateway "
-            "to reset them",
+            f"storage {mask_url(config.storage.url)} keeps counters inside each gateway "
+            "process: restart the gateway to reset them",
             err=True,
         )
         sys.exit(1)
-    redis_storage = storage
     client = None
     whose = "every client"
     if api_key is not None:
         client, whose = key_client_id(hash_api_key(api_key)), f"key {mask_key(api_key)}"
     elif ip is not None:
         client, whose = "ip:" + ip, f"ip {ip}"
-    scope = f"prefix {redis_storage.prefix!r} at {where}"
+    scope = server.describe_storage(storage, config.storage.url)
     if not yes:
         click.confirm(f"Delete the counters of {whose} under {scope}?", abort=True)
-
-    async def run() -> int:
-        await redis_storage.start()
-        try:
-            return await redis_storage.reset(client)
-        finally:
-            await redis_storage.aclose()
-
     try:
-        deleted = asyncio.run(run())
+        deleted = asyncio.run(server.reset_counters(storage, client))
     except (StorageError, ConfigError) as exc:
         click.echo(f"reset failed: {exc}", err=True)
         sys.exit(1)

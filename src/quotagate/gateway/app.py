@@ -49,11 +49,11 @@ from ..identity import (
 from ..limiter import Acquire, Hit, RateLimiter, most_restrictive
 from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics
 from ..rates import Rate, parse_rates
-from ..storage import FallbackStorage, Storage, mask_url, storage_from_url
+from ..storage import FallbackStorage, Storage, mask_url
 from .backends import Backend, Route, UpstreamError, UpstreamRejected
 from .backends.mock import MockBackend
 from .backends.openai import OpenAIBackend
-from .config import GatewayConfig, KeyConfig, TierConfig, load_config
+from .config import GatewayConfig, KeyConfig, TierConfig, configured_storage, load_config
 from .gate import BackendGate
 from .schemas import REQUEST_SCHEMAS, validate_body
 from .tokens import count_tokens, output_cap, prompt_tokens
@@ -181,21 +181,6 @@ def _openai_headers(decision: Decision) -> Headers:
             (reset, format_duration(pick.reset_after).encode()),
         ]
     return headers
-
-
-def configured_storage(config: GatewayConfig) -> Storage:
-    """The storage the ``[storage]`` table describes (``quotagate serve`` and ``reset``)."""
-    s = config.storage
-    # Only what the config sets explicitly: the URL's own ?prefix=, ?timeout_ms=, ... stand
-    # unless the [storage] table overrides them.
-    given = s.model_fields_set
-    return storage_from_url(
-        s.url,
-        fallback=s.fallback if "fallback" in given else None,
-        fallback_share=s.fallback_share if "fallback_share" in given else None,
-        timeout=s.timeout_ms / 1000 if "timeout_ms" in given else None,
-        prefix=s.prefix if "prefix" in given else None,
-    )
 
 
 class Gateway:
@@ -1009,15 +994,3 @@ def create_app(
         return gateway.render_metrics()
 
     return app
-
-
-def app_from_env() -> FastAPI:
-    """App factory for ``quotagate serve --workers N``: each worker reads the config again."""
-    import os
-
-    from ..cli import setup_logging
-
-    path = os.environ.get("QUOTAGATE_CONFIG") or None
-    config = load_config(path)
-    setup_logging(config.log_level)
-    return create_app(config, config_path=path)

@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -28,14 +28,23 @@ from pydantic import (
 from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
 from ..rates import parse_rates
+from ..storage import Storage, storage_from_url
 
 __all__ = [
     "DEFAULT_CONFIG",
+    "LOG_LEVELS",
     "GatewayConfig",
+    "KeyConfig",
+    "LogLevel",
     "TierConfig",
     "config_digest",
+    "configured_storage",
+    "env_name",
     "load_config",
 ]
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 DEFAULT_CONFIG = """
 [server]
@@ -218,7 +227,7 @@ class GatewayConfig(_Section):
     tiers: dict[str, TierConfig] = {}
     keys: list[KeyConfig] = []
     shadow: bool = False
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: LogLevel = "info"
 
 
 # QUOTAGATE_<SECTION>_<FIELD> for every scalar of these sections, plus a few short aliases.
@@ -237,11 +246,19 @@ _ENV_ALIASES = {
 }
 
 
+def env_name(section: str, field: str) -> str:
+    """The variable that sets ``section.field`` (``""``: a top-level field):
+    ``QUOTAGATE_SERVER_PORT``, ``QUOTAGATE_LOG_LEVEL``."""
+    return (
+        f"QUOTAGATE_{section.upper()}_{field.upper()}" if section else f"QUOTAGATE_{field.upper()}"
+    )
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     found: dict[str, dict[str, Any]] = {}
     for section, model in _ENV_SECTIONS.items():
         for field in model.model_fields:
-            name = f"QUOTAGATE_{section.upper()}_{field.upper()}"
+            name = env_name(section, field)
             if name in environ:
                 value: Any = environ[name]
                 if field == "trusted_proxies":
@@ -357,3 +374,18 @@ def _describe(error: Mapping[str, Any]) -> str:
 def config_digest(config: GatewayConfig) -> str:
     """A short fingerprint of the effective configuration (for logs and evidence records)."""
     return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def configured_storage(config: GatewayConfig) -> Storage:
+    """The storage the ``[storage]`` table describes (``serve``, ``reset`` and ``verify``)."""
+    s = config.storage
+    # Only what the config sets explicitly: the URL's own ?prefix=, ?timeout_ms=, ... stand
+    # unless the [storage] table overrides them.
+    given = s.model_fields_set
+    return storage_from_url(
+        s.url,
+        fallback=s.fallback if "fallback" in given else None,
+        fallback_share=s.fallback_share if "fallback_share" in given else None,
+        timeout=s.timeout_ms / 1000 if "timeout_ms" in given else None,
+        prefix=s.prefix if "prefix" in given else None,
+    )
