@@ -106,7 +106,8 @@ def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: boo
 
     from .gateway import server
     from .gateway.config import load_config
-    from .identity import key_client_id, mask_key
+    from .identity import mask_key
+    from .keys import ip_client_id, key_client_id
     from .storage import mask_url
 
     if api_key is not None and ip is not None:
@@ -129,7 +130,7 @@ def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: boo
     if api_key is not None:
         client, whose = key_client_id(hash_api_key(api_key)), f"key {mask_key(api_key)}"
     elif ip is not None:
-        client, whose = "ip:" + ip, f"ip {ip}"
+        client, whose = ip_client_id(ip), f"ip {ip}"
     scope = server.describe_storage(storage, config.storage.url)
     if not yes:
         click.confirm(f"Delete the counters of {whose} under {scope}?", abort=True)

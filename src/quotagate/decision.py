@@ -26,6 +26,8 @@ class LimitState(NamedTuple):
     """Seconds until this limit is full again."""
     retry_after: float
     """Seconds until this limit alone would admit the request; 0.0 when it does."""
+    name: str = ""
+    """The limit's name from its ``Hit`` (``requests``, ``tokens``, ...): what to group by."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +59,6 @@ class Decision(NamedTuple):
     reset_after: float
     states: tuple[LimitState, ...]
     lease: Lease | None = None
+    name: str = ""
+    """The name of the limit that ``limit`` / ``remaining`` / ``retry_after`` describe: on a
+    rejection, the limit the 429 names."""

@@ -7,6 +7,8 @@ Headers (every response of a limited route):
   (structured-field lists, one item per limit): ``"60-per-minute";q=60;w=60`` and
   ``"60-per-minute";r=59;t=1``.
 - ``Retry-After`` (whole seconds, at least 1, rounded up) on a 429 or 503 that has one.
+- OpenAI's own fields for the gateway: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``
+  (reset as ``6m0s``) and ``retry-after-ms``, which the official SDKs read to pace retries.
 
 Bodies are the seed tutorial's JSON: ``{"error": "rate_limit_exceeded", "message": "Too many
 requests. Try again in N seconds.", "retry_after": N}``.
@@ -20,18 +22,46 @@ from collections.abc import Mapping
 from typing import Any
 
 from .decision import Decision, LimitState
+from .keys import family
+from .limiter import most_restrictive
 from .rates import Rate
 
 __all__ = [
+    "EXPOSED_HEADERS",
     "Headers",
+    "format_duration",
+    "openai_headers",
     "policy_name",
     "rate_limit_headers",
+    "rejected_limit",
     "rejection",
     "rejection_parts",
+    "retry_after_ms",
     "retry_after_seconds",
 ]
 
 Headers = list[tuple[bytes, bytes]]
+
+_OPENAI_NAMES = {
+    group: (
+        f"x-ratelimit-limit-{group}".encode(),
+        f"x-ratelimit-remaining-{group}".encode(),
+        f"x-ratelimit-reset-{group}".encode(),
+    )
+    for group in ("requests", "tokens")
+}
+
+#: The response headers of the rate-limit contract: what CORS lets a page's code read.
+EXPOSED_HEADERS = (
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "ratelimit-policy",
+    "ratelimit",
+    "retry-after",
+    "retry-after-ms",
+    *(name.decode() for names in _OPENAI_NAMES.values() for name in names),
+)
 
 
 def policy_name(rate: Rate) -> str:
@@ -124,3 +154,53 @@ def rejection_parts(
 
 def _limit_words(state: LimitState) -> str:
     return str(state.rate) if state.rate is not None else "concurrency"
+
+
+def rejected_limit(decision: Decision) -> str:
+    """What the limit a rejection names counts: ``requests``, ``tokens`` or ``concurrency``
+    (the decision's own pick, by the name its hit carried)."""
+    return family(decision.name)
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: ``"20ms"``, ``"1s"``, ``"6m0s"``, ``"1h0m0s"``."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    whole = math.ceil(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def openai_headers(decision: Decision) -> Headers:
+    """``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` as OpenAI sends them: per
+    group, the most restrictive of its rate limits (a model's limits count with the tier's)."""
+    requests: list[LimitState] = []
+    tokens: list[LimitState] = []
+    for state in decision.states:
+        if state.rate is not None:
+            (tokens if family(state.name) == "tokens" else requests).append(state)
+    headers: Headers = []
+    for group, states in (("requests", requests), ("tokens", tokens)):
+        if not states:
+            continue
+        pick = states[0] if len(states) == 1 else most_restrictive(states)
+        assert pick is not None
+        limit, remaining, reset = _OPENAI_NAMES[group]
+        headers += [
+            (limit, b"%d" % pick.limit),
+            (remaining, b"%d" % pick.remaining),
+            (reset, format_duration(pick.reset_after).encode()),
+        ]
+    return headers
+
+
+def retry_after_ms(decision: Decision) -> Headers:
+    """``retry-after-ms`` for a rejection that waiting can fix (none for ``too_large``)."""
+    if decision.reason == "too_large":
+        return []
+    return [(b"retry-after-ms", str(math.ceil(decision.retry_after * 1000)).encode())]

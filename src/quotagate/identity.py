@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .errors import ConfigError
+from .keys import ip_client_id, key_client_id
 
 __all__ = [
     "ClientKey",
@@ -29,7 +30,6 @@ __all__ = [
     "client_ip",
     "get_remote_address",
     "hash_api_key",
-    "key_client_id",
     "mask_key",
 ]
 
@@ -66,15 +66,6 @@ class ClientKey(str):
 def hash_api_key(api_key: str) -> str:
     """Hex SHA-256 of an API key: what configs store and what is compared."""
     return hashlib.sha256(api_key.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def key_client_id(digest: str) -> str:
-    """The client part of storage keys for an API key, from its hex SHA-256.
-
-    80 bits of the digest: collisions are out of reach for any number of clients a limiter
-    sees, and a short key keeps per-client memory small (every state key repeats it).
-    """
-    return "key:" + digest[:20]
 
 
 def mask_key(secret: str) -> str:
@@ -187,7 +178,7 @@ class _RemoteAddress(_BuiltinKeyFunc):
 
 class _ClientIp(_BuiltinKeyFunc):
     def __call__(self, request: HasScope) -> ClientKey:
-        return ClientKey("ip:" + self.trusted.client_host(request.scope))
+        return ClientKey(ip_client_id(self.trusted.client_host(request.scope)))
 
 
 class _ApiKeyOrIp(_BuiltinKeyFunc):
@@ -199,7 +190,7 @@ class _ApiKeyOrIp(_BuiltinKeyFunc):
                 client_id = _remember(_API_KEYS, api_key, key_client_id(hash_api_key(api_key)))
                 _remember(_SECRETS, client_id, api_key)
             return ClientKey(client_id)
-        return ClientKey("ip:" + self.trusted.client_host(request.scope))
+        return ClientKey(ip_client_id(self.trusted.client_host(request.scope)))
 
 
 #: API key -> its client id, for keys seen lately: a SHA-256 per request costs more than
@@ -280,7 +271,7 @@ def storage_id(key: str) -> str:
         return str(key)
     found = _IDS.get(key)
     if found is None:
-        client_id = "ip:" + key if _is_ip(key) else key_client_id(hash_api_key(key))
+        client_id = ip_client_id(key) if _is_ip(key) else key_client_id(hash_api_key(key))
         found = _remember(_IDS, key, client_id)
     return found
 
@@ -289,7 +280,7 @@ def display_key(key: str) -> str:
     """How a resolved client key appears in logs: masked unless it is an address."""
     if isinstance(key, ClientKey):
         return key.masked
-    return "ip:" + key if _is_ip(key) else mask_key(key)
+    return ip_client_id(key) if _is_ip(key) else mask_key(key)
 
 
 def _is_ip(text: str) -> bool:

@@ -2,8 +2,10 @@
 
 ``RateLimiter.hit_many`` turns every limit of a request (each Hit's rates, and an optional
 concurrency lease) into one storage program, so memory answers it in one function call and Redis
-in one EVALSHA; all or nothing. It also keeps the over-limit cache: a client that was just told
-"retry in T" is told so again, without a storage call, until T has passed.
+in one EVALSHA; all or nothing. ``RateLimiter.settle`` is the second call at most: every charge
+or refund of a finished request and its lease release, again one program. The engine also keeps
+the over-limit cache: a client that was just told "retry in T" is told so again, without a
+storage call, until T has passed.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from functools import lru_cache
 from typing import Any
 
 from ._types import Algorithm, Clock, Reason
+from .algorithms import Verdict
 from .decision import Decision, Lease, LimitState
 from .errors import ConfigError
+from .keys import CONCURRENCY, hash_tagged
 from .rates import Rate, RateLike, as_rates
 from .storage import FIXED_WINDOW, GCRA, MemoryStorage, Storage, storage_from_url
 
-__all__ = ["Acquire", "Hit", "RateLimiter", "combine", "hash_tagged"]
+__all__ = ["Acquire", "Hit", "RateLimiter", "combine", "most_restrictive"]
 
 _MICROS = 1_000_000
 
@@ -31,17 +35,24 @@ _MICROS = 1_000_000
 # request). Same values, same types: only the argument checking of __new__ is skipped.
 _new_state: Callable[[type[LimitState], tuple[Any, ...]], LimitState] = tuple.__new__
 _new_decision: Callable[[type[Decision], tuple[Any, ...]], Decision] = tuple.__new__
+#: A decision's reason by its verdict code.
 _REASONS: tuple[Reason, ...] = ("allowed", "limited", "too_large", "unavailable")
+assert len(_REASONS) == len(Verdict)
 
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    """One key checked against one or more rates, at a cost (1 for a request, N for tokens)."""
+    """One key checked against one or more rates, at a cost (1 for a request, N for tokens).
+
+    ``name`` says what the limit is (``requests``, ``tokens``, ...); it comes back on the
+    ``LimitState`` of each rate. In ``RateLimiter.settle`` the cost is a signed charge.
+    """
 
     key: str
     rates: RateLike
     cost: int = 1
     algorithm: Algorithm = "gcra"
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +64,7 @@ class Acquire:
     key: str
     limit: int
     ttl: float = 600.0
-
-
-def hash_tagged(key: str) -> str:
-    """``key`` with a Redis Cluster hash tag: kept if it has one, else the whole key braced."""
-    start = key.find("{")
-    if start != -1 and key.find("}", start + 2) != -1:
-        return key
-    return "{" + key + "}"
+    name: str = CONCURRENCY
 
 
 class RateLimiter:
@@ -137,7 +141,7 @@ class RateLimiter:
         keys: list[str] = []
         args: list[int | str] = [0]
         meta: list[_Meta] = []
-        _add(keys, args, meta, key, rates, cost, algorithm, adjusting=False)
+        _add(keys, args, meta, key, rates, cost, algorithm, "", adjusting=False)
         return await self._decide(keys, args, meta, None, None)
 
     def hit_now(
@@ -158,7 +162,7 @@ class RateLimiter:
         )
         reset_after = reset_us / _MICROS
         retry_after = math.inf if cost > capacity else retry_us / _MICROS
-        state = (state_key, rate, capacity, remaining, reset_after, retry_after)
+        state = (state_key, rate, capacity, remaining, reset_after, retry_after, "")
         return _new_decision(
             Decision,
             (
@@ -170,23 +174,35 @@ class RateLimiter:
                 reset_after,
                 (_new_state(LimitState, state),),
                 None,
+                "",
             ),
         )
 
     async def hit_many(
-        self, hits: Sequence[Hit], *, acquire: Acquire | None = None, now_us: int | None = None
+        self,
+        hits: Sequence[Hit],
+        *,
+        acquire: Acquire | None = None,
+        shadow: bool = False,
+        now_us: int | None = None,
     ) -> Decision:
         """Check and consume every hit, plus an optional concurrency slot, in ONE storage call.
 
         All or nothing: when any limit rejects, nothing is consumed and no slot is taken.
+        ``shadow``: a trial of limits that must not refuse anyone yet. The decision is still
+        reported as it fell, but a rejected request is counted all the same (its costs
+        charged, unclamped, in one more storage call) so the counters show the real traffic.
         ``now_us`` overrides the storage clock (tests only).
         """
         keys: list[str] = []
         args: list[int | str] = [0]
         meta: list[_Meta] = []
         for h in hits:
-            _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, adjusting=False)
-        return await self._decide(keys, args, meta, acquire, now_us)
+            _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, h.name, adjusting=False)
+        decision = await self._decide(keys, args, meta, acquire, now_us)
+        if shadow and not decision.allowed and decision.reason != "unavailable":
+            await self.settle(hits)
+        return decision
 
     async def _decide(
         self,
@@ -232,14 +248,48 @@ class RateLimiter:
         keys: list[str] = []
         args: list[int | str] = [0]
         meta: list[_Meta] = []
-        _add(keys, args, meta, key, rates, delta, algorithm, adjusting=True)
+        _add(keys, args, meta, key, rates, delta, algorithm, "", adjusting=True)
+        return await self._adjust(keys, args, meta, None)
+
+    async def settle(
+        self, charges: Sequence[Hit], release: Lease | None = None
+    ) -> tuple[LimitState, ...]:
+        """Everything a finished request still owes, in ONE storage call: each charge
+        (``cost > 0``) or refund (``cost < 0``) of its hits, and the release of its lease.
+
+        Hits whose cost is 0 are left out; with nothing to charge and no lease, no call is
+        made. Returns the state of each charged rate.
+        """
+        keys: list[str] = []
+        args: list[int | str] = [0]
+        meta: list[_Meta] = []
+        for h in charges:
+            if h.cost:
+                _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, h.name, adjusting=True)
+        if not meta and release is None:
+            return ()
+        return await self._adjust(keys, args, meta, release)
+
+    async def _adjust(
+        self, keys: list[str], args: list[int | str], meta: list[_Meta], release: Lease | None
+    ) -> tuple[LimitState, ...]:
         args[0] = len(meta)
-        out = await self.storage.adjust(keys, args)
-        if delta < 0:
-            self._forget(keys)
+        if release is not None:
+            keys.append(release.key)
+            args.append(release.id)
+        memory = self._memory
+        if memory is not None:
+            out = memory.adjust_now(keys, args, memory.now_us())
+        else:
+            out = await self.storage.adjust(keys, args)
+        refunded = [state_key for state_key, _, cost, _ in meta if cost < 0]
+        if refunded:
+            self._forget(refunded)
         return tuple(
-            LimitState(state_key, rate, rate.amount, out[1 + 2 * i], out[2 + 2 * i] / _MICROS, 0.0)
-            for i, (state_key, rate, _) in enumerate(meta)
+            LimitState(
+                state_key, rate, rate.amount, out[1 + 2 * i], out[2 + 2 * i] / _MICROS, 0.0, name
+            )
+            for i, (state_key, rate, _, name) in enumerate(meta)
         )
 
     async def acquire(self, key: str, limit: int, ttl: float = 600.0) -> Lease | None:
@@ -289,9 +339,12 @@ class RateLimiter:
                     s.remaining,
                     max(0.0, s.reset_after - elapsed),
                     max(0.0, s.retry_after - elapsed),
+                    s.name,
                 )
                 for s in decision.states
             ),
+            None,
+            decision.name,
         )
 
     def _remember(self, cache_key: tuple[str, ...], meta: list[_Meta], decision: Decision) -> None:
@@ -313,7 +366,7 @@ class RateLimiter:
                 self._cache.pop(cache_key, None)
 
 
-_Meta = tuple[str, Rate, int]  # (state key, rate, cost)
+_Meta = tuple[str, Rate, int, str]  # (state key, rate, cost, name)
 _Template = tuple[tuple[str, int, int, int, Rate], ...]
 
 
@@ -339,6 +392,7 @@ def _add(
     rates: RateLike,
     cost: int,
     algorithm: str,
+    name: str,
     *,
     adjusting: bool,
 ) -> None:
@@ -353,7 +407,7 @@ def _add(
         state_key = tagged + suffix
         keys.append(state_key)
         args += (code, capacity, interval, cost)
-        meta.append((state_key, rate, cost))
+        meta.append((state_key, rate, cost, name))
 
 
 def _decision(
@@ -370,7 +424,7 @@ def _decision(
     pick: LimitState | None = None
     best = 2.0  # admitted: fraction left of the pick; rejected: its retry_after
     at = 3
-    for state_key, rate, cost in meta:
+    for state_key, rate, cost, name in meta:
         capacity = rate.amount
         remaining = out[at]
         state = _new_state(
@@ -382,6 +436,7 @@ def _decision(
                 remaining,
                 out[at + 1] / _MICROS,
                 math.inf if cost > capacity else out[at + 2] / _MICROS,
+                name,
             ),
         )
         at += 3
@@ -401,7 +456,7 @@ def _decision(
         lease_key = hash_tagged(acquire.key)
         limit = acquire.limit
         retry_after = math.inf if limit < 1 else out[at + 2] / _MICROS
-        state = LimitState(lease_key, None, limit, out[at], 0.0, retry_after)
+        state = LimitState(lease_key, None, limit, out[at], 0.0, retry_after, acquire.name)
         states.append(state)
         # An admitted request's slot is back when it ends: it is the most restrictive limit
         # only when there is no rate limit to report.
@@ -422,6 +477,7 @@ def _decision(
             pick.reset_after,
             tuple(states),
             lease,
+            pick.name,
         ),
     )
 
@@ -453,5 +509,5 @@ def combine(decisions: Sequence[Decision]) -> Decision:
         return decisions[0]
     lease = next((d.lease for d in decisions if d.lease is not None), None)
     return Decision(
-        True, "allowed", 0.0, pick.limit, pick.remaining, pick.reset_after, states, lease
+        True, "allowed", 0.0, pick.limit, pick.remaining, pick.reset_after, states, lease, pick.name
     )

@@ -15,7 +15,8 @@ from helpers import QuotagateProcess, config_from, in_process, limits_of, run_cl
 
 import quotagate as qg
 from quotagate.gateway.app import create_app
-from quotagate.identity import hash_api_key, key_client_id
+from quotagate.identity import hash_api_key
+from quotagate.keys import key_client_id
 from support import RedisServer, free_port
 
 GOOD = """

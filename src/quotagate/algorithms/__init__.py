@@ -8,18 +8,13 @@ identical answers. ``tests/unit/test_algorithm_cases.py`` holds them to one tabl
 from .concurrency import ConcurrencyResult, concurrency
 from .fixed_window import FixedWindowResult, fixed_window, fixed_window_adjust
 from .gcra import GcraResult, gcra, gcra_adjust
-
-ALLOWED = 0
-LIMITED = 1
-TOO_LARGE = 2
+from .verdict import Verdict
 
 __all__ = [
-    "ALLOWED",
-    "LIMITED",
-    "TOO_LARGE",
     "ConcurrencyResult",
     "FixedWindowResult",
     "GcraResult",
+    "Verdict",
     "concurrency",
     "fixed_window",
     "fixed_window_adjust",

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from .verdict import Verdict
+
+_ALLOWED, _LIMITED, _TOO_LARGE = Verdict.ALLOWED, Verdict.LIMITED, Verdict.TOO_LARGE
+
 __all__ = ["ConcurrencyResult", "concurrency"]
 
 #: Advised wait when every slot is taken: when one frees is unknowable, so clients poll gently.
@@ -25,7 +29,7 @@ class ConcurrencyResult(NamedTuple):
 def concurrency(held: int, limit: int) -> ConcurrencyResult:
     """Decide whether one more slot fits beside ``held`` live (unexpired) leases."""
     if limit < 1:
-        return ConcurrencyResult(2, held, 0, 0)
+        return ConcurrencyResult(_TOO_LARGE, held, 0, 0)
     if held < limit:
-        return ConcurrencyResult(0, held, limit - held - 1, 0)
-    return ConcurrencyResult(1, held, 0, RETRY_AFTER_US)
+        return ConcurrencyResult(_ALLOWED, held, limit - held - 1, 0)
+    return ConcurrencyResult(_LIMITED, held, 0, RETRY_AFTER_US)

@@ -7,6 +7,10 @@ State is ``(window_end, count)``; a state from an older window counts as empty.
 
 from __future__ import annotations
 
+from .verdict import Verdict
+
+_ALLOWED, _LIMITED, _TOO_LARGE = Verdict.ALLOWED, Verdict.LIMITED, Verdict.TOO_LARGE
+
 __all__ = ["FixedWindowResult", "fixed_window", "fixed_window_adjust"]
 
 #: ``(verdict, (window_end, new_count), remaining, reset_after, retry_after)``: the same shape as
@@ -22,10 +26,10 @@ def fixed_window(
     used = count if window_end == current_end else 0
     reset_after = current_end - now
     if cost > capacity:
-        return (2, (current_end, used), max(0, capacity - used), reset_after, 0)
+        return (_TOO_LARGE, (current_end, used), max(0, capacity - used), reset_after, 0)
     if used + cost <= capacity:
-        return (0, (current_end, used + cost), capacity - used - cost, reset_after, 0)
-    return (1, (current_end, used), max(0, capacity - used), reset_after, reset_after)
+        return (_ALLOWED, (current_end, used + cost), capacity - used - cost, reset_after, 0)
+    return (_LIMITED, (current_end, used), max(0, capacity - used), reset_after, reset_after)
 
 
 def fixed_window_adjust(

@@ -7,6 +7,10 @@ so a full bucket (``tat <= now``) admits ``capacity`` units at once, then one pe
 
 from __future__ import annotations
 
+from .verdict import Verdict
+
+_ALLOWED, _LIMITED, _TOO_LARGE = Verdict.ALLOWED, Verdict.LIMITED, Verdict.TOO_LARGE
+
 __all__ = ["GcraResult", "gcra", "gcra_adjust"]
 
 #: ``(verdict, new_tat, remaining, reset_after, retry_after)``; verdict 0 allowed, 1 limited,
@@ -29,12 +33,12 @@ def gcra(tat: int | None, now: int, capacity: int, interval: int, cost: int) -> 
     tolerance = capacity * interval
     if cost > capacity:
         remaining = max(0, (tolerance - (base - now)) // interval)
-        return (2, base, remaining, base - now, 0)
+        return (_TOO_LARGE, base, remaining, base - now, 0)
     new_tat = base + cost * interval
     if new_tat - now <= tolerance:
-        return (0, new_tat, (tolerance - (new_tat - now)) // interval, new_tat - now, 0)
+        return (_ALLOWED, new_tat, (tolerance - (new_tat - now)) // interval, new_tat - now, 0)
     remaining = max(0, (tolerance - (base - now)) // interval)
-    return (1, base, remaining, base - now, new_tat - tolerance - now)
+    return (_LIMITED, base, remaining, base - now, new_tat - tolerance - now)
 
 
 def gcra_adjust(tat: int | None, now: int, interval: int, delta: int) -> int | None:

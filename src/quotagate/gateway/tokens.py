@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["count_tokens", "output_cap", "prompt_tokens"]
+__all__ = ["Cost", "count_tokens", "output_cap", "prompt_tokens", "request_cost"]
 
 _PIECE = re.compile(r"\w+|[^\w\s]")
 
@@ -66,3 +66,23 @@ def output_cap(body: dict[str, Any]) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+class Cost(NamedTuple):
+    prompt: int
+    """The prompt's estimate: charged as is when the answer reports no usage."""
+    reserved: int
+    """What the request may use at most: (prompt + output cap) x n."""
+    capped: bool
+    """The body got the default output cap (``max_tokens``) and must be serialised again."""
+
+
+def request_cost(route: str, body: dict[str, Any], default_max_tokens: int) -> Cost:
+    """A request's token bound. A body without an output cap gets ``default_max_tokens``
+    (written into the body, so the upstream honours it and the reservation is a true bound)."""
+    cap = output_cap(body)
+    capped = cap is None
+    if cap is None:
+        body["max_tokens"] = cap = default_max_tokens
+    prompt = prompt_tokens(route, body)
+    return Cost(prompt, (prompt + cap) * (body.get("n") or 1), capped)

@@ -43,7 +43,8 @@ class Storage(Protocol):
         ...
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
-        """Charge or refund: ``args`` as for decide with a signed delta in place of the cost.
+        """Charge or refund: ``args`` as for decide with a signed delta in place of the cost,
+        then optionally the id of a lease to release (its key last in ``keys``).
 
         Returns ``[now_us, remaining, reset_after_us, ...]`` (two values per limit).
         """

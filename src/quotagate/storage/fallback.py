@@ -14,19 +14,17 @@ import time
 from collections.abc import Sequence
 from typing import Literal
 
+from ..algorithms import Verdict
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
 from .base import GCRA, Args, Storage, StorageMode
 from .memory import MemoryStorage
 
-__all__ = ["UNAVAILABLE", "FallbackPolicy", "FallbackStorage"]
+__all__ = ["FallbackPolicy", "FallbackStorage"]
 
 logger = logging.getLogger("quotagate")
 
 FallbackPolicy = Literal["memory", "allow", "deny"]
-
-#: Verdict code (beside 0 allowed, 1 limited, 2 too large) for "storage down, policy deny".
-UNAVAILABLE = 3
 
 #: Leases remembered for release when Redis is back; past this, the rest expire by deadline.
 _MAX_UNRELEASED = 100_000
@@ -117,15 +115,28 @@ class FallbackStorage:
         return self._decide_degraded(keys, args, now_us)
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
+        n = int(args[0])
+        release: Lease | None = None
+        if len(args) > 1 + 4 * n:  # a lease given back too: released as ``release`` would
+            release = Lease(keys[n], str(args[1 + 4 * n]), 0)
+            self.memory.release_now(release.key, release.id)
+            keys, args = keys[:n], args[: 1 + 4 * n]
+            if release.id in self._local_leases:
+                self._local_leases.discard(release.id)
+            else:
+                keys, args = [*keys, release.key], [*args, release.id]
         if self._down_since is None:
             try:
                 return await self.primary.adjust(keys, args, now_us)
             except StorageError as exc:
                 self._trip(exc)
+        if len(keys) > n:  # a Redis lease: released when Redis is back
+            keys, args = keys[:n], args[: 1 + 4 * n]
+            if release is not None and len(self._unreleased) < _MAX_UNRELEASED:
+                self._unreleased.append(release)
         now = self.memory.now_us() if now_us is None else now_us
         if self.policy == "memory":
             return self.memory.adjust_now(keys, self._scaled(args), now)
-        n = int(args[0])
         out = [now]
         for i in range(n):
             out += (int(args[2 + 4 * i]), 0)
@@ -176,7 +187,7 @@ class FallbackStorage:
                     self._remember_local(str(args[-1]))
             return out
         retry_after = max(1_000_000, round((self._next_probe_at - time.monotonic()) * 1e6))
-        out = [UNAVAILABLE, 0, now]
+        out = [Verdict.UNAVAILABLE, 0, now]
         for _ in range(n + (1 if leased else 0)):
             out += (0, 0, retry_after)
         return out

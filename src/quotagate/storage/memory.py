@@ -169,7 +169,10 @@ class MemoryStorage:
         """The synchronous body of ``adjust``."""
         states = self._states
         out = [now]
-        for i in range(int(args[0])):
+        n = int(args[0])
+        if len(args) > 1 + 4 * n:  # and a lease to give back
+            self.release_now(keys[n], str(args[1 + 4 * n]))
+        for i in range(n):
             algorithm, capacity, interval, delta = (int(v) for v in args[1 + 4 * i : 5 + 4 * i])
             key = hash(keys[i])
             stored = states.get(key)
@@ -192,10 +195,14 @@ class MemoryStorage:
         return out
 
     async def release(self, lease: Lease) -> None:
-        key = hash(lease.key)
+        self.release_now(lease.key, lease.id)
+
+    def release_now(self, lease_key: str, lease_id: str) -> None:
+        """The synchronous body of ``release``."""
+        key = hash(lease_key)
         leases = self._states.get(key)
         if isinstance(leases, dict):
-            leases.pop(lease.id, None)
+            leases.pop(lease_id, None)
             if not leases:
                 del self._states[key]
 

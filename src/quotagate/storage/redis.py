@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -29,6 +28,7 @@ from redis.exceptions import NoScriptError, RedisError
 from .._types import Clock
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
+from ..keys import reset_pattern
 from .base import Args, StorageMode, mask_url
 from .pipeline import PipelinedConnection, pack_command
 
@@ -169,8 +169,7 @@ class RedisStorage:
         """
         if not self.prefix:
             raise ConfigError("reset needs a key prefix: without one it would empty the database")
-        start = self.prefix if client is None else f"{self.prefix}{{{client}}}"
-        pattern = re.sub(r"([\\*?\[\]])", r"\\\1", start) + "*"  # the start, as a glob
+        pattern = reset_pattern(self.prefix, client)
         deleted = 0
         batch: list[Any] = []
         try:

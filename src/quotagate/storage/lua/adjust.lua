@@ -5,6 +5,8 @@
 -- ARGV[1]     now in microseconds, or "" to read the server's TIME
 -- ARGV[2]     n
 -- ARGV[3..]   4 per limit: algorithm (1 GCRA, 2 fixed window), capacity, interval_us, delta
+-- KEYS[n+1], ARGV[3+4n]  optional: a lease set and the id of a lease to release (ZREM), so
+--             a finished request settles its tokens and gives its slot back in one call
 --
 -- Returns {now_us, then per limit: remaining, reset_after_us}
 -- GCRA charges are not clamped (debt is carried); refunds stop at a full bucket.
@@ -19,6 +21,9 @@ end
 local expire = ARGV[1] == ""
 local n = tonumber(ARGV[2])
 local out = {now}
+if #ARGV > 2 + 4 * n then
+  redis.call("ZREM", KEYS[n + 1], ARGV[3 + 4 * n])
+end
 
 for i = 1, n do
   local a = 3 + (i - 1) * 4

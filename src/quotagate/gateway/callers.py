@@ -1,0 +1,193 @@
+"""Who is calling, and which limits their request is checked against.
+
+``Callers.identify`` is the one identification of the gateway (inference, ``/v1/ratelimit``,
+``/health`` and ``quotagate reset`` all go through it): a configured API key (``X-API-Key`` or
+``Authorization: Bearer``) is its tier's caller, counted under the key's hash; no key is the
+anonymous tier, counted by client address (trusted proxies honoured); anything else is refused.
+``limits`` turns a tier, a client, a model and a reservation into the engine's hits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi.responses import Response
+from starlette.types import Scope
+
+from ..identity import TrustedProxies, bearer_or_header_key, hash_api_key, mask_key
+from ..keys import (
+    CONCURRENCY,
+    REQUESTS,
+    TOKENS,
+    client_state_key,
+    ip_client_id,
+    key_client_id,
+    model_limit,
+)
+from ..limiter import Acquire, Hit
+from ..rates import Rate, parse_rates
+from .config import GatewayConfig, TierConfig
+from .responses import error
+
+__all__ = ["Caller", "Callers", "Limits", "Refusal", "Tier", "api_key_client", "limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """A tier's limits, parsed once per config."""
+
+    name: str
+    requests: tuple[Rate, ...] | None
+    tokens: tuple[Rate, ...] | None
+    concurrency: int | None
+    priority: int
+    default_max_tokens: int
+    shadow: bool
+    model_requests: dict[str, tuple[Rate, ...]]
+    model_tokens: dict[str, tuple[Rate, ...]]
+
+    @classmethod
+    def from_config(cls, name: str, tier: TierConfig, shadow: bool) -> Tier:
+        return cls(
+            name=name,
+            requests=parse_rates(tier.requests) if tier.requests else None,
+            tokens=parse_rates(tier.tokens) if tier.tokens else None,
+            concurrency=tier.concurrency,
+            priority=tier.priority,
+            default_max_tokens=tier.default_max_tokens,
+            shadow=shadow or tier.shadow,
+            model_requests={
+                m: parse_rates(v.requests) for m, v in tier.models.items() if v.requests
+            },
+            model_tokens={m: parse_rates(v.tokens) for m, v in tier.models.items() if v.tokens},
+        )
+
+    def describe(self) -> str:
+        """``free[60/minute req, 40000/minute tok, 4 conc]`` for the start-up line."""
+        return (
+            f"{self.name}[{_rates_text(self.requests)} req, {_rates_text(self.tokens)} tok, "
+            f"{self.concurrency or '∞'} conc]"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    tier: Tier
+    client: str  # ``key:<hash>`` or ``ip:<address>``: goes in the hash tag of every key
+    display: str  # masked, for logs
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A caller the gateway does not serve (401), still known by ``client`` (its address),
+    which is how an endpoint open to everyone (``/health``) counts it."""
+
+    code: str
+    message: str
+    client: str
+
+    def response(self) -> Response:
+        return error(401, self.code, self.message)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The engine's view of a request: what it is charged (``requests`` cost 1, ``tokens``
+    the reservation) and the concurrency slot it holds."""
+
+    requests: list[Hit]
+    tokens: list[Hit]
+    acquire: Acquire | None
+
+    @property
+    def hits(self) -> list[Hit]:
+        return self.requests + self.tokens
+
+
+def api_key_client(api_key: str) -> str:
+    """The client id an API key is counted under."""
+    return key_client_id(hash_api_key(api_key))
+
+
+class Callers:
+    """The tiers, keys and anonymous access of one config."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.tiers = {
+            name: Tier.from_config(name, tier, config.shadow) for name, tier in config.tiers.items()
+        }
+        self.keys = {key.digest: self.tiers[key.tier] for key in config.keys}
+        self.anonymous = self.tiers[config.anonymous.tier] if config.anonymous else None
+        self.trusted = TrustedProxies(config.server.trusted_proxies)
+        # Configured keys seen on the wire -> their caller: saves a SHA-256 per request.
+        self._known: dict[str, Caller] = {}
+
+    def identify(self, scope: Scope) -> Caller | Refusal:
+        api_key = bearer_or_header_key(scope)
+        if api_key:
+            caller = self._known.get(api_key)
+            if caller is not None:
+                return caller
+            digest = hash_api_key(api_key)
+            tier = self.keys.get(digest)
+            if tier is None:
+                return Refusal("invalid_api_key", "The API key is not valid.", self._ip(scope))
+            caller = Caller(tier, key_client_id(digest), mask_key(api_key))
+            if len(self._known) < 4 * len(self.keys):  # configured keys only: bounded
+                self._known[api_key] = caller
+            return caller
+        client = self._ip(scope)
+        if self.anonymous is None:
+            return Refusal(
+                "missing_api_key",
+                "An API key is required: send X-API-Key or Authorization: Bearer <key>.",
+                client,
+            )
+        return Caller(self.anonymous, client, client)
+
+    def _ip(self, scope: Scope) -> str:
+        return ip_client_id(self.trusted.client_host(scope))
+
+
+def limits(
+    tier: Tier,
+    client: str,
+    model: str | None,
+    reserved: int,
+    lease_ttl: float,
+    *,
+    read: bool = False,
+) -> Limits:
+    """Every limit a request of ``tier`` from ``client`` to ``model`` is checked against:
+    one request, ``reserved`` tokens (held until the answer says what was used) and a
+    concurrency slot for ``lease_ttl`` seconds at most. ``read``: nothing consumed, each
+    limit's state only (``/v1/ratelimit``)."""
+    cost = 0 if read else 1
+    reserved = 0 if read else reserved
+    requests: list[Hit] = []
+    tokens: list[Hit] = []
+    if tier.requests:
+        requests.append(_hit(client, REQUESTS, tier.requests, cost))
+    if tier.tokens:
+        tokens.append(_hit(client, TOKENS, tier.tokens, reserved))
+    if model is not None:
+        if model in tier.model_requests:
+            name = model_limit("requests", model)
+            requests.append(_hit(client, name, tier.model_requests[model], cost))
+        if model in tier.model_tokens:
+            name = model_limit("tokens", model)
+            tokens.append(_hit(client, name, tier.model_tokens[model], reserved))
+    acquire = (
+        Acquire(client_state_key(client, CONCURRENCY), tier.concurrency, 0 if read else lease_ttl)
+        if tier.concurrency
+        else None
+    )
+    return Limits(requests, tokens, acquire)
+
+
+def _hit(client: str, name: str, rates: tuple[Rate, ...], cost: int) -> Hit:
+    return Hit(client_state_key(client, name), rates, cost, name=name)
+
+
+def _rates_text(rates: tuple[Rate, ...] | None) -> str:
+    return "; ".join(str(rate) for rate in rates) if rates else "∞"

@@ -1,0 +1,118 @@
+"""What an admitted request holds, and every storage call that takes or gives it back.
+
+One engine call each: ``reserve`` (every limit and the concurrency slot, all or nothing),
+``settle`` (the token reservation reconciled on the real usage, and the slot released) and
+``undo`` (a request admitted but never served gives back all it took). A storage error is
+logged here, once, and never reaches the client as a 500: a failed reserve is a 503 decision,
+a failed settle leaves the lease to expire at its deadline.
+
+Settling runs in a task of its own, awaited through a shield: it completes even when the
+request's task is cancelled (a client that went away mid-stream), and a client that waits for
+the response never finds its slot still held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..decision import Decision
+from ..errors import StorageError
+from ..limiter import RateLimiter
+from ..metrics import PrometheusMetrics
+from .callers import Caller, Limits
+
+__all__ = ["Admission", "Ledger"]
+
+logger = logging.getLogger("quotagate")
+
+_UNAVAILABLE = Decision(False, "unavailable", 1.0, 0, 0, 0.0, ())
+
+
+@dataclass(slots=True)
+class Admission:
+    """What an admitted request holds until it is settled."""
+
+    caller: Caller
+    limits: Limits
+    reserved: int
+    prompt: int
+    decision: Decision
+
+
+class Ledger:
+    def __init__(self, limiter: RateLimiter, metrics: PrometheusMetrics) -> None:
+        self.limiter = limiter
+        self.metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reserve(self, limits: Limits, *, shadow: bool = False) -> Decision:
+        """Check and take every limit of a request in one storage call; a storage that cannot
+        answer (and no fallback) is a rejection with reason ``unavailable``."""
+        started = time.perf_counter()
+        try:
+            return await self.limiter.hit_many(limits.hits, acquire=limits.acquire, shadow=shadow)
+        except StorageError as exc:
+            logger.error("quotagate: storage error: %s", exc)
+            return _UNAVAILABLE
+        finally:
+            self.metrics.decision_seconds(time.perf_counter() - started)
+
+    async def undo(self, admission: Admission) -> None:
+        """A request admitted but never served (backend full): give back all it took."""
+        refunds = [replace(hit, cost=-hit.cost) for hit in admission.limits.hits]
+        await self._settle(admission, refunds, "giving back a request")
+
+    async def settle(
+        self,
+        admission: Admission,
+        charged: int,
+        before: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Reconcile the reservation on ``charged`` tokens and release the slot; ``before``
+        runs first (closing an upstream stream), in the same task that cannot be cancelled."""
+        if self.limiter.in_process and before is None:  # nothing here can suspend
+            await self._reconcile(admission, charged, None)
+            return
+        await asyncio.shield(self.background(self._reconcile(admission, charged, before)))
+
+    def background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` to the end even if the request's task is cancelled; kept until done."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (shutdown)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _reconcile(
+        self,
+        admission: Admission,
+        charged: int,
+        before: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        if before is not None:
+            await before()
+        tier = admission.caller.tier.name
+        delta = charged - admission.reserved
+        charges = [replace(hit, cost=delta) for hit in admission.limits.tokens] if delta else []
+        await self._settle(admission, charges, f"settling {delta:+d} tokens")
+        self.metrics.tokens(tier, "charged", charged)
+        self.metrics.tokens(tier, "refunded", -delta)
+
+    async def _settle(self, admission: Admission, charges: list[Any], what: str) -> None:
+        try:
+            await self.limiter.settle(charges, admission.decision.lease)
+        except StorageError as exc:
+            logger.error(
+                "quotagate: storage error while %s (a held slot expires at its deadline): %s",
+                what,
+                exc,
+            )
