@@ -18,13 +18,12 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..asgi import RawResponse
@@ -42,19 +41,17 @@ from ..limiter import Hit, RateLimiter
 from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics
 from ..rates import parse_rates
 from ..storage import FallbackStorage, Storage, mask_url
-from .backends import Backend, Route, UpstreamError, UpstreamRejected
-from .backends.mock import MockBackend
-from .backends.openai import OpenAIBackend
+from .backends import Backend, Route, UpstreamError, UpstreamRejected, backend_from_config
 from .body import read_json
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
-from .dispatch import INFERENCE_ROUTES, GatewayApp
+from .dispatch import GatewayApp
 from .gate import BackendGate
 from .ledger import Admission, Ledger
 from .relay import SseRelay, answer_tokens, usage_total
 from .reload import reloaded_config
-from .responses import JSON_TYPE, error, http_error, stream_error_event, upstream_response
-from .schemas import REQUEST_SCHEMAS, validate_body
+from .responses import JSON_TYPE, error, stream_error_event, upstream_response
+from .schemas import validate_body
 from .tokens import request_cost
 
 __all__ = ["Gateway", "create_app"]
@@ -81,7 +78,7 @@ class Gateway:
             storage if storage is not None else configured_storage(config),
             overlimit_cache=config.storage.overlimit_cache,
         )
-        self.backend: Backend = backend or _backend(config)
+        self.backend: Backend = backend or backend_from_config(config.backend)
         self.gate = BackendGate(config.backend.max_concurrency)
         self.metrics = PrometheusMetrics()
         self.ledger = Ledger(self.limiter, self.metrics)
@@ -373,20 +370,6 @@ class Gateway:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-def _backend(config: GatewayConfig) -> Backend:
-    """The backend the ``[backend]`` table describes."""
-    b = config.backend
-    if b.kind == "mock":
-        return MockBackend(b.mock_tokens_per_second)
-    return OpenAIBackend.from_env(
-        b.url or "",
-        b.api_key_env,
-        timeout=b.timeout_s,
-        connect_timeout=b.connect_timeout_s,
-        max_connections=b.max_concurrency * 2,
-    )
-
-
 async def _close(upstream: AsyncGenerator[bytes, None]) -> None:
     """Stop the upstream generating; frees its connection."""
     try:
@@ -439,54 +422,4 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = gateway
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-        response = http_error(exc.status_code, exc.detail, request.method, request.url.path)
-        if exc.headers:
-            response.headers.update(exc.headers)  # Allow, on a 405
-        return response
-
-    for path, route in INFERENCE_ROUTES.items():
-        app.add_api_route(
-            path,
-            _inference_endpoint(gateway, route),
-            methods=["POST"],
-            summary=_SUMMARIES[route],
-            openapi_extra=REQUEST_SCHEMAS[route],
-            response_class=JSONResponse,
-        )
-
-    @app.get("/v1/models", summary="Models served behind the gateway")
-    async def models() -> Response:
-        return await gateway.models()
-
-    @app.get("/v1/ratelimit", summary="The caller's tier and the state of each of its limits")
-    async def ratelimit(request: Request) -> Response:
-        return await gateway.ratelimit(request)
-
-    @app.get("/health", summary="Liveness, storage mode and version")
-    async def health(request: Request) -> Response:
-        return await gateway.health(request)
-
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
-    async def metrics() -> Response:
-        return gateway.render_metrics()
-
     return app
-
-
-_SUMMARIES: dict[Route, str] = {
-    "chat": "Chat completion (OpenAI-compatible), rate limited",
-    "completions": "Text completion (OpenAI-compatible), rate limited",
-}
-
-
-def _inference_endpoint(gateway: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:
-    """The declared route (``/docs``); requests reach ``Gateway.inference`` through
-    ``GatewayApp`` without it, except a call that bypasses the dispatch."""
-
-    async def endpoint(request: Request) -> Response:
-        return await gateway.inference(request, route)
-
-    return endpoint

@@ -1,4 +1,4 @@
-"""The ASGI entry of the gateway: inference straight to the pipeline, the rest to FastAPI.
+"""The gateway's FastAPI app: its routes, and inference straight to the pipeline.
 
 Why: FastAPI's middleware stack, routing and dependency solving cost about a fifth of a
 proxied request's CPU, on the one path where every microsecond is taken from the model server's
@@ -13,13 +13,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from ..http import EXPOSED_HEADERS
 from .backends import Route
-from .responses import error
+from .responses import error, http_error
+from .schemas import REQUEST_SCHEMAS
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -32,6 +35,10 @@ INFERENCE_ROUTES: Mapping[str, Route] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "completions",
 }
+_SUMMARIES: Mapping[Route, str] = {
+    "chat": "Chat completion (OpenAI-compatible), rate limited",
+    "completions": "Text completion (OpenAI-compatible), rate limited",
+}
 
 
 class GatewayApp(FastAPI):
@@ -40,6 +47,7 @@ class GatewayApp(FastAPI):
     def __init__(self, gateway: Gateway, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.gateway = gateway
+        self._declare_routes()
         origins = gateway.config.server.cors_allow_origins
         # Browsers calling the gateway directly: preflights answered, and the rate-limit
         # headers readable by the page's code (so it can pace itself). Around everything.
@@ -75,3 +83,48 @@ class GatewayApp(FastAPI):
             await response(scope, receive, send)
         except ClientDisconnect:
             return
+
+    def _declare_routes(self) -> None:
+        gateway = self.gateway
+
+        @self.exception_handler(StarletteHTTPException)
+        async def http_exception(request: Request, exc: StarletteHTTPException) -> Response:
+            response = http_error(exc.status_code, exc.detail, request.method, request.url.path)
+            if exc.headers:
+                response.headers.update(exc.headers)  # Allow, on a 405
+            return response
+
+        for path, route in INFERENCE_ROUTES.items():
+            self.add_api_route(
+                path,
+                _inference_endpoint(gateway, route),
+                methods=["POST"],
+                summary=_SUMMARIES[route],
+                openapi_extra=REQUEST_SCHEMAS[route],
+                response_class=JSONResponse,
+            )
+
+        @self.get("/v1/models", summary="Models served behind the gateway")
+        async def models() -> Response:
+            return await gateway.models()
+
+        @self.get("/v1/ratelimit", summary="The caller's tier and the state of each of its limits")
+        async def ratelimit(request: Request) -> Response:
+            return await gateway.ratelimit(request)
+
+        @self.get("/health", summary="Liveness, storage mode and version")
+        async def health(request: Request) -> Response:
+            return await gateway.health(request)
+
+        @self.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
+        async def metrics() -> Response:
+            return gateway.render_metrics()
+
+
+def _inference_endpoint(gateway: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:
+    """The declared route (for ``/docs``); ``GatewayApp`` sends POSTs on without it."""
+
+    async def endpoint(request: Request) -> Response:
+        return await gateway.inference(request, route)
+
+    return endpoint

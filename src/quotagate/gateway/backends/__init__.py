@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
-__all__ = ["Answer", "Backend", "Route", "UpstreamError", "UpstreamRejected"]
+from ...errors import QuotagateError
+
+if TYPE_CHECKING:
+    from ..config import BackendConfig
+
+__all__ = [
+    "Answer",
+    "Backend",
+    "Route",
+    "UpstreamError",
+    "UpstreamRejected",
+    "backend_from_config",
+]
 
 Route = Literal["chat", "completions"]
 
 
-class UpstreamError(Exception):
+class UpstreamError(QuotagateError):
     """The model server failed: down (502), timed out (504) or answered 5xx / garbage (502)."""
 
     def __init__(self, status: int, error: str, message: str) -> None:
@@ -20,7 +32,7 @@ class UpstreamError(Exception):
         self.message = message
 
 
-class UpstreamRejected(Exception):
+class UpstreamRejected(QuotagateError):
     """The model server refused the request (4xx): passed to the client as it is."""
 
     def __init__(self, status: int, body: bytes, content_type: str) -> None:
@@ -67,3 +79,19 @@ class Backend(Protocol):
     ) -> AsyncGenerator[bytes, None]:
         """A streamed completion as Server-Sent Events bytes, exactly as OpenAI frames them."""
         ...
+
+
+def backend_from_config(config: BackendConfig) -> Backend:
+    """The backend a ``[backend]`` table describes."""
+    from .mock import MockBackend
+    from .openai import OpenAIBackend
+
+    if config.kind == "mock":
+        return MockBackend(config.mock_tokens_per_second)
+    return OpenAIBackend.from_env(
+        config.url or "",
+        config.api_key_env,
+        timeout=config.timeout_s,
+        connect_timeout=config.connect_timeout_s,
+        max_connections=config.max_concurrency * 2,
+    )

@@ -1,0 +1,31 @@
+"""``examples/gateway.toml`` is the README's worked example, and it is a valid config."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "gateway.toml"
+
+
+def test_the_worked_example_passes_check_config() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "quotagate", "check-config", str(EXAMPLE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{EXAMPLE}: OK · storage redis://redis.internal:6379/0")
+    assert "backend openai · tiers free, pro · 1 keys" in done.stdout
+
+
+def test_the_readme_shows_the_example_file_as_it_is() -> None:
+    readme = (ROOT / "README.md").read_text("utf-8")
+    example = EXAMPLE.read_text("utf-8")
+    config = example[example.index("[server]") :]
+    at = readme.index("Worked example: vLLM on the same host")
+    start = readme.index("```toml\n", at) + len("```toml\n")
+    assert readme[start : readme.index("```", start)] == config
