@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from helpers import ALICE, NATURAL_LENGTH, base_config, completion_prompt, gateway_app, in_process
-from support import RedisServer
 
 import quotagate as qg
+from support import RedisServer
 
 MODEL_TOKENS = """
 [tiers.free.models."big-model"]
