@@ -1,11 +1,11 @@
-"""Shared type aliases."""
+"""Shared type aliases: the ASGI interface, the clock, algorithm and reason names."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Literal
 
-__all__ = ["Algorithm", "Clock", "Reason"]
+__all__ = ["ASGIApp", "Algorithm", "Clock", "Message", "Reason", "Receive", "Scope", "Send"]
 
 #: The current time in seconds: ``time.time`` in production, a ``FakeClock`` in tests.
 Clock = Callable[[], float]
@@ -16,3 +16,11 @@ Algorithm = Literal["gcra", "fixed_window"]
 #: Why a decision came out as it did.
 #: ``unavailable``: the storage is down and the fallback policy is ``deny``.
 Reason = Literal["allowed", "limited", "too_large", "unavailable"]
+
+# The ASGI interface (https://asgi.readthedocs.io/en/latest/specs/main.html), as Starlette
+# types it: a scope and its messages are plain mappings.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]

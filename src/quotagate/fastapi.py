@@ -22,7 +22,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 from fastapi import HTTPException  # Starlette's, with a detail of any JSON
 from starlette.applications import Starlette
@@ -31,35 +31,24 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Mount
 
-from ._types import Algorithm
-from .asgi import (
-    ASGIApp,
-    Receive,
+from ._asgi import (
+    Limit,
     RejectionResponse,
-    Scope,
-    Send,
+    decide,
     maybe_await,
     record_decision,
-    storage_error_decision,
     with_rate_limit_headers,
 )
+from ._types import Algorithm, ASGIApp, Receive, Scope, Send
 from .decision import Decision
-from .errors import ConfigError, StorageError
+from .errors import ConfigError
 from .http import rejection_parts, retry_after_seconds
-from .identity import (
-    KeyFunc,
-    TrustedProxies,
-    api_key_or_ip,
-    display_key,
-    settled_key,
-    storage_id,
-    with_trusted_proxies,
-)
-from .limiter import Hit, RateLimiter
+from .identity import KeyFunc, TrustedProxies, api_key_or_ip, with_trusted_proxies
+from .limiter import RateLimiter
 from .rates import RateLike, as_rates
 from .storage import Storage
 
-__all__ = ["Limiter", "RateLimitExceeded"]
+__all__ = ["Limiter", "MiddlewareOptions", "RateLimitExceeded"]
 
 logger = logging.getLogger("quotagate")
 
@@ -95,6 +84,14 @@ class RateLimitExceeded(Exception):
         super().__init__(f"rate limit exceeded: retry after {decision.retry_after:.1f} s")
         self.decision = decision
         self.retry_after = retry_after_seconds(decision.retry_after)
+
+
+class MiddlewareOptions(TypedDict):
+    """What ``quotagate.asgi.RateLimitMiddleware`` needs to count as a ``Limiter`` does."""
+
+    limiter: RateLimiter
+    key_func: KeyFunc
+    trusted_proxies: TrustedProxies
 
 
 class Limiter:
@@ -160,6 +157,20 @@ class Limiter:
         """Forget every counter: every client starts afresh (slowapi's ``reset``, awaited).
         With Redis, every key under the storage's prefix. Returns how many states went."""
         return await self.engine.reset()
+
+    def middleware_options(self) -> MiddlewareOptions:
+        """This limiter's engine, key function and trusted proxies, as keyword arguments of
+        ``quotagate.asgi.RateLimitMiddleware``: its rules then count in this limiter's
+        storage, with the same idea of who the client is as the decorators.
+
+            app.add_middleware(RateLimitMiddleware, **limiter.middleware_options(),
+                               rules=[("/v1/*", "60/minute")])
+        """
+        return {
+            "limiter": self.engine,
+            "key_func": self.key_func,
+            "trusted_proxies": self.trusted_proxies,
+        }
 
     def init_app(self, app: Starlette) -> None:
         """Install the limiter on an app: headers on every response, the 429 handler for the
@@ -263,7 +274,7 @@ class Limiter:
         """
         if not self.enabled:
             return None
-        hits: list[tuple[str, RateLike, int, Algorithm]] = []
+        limits: list[Limit] = []
         for spec in specs:
             if spec.exempt_when is not None and await maybe_await(spec.exempt_when(request)):
                 continue
@@ -274,30 +285,10 @@ class Limiter:
                 spec.cost if isinstance(spec.cost, int) else await maybe_await(spec.cost(request))
             )
             key_func = self.key_func if spec.key_func is None else spec.key_func
-            key = key_func(request)
-            if not isinstance(key, str):  # async, None or not text
-                key = await settled_key(key, request, self.trusted_proxies)
-            if logger.isEnabledFor(logging.DEBUG):
-                logger.debug(
-                    "quotagate: %s %s -> client %s",
-                    request.method,
-                    request.url.path,
-                    display_key(key),
-                )
-            name = spec.scope or default_scope
-            hits.append((f"{{{storage_id(key)}}}:{name}", rates, cost, spec.algorithm))
-        if not hits:
+            limits.append((key_func, spec.scope or default_scope, rates, cost, spec.algorithm))
+        if not limits:
             return None
-        try:
-            if not self.engine.started:
-                await self.engine.start()
-            if len(hits) == 1:  # the common case, without building Hit objects
-                decision = await self.engine.hit(*hits[0])
-            else:
-                decision = await self.engine.hit_many([Hit(*hit) for hit in hits])
-        except StorageError as exc:
-            logger.error("quotagate: storage error, answering 503: %s", exc)
-            decision = storage_error_decision()
+        decision = await decide(self.engine, request, limits, self.trusted_proxies)
         if self.headers_enabled or not decision.allowed:
             record_decision(request.scope, decision)
         if self._warn_headerless:

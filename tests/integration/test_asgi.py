@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -127,20 +129,29 @@ def test_bad_rule_rate_fails_at_construction() -> None:
         RateLimitMiddleware(JSONResponse({}), rules=[("/v1/*", "sixty/minute")])  # type: ignore[arg-type]
 
 
-async def test_the_limiter_may_be_a_storage_or_the_fastapi_limiter(clock: qg.FakeClock) -> None:
-    """``limiter=`` takes a storage (or its URL) too, or the FastAPI ``Limiter``: then the rules
-    count on its engine (its storage) with its key function."""
-    from fastapi import FastAPI
-
-    from quotagate.fastapi import Limiter
-
+async def test_the_limiter_may_be_a_storage_or_its_url(clock: qg.FakeClock) -> None:
     storage = qg.MemoryStorage(clock=clock)
     by_storage = RateLimitMiddleware(
         Starlette(routes=[Route("/x", hello)]), limiter=storage, rules=[("/x", "1/minute")]
     )
     assert by_storage.limiter.storage is storage
+    by_url = RateLimitMiddleware(hello, limiter="memory://", rules=[("/x", "1/minute")])  # type: ignore[arg-type]
+    assert isinstance(by_url.limiter.storage, qg.MemoryStorage)
 
-    limiter = Limiter(key_func=lambda request: request.headers["x-user"], storage=storage)
+
+async def test_the_fastapi_limiter_gives_its_engine_and_key_function(clock: qg.FakeClock) -> None:
+    """``**limiter.middleware_options()``: the rules count on the FastAPI ``Limiter``'s engine
+    (its storage) with its key function and its trusted proxies."""
+    from fastapi import FastAPI
+
+    from quotagate.fastapi import Limiter
+
+    storage = qg.MemoryStorage(clock=clock)
+    limiter = Limiter(
+        key_func=lambda request: request.headers.get("x-user"),
+        storage=storage,
+        trusted_proxies=["127.0.0.0/8"],
+    )
     api = FastAPI()
     limiter.init_app(api)
 
@@ -148,20 +159,64 @@ async def test_the_limiter_may_be_a_storage_or_the_fastapi_limiter(clock: qg.Fak
     async def ruled() -> None:
         return None
 
-    app = RateLimitMiddleware(api, limiter=limiter, rules=[("/ruled", "2/minute")])
-    assert app.limiter is limiter.engine
-    async with asgi_client(app) as client:
+    api.add_middleware(
+        RateLimitMiddleware, **limiter.middleware_options(), rules=[("/ruled", "2/minute")]
+    )
+    async with asgi_client(api) as client:
         alice = [
             (await client.get("/ruled", headers={"x-user": "alice"})).status_code for _ in "abc"
         ]
         bob = await client.get("/ruled", headers={"x-user": "bob"})
+        # No user: counted by address, the forwarded one (127.0.0.1 is a trusted proxy).
+        anonymous = [
+            (await client.get("/ruled", headers={"x-forwarded-for": f"203.0.113.{n}"}))
+            for n in (1, 1, 2)
+        ]
     assert alice == [200, 200, 429]  # counted by the Limiter's key function: per user
     assert bob.status_code == 200
+    assert [r.status_code for r in anonymous] == [200, 200, 200]
+    assert anonymous[1].headers["x-ratelimit-remaining"] == "0"
+    assert anonymous[2].headers["x-ratelimit-remaining"] == "1"
+
+    app = RateLimitMiddleware(api, **limiter.middleware_options(), rules=[("/x", "1/minute")])
+    assert app.limiter is limiter.engine
+    assert app.trusted is limiter.trusted_proxies
+
+
+def test_the_fastapi_limiter_itself_is_refused_with_the_way_to_pass_it() -> None:
+    """No duck typing: the middleware does not know the FastAPI adapter (a layer above it);
+    the error says what was given and how to pass it."""
+    from quotagate.fastapi import Limiter
+
+    with pytest.raises(qg.ConfigError) as caught:
+        RateLimitMiddleware(hello, limiter=Limiter(), rules=[("/x", "1/minute")])  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert message.startswith(
+        "limiter: expected a RateLimiter, a Storage or a storage URL, got quotagate.fastapi.Limiter"
+    )
+    assert "**limiter.middleware_options()" in message
 
 
 def test_a_limiter_of_another_kind_is_a_config_error() -> None:
-    with pytest.raises(qg.ConfigError, match="limiter: expected"):
+    with pytest.raises(qg.ConfigError, match=r"limiter: expected .*, got int "):
         RateLimitMiddleware(JSONResponse({}), limiter=42, rules=[("/x", "1/minute")])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("module", "above"),
+    [
+        ("quotagate._asgi", ["quotagate.asgi", "quotagate.fastapi", "quotagate.gateway"]),
+        ("quotagate.asgi", ["quotagate.fastapi", "quotagate.gateway"]),
+    ],
+)
+def test_the_asgi_plumbing_imports_no_layer_above_it(module: str, above: list[str]) -> None:
+    """``_asgi`` sits below both adapters and ``asgi`` below ``fastapi``: importing one
+    loads nothing above it (in a fresh interpreter, so no other test's imports count)."""
+    code = f"import sys, {module}; print(sorted(set({above!r}) & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", f"{module} imports {result.stdout.strip()}"
 
 
 async def test_a_key_function_answering_none_counts_by_address(clock: qg.FakeClock) -> None:
