@@ -27,6 +27,7 @@ from .decision import Decision
 from .errors import StorageError
 from .http import Headers, rate_limit_headers, rejection
 from .identity import KeyFunc, TrustedProxies, display_key, settled_key, storage_id
+from .keys import state_key
 from .limiter import Hit, RateLimiter, combine
 from .rates import RateLike
 
@@ -83,7 +84,7 @@ async def decide(
             logger.debug(
                 "quotagate: %s %s -> client %s", scope["method"], scope["path"], display_key(key)
             )
-        hits.append((f"{{{storage_id(key)}}}:{name}", rates, cost, algorithm))
+        hits.append((state_key(storage_id(key), name), rates, cost, algorithm))
     try:
         if not engine.started:
             await engine.start()

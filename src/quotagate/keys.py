@@ -31,6 +31,7 @@ __all__ = [
     "key_client_id",
     "model_limit",
     "reset_pattern",
+    "state_key",
 ]
 
 REQUESTS = "requests"
@@ -86,10 +87,17 @@ def family(name: str) -> Family:
     return _FAMILIES.get(base, "requests")
 
 
+def state_key(client: str, part: str) -> str:
+    """``{<client>}:<part>``: the client's hash tag, then what the limit is (a library
+    limit's counter name as it is)."""
+    return "{" + client + "}:" + part
+
+
 def client_state_key(client: str, name: str) -> str:
-    """The key of limit ``name`` of ``client``: ``{key:ab12}:tok``, ``{ip:1.2.3.4}:mreq:m``."""
+    """The key of the gateway's limit ``name`` of ``client``: ``{key:ab12}:tok``,
+    ``{ip:1.2.3.4}:mreq:<model>``."""
     base, sep, scope = name.partition(":")
-    return "{" + client + "}:" + _KEY_PARTS.get(base, base) + sep + scope
+    return state_key(client, _KEY_PARTS.get(base, base) + sep + scope)
 
 
 def hash_tagged(key: str) -> str:

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
-from ..asgi import RawResponse
+from .._asgi import RawResponse
 from ..decision import Decision
 from ..http import (
     Headers,

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .._asgi import storage_error_decision
 from ..decision import Decision
 from ..errors import StorageError
 from ..limiter import RateLimiter
@@ -29,8 +30,6 @@ from .callers import Caller, Limits
 __all__ = ["Admission", "Ledger"]
 
 logger = logging.getLogger("quotagate")
-
-_UNAVAILABLE = Decision(False, "unavailable", 1.0, 0, 0, 0.0, ())
 
 
 @dataclass(slots=True)
@@ -58,7 +57,7 @@ class Ledger:
             return await self.limiter.hit_many(limits.hits, acquire=limits.acquire, shadow=shadow)
         except StorageError as exc:
             logger.error("quotagate: storage error: %s", exc)
-            return _UNAVAILABLE
+            return storage_error_decision()
         finally:
             self.metrics.decision_seconds(time.perf_counter() - started)
 
