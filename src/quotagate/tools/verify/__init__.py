@@ -11,7 +11,9 @@ pointed at (``--url``) or one it starts itself on a free loopback port and stops
 - rate-limit headers are on the successful responses, and they move;
 - two API keys are counted independently (the tutorial's first "common failure");
 - /health is not limited at the inference threshold;
-- with ``--restart``, counters reset after a restart (memory) or a FLUSHDB (Redis).
+- with ``--restart``, counters reset after a restart (memory), or on Redis after the keys
+  under the configured ``[storage] prefix`` are deleted (as ``quotagate reset`` does: SCAN +
+  UNLINK, never FLUSHDB).
 
 Exit 0 when every check passes, 1 when one fails, 2 on a usage or connection error.
 
@@ -20,7 +22,8 @@ The modules, in the order a run uses them:
 - ``evidence``: ``Exchange`` (a request and its answer), ``Check`` (a verdict and its
   exchanges), the HTTP client that records them, the JSON record;
 - ``limits``: the request limit under test, from the config or from response headers;
-- ``setup``: the config and keys, the gateway under test (``--url`` or started here), Redis;
+- ``setup``: the config and keys, the gateway under test (``--url`` or started here), and
+  verify's own access to Redis, through the configured storage (its prefix, its timeout);
 - ``state``: the starting state gathered into the record, and printed from it;
 - ``checks``: what the burst shows (headers, the 429 and its body, Retry-After);
 - ``probes``: the checks that send requests of their own (keys apart, /health, restart);

@@ -60,8 +60,8 @@ def _check_flags(url: str | None, keys: tuple[str, ...], tier: str | None, resta
 @click.option(
     "--restart",
     is_flag=True,
-    help="Also check that counters reset: restart the gateway (memory) or FLUSHDB "
-    "its Redis database. Only for a gateway started here.",
+    help="Also check that counters reset: restart the gateway (memory) or delete the "
+    "counters under its Redis prefix. Only for a gateway started here.",
 )
 @click.option(
     "--report",
@@ -101,6 +101,7 @@ def verify_command(
         tier=tier,
         timeout=timeout,
         started=started,
+        restart=restart,
     ) as gateway:
         environment = gather_starting_state(gateway, model)
         for line in starting_state_lines(environment):

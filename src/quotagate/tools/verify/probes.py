@@ -5,12 +5,15 @@ its ``Check``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ...storage import mask_url
 from .._gateway import GatewayProcess
 from .evidence import Check, Client, Exchange
 from .limits import LimitUnderTest, remaining
-from .setup import HEALTH, KeyInfo, flushdb, is_redis
+from .setup import HEALTH, KeyInfo, redis_storage, reset_prefix
+
+if TYPE_CHECKING:
+    from ...gateway.config import GatewayConfig
 
 __all__ = ["check_health_not_limited", "check_independent_keys", "check_restart_resets"]
 
@@ -114,18 +117,19 @@ def check_restart_resets(
     rejected: Exchange | None,
     *,
     process: GatewayProcess,
-    storage_url: str,
+    config: GatewayConfig,
 ) -> Check:
     """Restart the gateway verify started: on memory storage key 1 starts over; on Redis it is
-    still limited (Redis keeps counters) until its counters are reset, then it starts over.
+    still limited (Redis keeps counters) until the counters under the configured prefix are
+    reset (nothing else in the database is touched), then it starts over.
 
     Raises:
         ToolError: the counters in Redis could not be reset.
     """
-    redis = is_redis(storage_url)
+    redis = redis_storage(config)
     title = (
-        "counters reset after FLUSHDB (Redis keeps them across a restart)"
-        if redis
+        "counters reset after a reset of the prefix (Redis keeps them across a restart)"
+        if redis is not None
         else "counters reset after a restart (memory storage)"
     )
     problems: list[str] = []
@@ -136,7 +140,7 @@ def check_restart_resets(
     limit_value = limit.limit if limit else None
     process.restart()
     notes.append(f"restarted the gateway (pid {process.pid})")
-    if redis:
+    if redis is not None:
         after_restart = complete(key)
         exchanges.append(after_restart)
         notes.append(f"after the restart: {after_restart.line()}")
@@ -151,8 +155,7 @@ def check_restart_resets(
                 "counters did not survive the restart: the gateway is not keeping them in "
                 "Redis (fallback mode?)"
             )
-        flushdb(storage_url)
-        notes.append(f"FLUSHDB on {mask_url(storage_url)}")
+        notes.append(reset_prefix(redis, config.storage.url))
     after = complete(key)
     exchanges.append(after)
     notes.append(f"then: {after.line()}")

@@ -123,7 +123,7 @@ def run_checks(
                 limit,
                 rejected,
                 process=gateway.process,
-                storage_url=gateway.config.storage.url,
+                config=gateway.config,
             )
         )
     elif gateway.process is not None:

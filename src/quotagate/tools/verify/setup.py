@@ -1,6 +1,7 @@
 """Set-up: the config (loaded, and the keys under test added to it when it lacks them), the
 gateway under test (the one at ``--url``, or one started here and stopped by pid), and verify's
-own access to the configured Redis."""
+own access to the configured Redis (through the configured storage, so ``[storage] prefix``
+and ``timeout_ms`` hold for verify as for the gateway)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,21 @@ import contextlib
 import hashlib
 import secrets
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ...errors import ConfigError, StorageError
 from ...identity import hash_api_key, mask_key
-from ...storage.base import split_query
 from .._common import ToolError, mask_password
 from .._gateway import GatewayProcess
 from .evidence import Client
 
 if TYPE_CHECKING:
     from ...gateway.config import GatewayConfig
+    from ...storage import RedisStorage
 
 __all__ = [
     "COMPLETIONS",
@@ -31,19 +32,16 @@ __all__ = [
     "GatewayUnderTest",
     "KeyInfo",
     "check_url",
-    "flushdb",
-    "is_redis",
     "open_gateway",
+    "redis_storage",
     "redis_version",
+    "reset_prefix",
     "sha256_file",
 ]
 
 #: The gateway's paths verify calls (besides /v1/models and /v1/ratelimit, read once).
 COMPLETIONS = "/v1/completions"
 HEALTH = "/health"
-
-_STORAGE_PARAMS = ("fallback", "fallback_share", "timeout_ms", "prefix", "max_keys")
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
 
 
 @dataclass(slots=True)
@@ -159,6 +157,7 @@ def open_gateway(
     tier: str | None,
     timeout: float,
     started: float,
+    restart: bool = False,
 ) -> Iterator[GatewayUnderTest]:
     """The gateway under test: the one at ``url``, or one started here and stopped by pid.
 
@@ -170,6 +169,7 @@ def open_gateway(
         tier: the tier of keys the config does not list.
         timeout: seconds per request.
         started: ``time.perf_counter()`` when verify started.
+        restart: ``--restart`` is asked for: refuse up front what its reset could not do.
 
     Raises:
         ToolError: the config is invalid, or the gateway did not start.
@@ -182,6 +182,12 @@ def open_gateway(
             yield GatewayUnderTest(client, config, config_path, infos, None)
         return
     config = _load_config(config_path)
+    storage = redis_storage(config) if restart else None
+    if storage is not None and not storage.prefix:
+        raise ToolError(
+            "--restart: [storage] prefix is empty: verify resets the counters under the "
+            "prefix, and without one that would be the whole Redis database"
+        )
     with tempfile.TemporaryDirectory(prefix="quotagate-verify-") as workdir:
         served, infos = _prepare_config(config, config_path, keys, tier, Path(workdir))
         process = GatewayProcess(served)
@@ -197,35 +203,48 @@ def sha256_file(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def is_redis(url: str) -> bool:
-    return url.split("://", 1)[0].lower() in _REDIS_SCHEMES
+def redis_storage(config: GatewayConfig) -> RedisStorage | None:
+    """verify's own connection to the configured Redis, as ``[storage]`` describes it (its
+    prefix, its ``timeout_ms``), without the fallback: an outage is reported, not hidden; None
+    for memory storage. A new one each call: each is started and closed in an event loop of
+    its own.
 
+    Raises:
+        ToolError: the storage refuses what the ``[storage]`` table holds.
+    """
+    from ...gateway.server import redis_of
 
-async def _with_redis(url: str, action: Callable[[Any], Any]) -> Any:
-    """Connect as the gateway's storage does and run ``action(storage)``."""
-    from ...storage.redis import RedisStorage
-
-    rest, _ = split_query(url, _STORAGE_PARAMS)
-    storage = RedisStorage(rest, timeout=2.0)
-    await storage.start()
     try:
-        result = action(storage)
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result
-    finally:
-        await storage.aclose()
+        return redis_of(config)
+    except ConfigError as exc:
+        raise ToolError(f"[storage]: {exc}") from None
 
 
-def redis_version(url: str) -> str:
+def redis_version(storage: RedisStorage) -> str:
+    """The server's version, or ``unreachable (...)``."""
+
+    async def version() -> str | None:
+        async with storage:
+            return storage.server_version
+
     try:
-        return str(asyncio.run(_with_redis(url, lambda storage: storage.server_version)))
+        return str(asyncio.run(version()))
     except StorageError as exc:
         return f"unreachable ({exc})"
 
 
-def flushdb(url: str) -> None:
+def reset_prefix(storage: RedisStorage, url: str) -> str:
+    """Delete the counters under the storage's prefix, as ``quotagate reset`` does (SCAN +
+    UNLINK, never FLUSHDB: nothing outside the prefix is touched); returns what was done.
+
+    Raises:
+        ToolError: Redis failed, or the prefix is empty.
+    """
+    from ...gateway.server import describe_storage, reset_counters
+
+    scope = describe_storage(storage, url)
     try:
-        asyncio.run(_with_redis(url, lambda storage: storage.client.flushdb()))
-    except StorageError as exc:
-        raise ToolError(f"cannot FLUSHDB: {exc}") from None
+        deleted = asyncio.run(reset_counters(storage))
+    except (StorageError, ConfigError) as exc:
+        raise ToolError(f"cannot reset the counters under {scope}: {exc}") from None
+    return f"reset: {deleted} keys deleted under {scope}"

@@ -11,7 +11,7 @@ from typing import Any
 from ... import __version__
 from ...storage import mask_url
 from .._common import ToolError, mask_password
-from .setup import HEALTH, GatewayUnderTest, is_redis, redis_version, sha256_file
+from .setup import HEALTH, GatewayUnderTest, redis_storage, redis_version, sha256_file
 
 __all__ = ["gather_starting_state", "starting_state_lines"]
 
@@ -60,8 +60,9 @@ def gather_starting_state(gateway: GatewayUnderTest, model: str | None) -> dict[
         from ...gateway.config import config_digest
 
         storage["url"] = mask_url(config.storage.url)
-        if is_redis(config.storage.url):
-            storage["redis_version"] = redis_version(config.storage.url)
+        redis = redis_storage(config)
+        if redis is not None:
+            storage["redis_version"] = redis_version(redis)
         url = config.backend.url
         backend = {"kind": config.backend.kind, "url": mask_url(url) if url else None}
         config_path = gateway.config_path
