@@ -16,6 +16,7 @@ CONFIG = """
 [storage]
 url = "{storage}"
 prefix = "{prefix}"
+{storage_extra}
 
 [anonymous]
 tier = "anonymous"
@@ -63,7 +64,11 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def write_config(directory: Path, storage: str = "memory://", prefix: str = "qg") -> Path:
+def write_config(
+    directory: Path, storage: str = "memory://", prefix: str = "qg", storage_extra: str = ""
+) -> Path:
+    """CONFIG on ``storage`` with ``prefix``; ``storage_extra`` is more of the [storage] table."""
     path = directory / "gateway.toml"
-    path.write_text(CONFIG.format(storage=storage, prefix=prefix), "utf-8")
+    text = CONFIG.format(storage=storage, prefix=prefix, storage_extra=storage_extra)
+    path.write_text(text, "utf-8")
     return path
