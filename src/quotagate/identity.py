@@ -27,10 +27,15 @@ __all__ = [
     "KeyFunc",
     "TrustedProxies",
     "api_key_or_ip",
+    "bearer_or_header_key",
     "client_ip",
+    "display_key",
     "get_remote_address",
     "hash_api_key",
     "mask_key",
+    "settled_key",
+    "storage_id",
+    "with_trusted_proxies",
 ]
 
 logger = logging.getLogger("quotagate")

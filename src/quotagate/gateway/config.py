@@ -33,6 +33,7 @@ from ..storage import Storage, storage_from_url
 __all__ = [
     "DEFAULT_CONFIG",
     "LOG_LEVELS",
+    "BackendConfig",
     "GatewayConfig",
     "KeyConfig",
     "LogLevel",

@@ -3,3 +3,5 @@
 They sit above the gateway (they drive one over HTTP, or start one) and below the CLI, which
 only registers their click commands.
 """
+
+__all__: list[str] = []

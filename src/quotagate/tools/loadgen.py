@@ -26,7 +26,15 @@ import httptools
 
 from ._common import mask_password as mask_url_text
 
-__all__ = ["ConnectError", "LoadResult", "Target", "parse_target", "render_request", "run_load"]
+__all__ = [
+    "NO_RESPONSE",
+    "ConnectError",
+    "LoadResult",
+    "Target",
+    "parse_target",
+    "render_request",
+    "run_load",
+]
 
 #: Status recorded for a request that got no HTTP response (connection error, timeout).
 NO_RESPONSE = 0

@@ -22,7 +22,13 @@ from ..schemas import validate_body
 from ..tokens import output_cap, prompt_tokens
 from . import Answer, Route
 
-__all__ = ["MOCK_MODEL", "NATURAL_LENGTH", "MockBackend", "mock_text"]
+__all__ = [
+    "MOCK_MODEL",
+    "NATURAL_LENGTH",
+    "MockBackend",
+    "create_mock_app",
+    "mock_text",
+]
 
 MOCK_MODEL = "quotagate-mock"
 #: Tokens the mock says when nothing caps it.

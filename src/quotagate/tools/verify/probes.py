@@ -15,7 +15,12 @@ from .setup import HEALTH, KeyInfo, redis_storage, reset_prefix
 if TYPE_CHECKING:
     from ...gateway.config import GatewayConfig
 
-__all__ = ["check_health_not_limited", "check_independent_keys", "check_restart_resets"]
+__all__ = [
+    "Complete",
+    "check_health_not_limited",
+    "check_independent_keys",
+    "check_restart_resets",
+]
 
 #: One completion as ``key``: the request the burst is made of.
 Complete = Callable[[KeyInfo], Exchange]
