@@ -24,14 +24,12 @@ from typing import Any
 from .decision import Decision, LimitState
 from .keys import family
 from .limiter import most_restrictive
-from .rates import Rate
 
 __all__ = [
     "EXPOSED_HEADERS",
     "Headers",
     "format_duration",
     "openai_headers",
-    "policy_name",
     "rate_limit_headers",
     "rejected_limit",
     "rejection",
@@ -62,11 +60,6 @@ EXPOSED_HEADERS = (
     "retry-after-ms",
     *(name.decode() for names in _OPENAI_NAMES.values() for name in names),
 )
-
-
-def policy_name(rate: Rate) -> str:
-    """``60/minute`` -> ``60-per-minute``; ``100/5 minutes`` -> ``100-per-5-minutes``."""
-    return rate.policy
 
 
 def _policy_item(state: LimitState) -> bytes:
