@@ -257,8 +257,9 @@ class RateLimiter:
         """Everything a finished request still owes, in ONE storage call: each charge
         (``cost > 0``) or refund (``cost < 0``) of its hits, and the release of its lease.
 
-        Hits whose cost is 0 are left out; with nothing to charge and no lease, no call is
-        made. Returns the state of each charged rate.
+        Hits whose cost is 0 are left out; with nothing to charge the lease is released
+        alone, and with no lease either no call is made. Returns the state of each charged
+        rate.
         """
         keys: list[str] = []
         args: list[int | str] = [0]
@@ -266,7 +267,9 @@ class RateLimiter:
         for h in charges:
             if h.cost:
                 _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, h.name, adjusting=True)
-        if not meta and release is None:
+        if not meta:
+            if release is not None:  # the lease alone: a plain release (ZREM), no script
+                await self.release(release)
             return ()
         return await self._adjust(keys, args, meta, release)
 
@@ -298,6 +301,9 @@ class RateLimiter:
 
     async def release(self, lease: Lease) -> None:
         """Give a slot back (on completion, error, disconnect). Idempotent."""
+        if self._memory is not None:
+            self._memory.release_now(lease.key, lease.id)
+            return
         await self.storage.release(lease)
 
     async def reset(self) -> int:

@@ -111,3 +111,13 @@ async def test_a_settle_with_nothing_to_charge_and_no_lease_makes_no_call() -> N
     async with qg.RateLimiter(storage) as limiter:
         assert await limiter.settle([qg.Hit("k", "10/minute", 0)]) == ()
         assert len(storage) == 0
+
+
+async def test_a_lease_with_nothing_to_charge_is_released_alone() -> None:
+    storage = qg.MemoryStorage(clock=qg.FakeClock())
+    async with qg.RateLimiter(storage) as limiter:
+        lease = await limiter.acquire("{c}:conc", 1)
+        assert lease is not None
+        assert await limiter.acquire("{c}:conc", 1) is None
+        assert await limiter.settle([qg.Hit("{c}:tok", "10/minute", 0)], lease) == ()
+        assert await limiter.acquire("{c}:conc", 1) is not None
