@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import config_from
+from helpers import config_from, run_cli
 
 import quotagate as qg
 from quotagate.gateway.config import load_config
+from quotagate.storage import SCHEMES
 
 # The issue's example, verbatim (comments and all).
 ISSUE_EXAMPLE = """
@@ -229,3 +230,27 @@ def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path) -> None:
     assert str(missing.value).startswith("server.tls_certfile: no such file")
     assert "give both or neither" in str(alone.value)
     assert both.server.tls_keyfile == str(cert)
+
+
+def test_a_valkeys_url_is_a_valid_storage(tmp_path: Path) -> None:
+    # It was accepted by storage_from_url but refused here: the config kept its own scheme list.
+    path = tmp_path / "valkeys.toml"
+    path.write_text('[storage]\nurl = "valkeys://127.0.0.1:6380/0"\n', "utf-8")
+    assert load_config(path, environ={}).storage.url == "valkeys://127.0.0.1:6380/0"
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_a_bad_storage_scheme_lists_the_accepted_ones_and_hides_the_password(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(qg.ConfigError) as info:
+        config_from(tmp_path, '[storage]\nurl = "memcached://user:s3cret@x"\n')
+    message = str(info.value)
+    assert message.startswith("storage.url: ")
+    assert LINE.match(message), message
+    for scheme in SCHEMES:
+        assert f" {scheme}://" in message, scheme
+    assert "(got 'memcached://user:***@x')" in message
+    assert "s3cret" not in message

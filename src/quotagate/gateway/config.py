@@ -28,7 +28,7 @@ from pydantic import (
 from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
 from ..rates import parse_rates
-from ..storage import Storage, storage_from_url
+from ..storage import Storage, mask_url, scheme_error, storage_from_url
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -147,10 +147,9 @@ class StorageConfig(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        scheme = url.split("://", 1)[0] if "://" in url else ""
-        known = ("memory", "redis", "rediss", "unix", "valkey", "redis+cluster", "rediss+cluster")
-        if scheme not in known:
-            raise ValueError("expected memory:// or redis://host:port/db")
+        problem = scheme_error(url)
+        if problem is not None:  # the URL is named masked: it may hold a password
+            raise ValueError(f"{problem} (got {mask_url(url)!r})")
         return url
 
 

@@ -15,7 +15,17 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..decision import Lease
 
-__all__ = ["FIXED_WINDOW", "GCRA", "Args", "Storage", "StorageMode", "mask_url", "split_query"]
+__all__ = [
+    "FIXED_WINDOW",
+    "GCRA",
+    "REDIS_CLUSTER_SCHEMES",
+    "REDIS_SCHEMES",
+    "Args",
+    "Storage",
+    "StorageMode",
+    "mask_url",
+    "split_query",
+]
 
 #: Algorithm codes on the wire.
 GCRA = 1
@@ -23,6 +33,12 @@ FIXED_WINDOW = 2
 
 StorageMode = Literal["memory", "redis", "fallback"]
 Args = Sequence[int | str]
+
+#: URL schemes of ``RedisStorage`` (``RedisStorage.SCHEMES``). Declared here, not in
+#: ``redis.py``, so that ``storage_from_url`` and config validation read them without importing
+#: redis-py. ``valkey://`` and ``valkeys://`` are Redis URLs under another name.
+REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", *REDIS_CLUSTER_SCHEMES)
 
 
 @runtime_checkable
