@@ -1,5 +1,6 @@
-"""Storage URLs: every scheme a storage declares is accepted by ``storage_from_url`` and by the
-gateway's config alike, and a refusal names them all (one definition, read everywhere)."""
+"""Storage URLs: every scheme a storage declares and every fallback policy is accepted by
+``storage_from_url`` and by the gateway's config alike, and a refusal names them all (one
+definition, read everywhere)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 import quotagate as qg
 from quotagate.gateway.config import GatewayConfig
-from quotagate.storage import SCHEMES, URL_PARAMS, scheme_error
+from quotagate.storage import FALLBACK_POLICIES, SCHEMES, URL_PARAMS, scheme_error
 from quotagate.storage.base import REDIS_SCHEMES
 
 
@@ -56,3 +57,23 @@ def test_our_query_parameters_are_taken_off_and_the_rest_passed_on() -> None:
     assert isinstance(storage, qg.RedisStorage)
     assert storage.url == "redis://h/0?health_check_interval=5"
     assert (storage.prefix, storage.timeout) == ("p:", 0.05)
+
+
+@pytest.mark.parametrize("policy", FALLBACK_POLICIES)
+def test_every_fallback_policy_is_accepted_by_the_url_the_storage_and_the_config(
+    policy: str,
+) -> None:
+    storage = qg.storage_from_url(f"redis://h/0?fallback={policy}")
+    assert isinstance(storage, qg.FallbackStorage)
+    assert storage.policy == policy
+    config = GatewayConfig.model_validate({"storage": {"fallback": policy}})
+    assert config.storage.fallback == policy
+
+
+def test_a_bad_fallback_policy_names_every_good_one() -> None:
+    with pytest.raises(qg.ConfigError) as info:
+        qg.storage_from_url("redis://h/0?fallback=maybe")
+    for policy in (*FALLBACK_POLICIES, "none"):
+        assert policy in str(info.value)
+    with pytest.raises(qg.ConfigError, match="allow"):
+        qg.FallbackStorage(qg.MemoryStorage(), policy="maybe")  # type: ignore[arg-type]

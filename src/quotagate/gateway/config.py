@@ -28,7 +28,7 @@ from pydantic import (
 from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
 from ..rates import parse_rates
-from ..storage import Storage, mask_url, scheme_error, storage_from_url
+from ..storage import FallbackPolicy, Storage, mask_url, scheme_error, storage_from_url
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -138,7 +138,7 @@ class ServerConfig(_Section):
 
 class StorageConfig(_Section):
     url: str = "memory://"
-    fallback: Literal["memory", "allow", "deny"] = "memory"
+    fallback: FallbackPolicy = "memory"
     fallback_share: float = Field(1.0, gt=0, le=1)
     timeout_ms: int = Field(100, gt=0)
     prefix: str = "qg"

@@ -7,29 +7,32 @@ with ``storage_from_url``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import ConfigError
 from .base import (
     FIXED_WINDOW,
     GCRA,
     REDIS_SCHEMES,
+    STORAGE_MODES,
     Args,
     Storage,
     StorageMode,
     mask_url,
     split_query,
 )
-from .fallback import FallbackPolicy, FallbackStorage
+from .fallback import FALLBACK_POLICIES, FallbackPolicy, FallbackStorage
 from .memory import MemoryStorage
 
 if TYPE_CHECKING:
     from .redis import RedisStorage
 
 __all__ = [
+    "FALLBACK_POLICIES",
     "FIXED_WINDOW",
     "GCRA",
     "SCHEMES",
+    "STORAGE_MODES",
     "URL_PARAMS",
     "Args",
     "FallbackPolicy",
@@ -122,6 +125,7 @@ def storage_from_url(
     )
     if policy == "none":
         return primary
-    if policy not in ("memory", "allow", "deny"):
-        raise ConfigError(f"fallback must be memory, allow, deny or none, got {policy!r}")
-    return FallbackStorage(primary, policy=cast(FallbackPolicy, policy), share=share)
+    if policy not in FALLBACK_POLICIES:
+        choices = ", ".join((*FALLBACK_POLICIES, "none"))
+        raise ConfigError(f"fallback must be one of {choices}, got {policy!r}")
+    return FallbackStorage(primary, policy=policy, share=share)

@@ -10,7 +10,7 @@ compare storages value for value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..decision import Lease
@@ -20,6 +20,7 @@ __all__ = [
     "GCRA",
     "REDIS_CLUSTER_SCHEMES",
     "REDIS_SCHEMES",
+    "STORAGE_MODES",
     "Args",
     "Storage",
     "StorageMode",
@@ -31,7 +32,9 @@ __all__ = [
 GCRA = 1
 FIXED_WINDOW = 2
 
+#: Where decisions are being made (``Storage.mode``; a metric label).
 StorageMode = Literal["memory", "redis", "fallback"]
+STORAGE_MODES: tuple[StorageMode, ...] = get_args(StorageMode)
 Args = Sequence[int | str]
 
 #: URL schemes of ``RedisStorage`` (``RedisStorage.SCHEMES``). Declared here, not in
