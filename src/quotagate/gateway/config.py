@@ -1,8 +1,8 @@
 """Gateway configuration: TOML validated once, at the edge, with errors that name the field.
 
 Precedence: built-in defaults < the TOML file < ``QUOTAGATE_*`` environment < CLI flags. With no
-file, ``DEFAULT_CONFIG`` (memory storage, the mock model, three tiers) is used so that
-``quotagate serve`` runs with no set-up at all.
+file, ``DEFAULT_CONFIG`` (three tiers and anonymous access, over the models' defaults: memory
+storage, the mock model) is used so that ``quotagate serve`` runs with no set-up at all.
 """
 
 from __future__ import annotations
@@ -46,27 +46,10 @@ __all__ = [
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
+#: Only what the models do not default: every other field (server, storage, backend, health,
+#: ...) is left to its model, so a default is written once.
 DEFAULT_CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 8000
-trusted_proxies = []
-max_body_bytes = 1048576
-
-[storage]
-url = "memory://"
-
-[backend]
-kind = "mock"
-max_concurrency = 64
-queue_timeout_ms = 2000
-mock_tokens_per_second = 0
-
-[health]
-requests = "600/minute"
-
-[anonymous]
-tier = "anonymous"
+[anonymous]                # callers without a key are served, as the tier below
 
 [tiers.anonymous]
 requests = "10/minute"
@@ -78,7 +61,6 @@ requests = "60/minute"
 tokens = "40000/minute; 1000000/day"
 concurrency = 4
 priority = 1
-default_max_tokens = 1024
 
 [tiers.pro]
 requests = "300/minute"
