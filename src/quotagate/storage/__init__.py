@@ -59,7 +59,7 @@ def __getattr__(name: str) -> object:
         from .redis import RedisStorage
 
         return RedisStorage
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def url_scheme(url: str) -> str:
