@@ -10,13 +10,18 @@ async with qg.RateLimiter("memory://") as limiter:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._types import Algorithm, Clock, Reason
 from .decision import Decision, Lease, LimitState
 from .errors import ConfigError, QuotagateError, StorageError
 from .limiter import Acquire, Hit, RateLimiter
 from .rates import Rate, parse_rate, parse_rates
-from .storage import FallbackStorage, MemoryStorage, RedisStorage, Storage, storage_from_url
+from .storage import FallbackStorage, MemoryStorage, Storage, storage_from_url
 from .testing import FakeClock
+
+if TYPE_CHECKING:
+    from .storage.redis import RedisStorage
 
 __version__ = "0.1.0"
 
@@ -44,3 +49,14 @@ __all__ = [
     "parse_rates",
     "storage_from_url",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # RedisStorage is imported on first use (PEP 562), so that memory-only users never import
+    # redis-py and hiredis; ``from quotagate import RedisStorage`` goes through here too.
+    if name == "RedisStorage":
+        from .storage.redis import RedisStorage
+
+        globals()[name] = RedisStorage
+        return RedisStorage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,10 +11,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .storage import STORAGE_MODES, StorageMode
+
 __all__ = ["CONTENT_TYPE_LATEST", "PrometheusMetrics"]
-
-
-_MODES = ("memory", "redis", "fallback")
 
 
 class PrometheusMetrics:
@@ -98,8 +97,8 @@ class PrometheusMetrics:
     def in_flight(self, tier: str, delta: int) -> None:
         self._child(self._in_flight, tier).inc(delta)
 
-    def storage_mode(self, mode: str) -> None:
-        for name in _MODES:
+    def storage_mode(self, mode: StorageMode) -> None:
+        for name in STORAGE_MODES:
             self._mode.labels(name).set(1 if name == mode else 0)
 
     def render(self) -> bytes:

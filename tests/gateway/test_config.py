@@ -4,13 +4,15 @@ and errors that name the field as ``field.path: problem (got X)``, every one on 
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import config_from
+from helpers import config_from, run_cli
 
 import quotagate as qg
-from quotagate.gateway.config import load_config
+from quotagate.gateway.config import GatewayConfig, load_config
+from quotagate.storage import SCHEMES
 
 # The issue's example, verbatim (comments and all).
 ISSUE_EXAMPLE = """
@@ -71,6 +73,55 @@ def test_the_default_needs_no_file_memory_mock_and_a_tier_set() -> None:
     assert config.anonymous is not None
     assert config.anonymous.tier in config.tiers
     assert {"anonymous", "free"} <= set(config.tiers)
+
+
+# The built-in default as it was written out in full, before it left the models' defaults to them.
+FULL_DEFAULT = """
+[server]
+host = "127.0.0.1"
+port = 8000
+trusted_proxies = []
+max_body_bytes = 1048576
+
+[storage]
+url = "memory://"
+
+[backend]
+kind = "mock"
+max_concurrency = 64
+queue_timeout_ms = 2000
+mock_tokens_per_second = 0
+
+[health]
+requests = "600/minute"
+
+[anonymous]
+tier = "anonymous"
+
+[tiers.anonymous]
+requests = "10/minute"
+tokens = "2000/minute"
+concurrency = 1
+
+[tiers.free]
+requests = "60/minute"
+tokens = "40000/minute; 1000000/day"
+concurrency = 4
+priority = 1
+default_max_tokens = 1024
+
+[tiers.pro]
+requests = "300/minute"
+tokens = "400000/minute"
+concurrency = 16
+priority = 10
+default_max_tokens = 4096
+"""
+
+
+def test_the_default_is_the_full_default_it_was_written_as_field_by_field() -> None:
+    expected = GatewayConfig.model_validate(tomllib.loads(FULL_DEFAULT)).model_dump()
+    assert load_config(None, environ={}).model_dump() == expected
 
 
 def test_the_issue_example_is_a_valid_config(tmp_path: Path) -> None:
@@ -229,3 +280,27 @@ def test_tls_files_must_exist_and_come_in_pairs(tmp_path: Path) -> None:
     assert str(missing.value).startswith("server.tls_certfile: no such file")
     assert "give both or neither" in str(alone.value)
     assert both.server.tls_keyfile == str(cert)
+
+
+def test_a_valkeys_url_is_a_valid_storage(tmp_path: Path) -> None:
+    # It was accepted by storage_from_url but refused here: the config kept its own scheme list.
+    path = tmp_path / "valkeys.toml"
+    path.write_text('[storage]\nurl = "valkeys://127.0.0.1:6380/0"\n', "utf-8")
+    assert load_config(path, environ={}).storage.url == "valkeys://127.0.0.1:6380/0"
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_a_bad_storage_scheme_lists_the_accepted_ones_and_hides_the_password(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(qg.ConfigError) as info:
+        config_from(tmp_path, '[storage]\nurl = "memcached://user:s3cret@x"\n')
+    message = str(info.value)
+    assert message.startswith("storage.url: ")
+    assert LINE.match(message), message
+    for scheme in SCHEMES:
+        assert f" {scheme}://" in message, scheme
+    assert "(got 'memcached://user:***@x')" in message
+    assert "s3cret" not in message

@@ -1,8 +1,8 @@
 """Gateway configuration: TOML validated once, at the edge, with errors that name the field.
 
 Precedence: built-in defaults < the TOML file < ``QUOTAGATE_*`` environment < CLI flags. With no
-file, ``DEFAULT_CONFIG`` (memory storage, the mock model, three tiers) is used so that
-``quotagate serve`` runs with no set-up at all.
+file, ``DEFAULT_CONFIG`` (three tiers and anonymous access, over the models' defaults: memory
+storage, the mock model) is used so that ``quotagate serve`` runs with no set-up at all.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pydantic import (
 from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
 from ..rates import parse_rates
-from ..storage import Storage, storage_from_url
+from ..storage import FallbackPolicy, Storage, mask_url, scheme_error, storage_from_url
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -47,27 +47,10 @@ __all__ = [
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
+#: Only what the models do not default: every other field (server, storage, backend, health,
+#: ...) is left to its model, so a default is written once.
 DEFAULT_CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 8000
-trusted_proxies = []
-max_body_bytes = 1048576
-
-[storage]
-url = "memory://"
-
-[backend]
-kind = "mock"
-max_concurrency = 64
-queue_timeout_ms = 2000
-mock_tokens_per_second = 0
-
-[health]
-requests = "600/minute"
-
-[anonymous]
-tier = "anonymous"
+[anonymous]                # callers without a key are served, as the tier below
 
 [tiers.anonymous]
 requests = "10/minute"
@@ -79,7 +62,6 @@ requests = "60/minute"
 tokens = "40000/minute; 1000000/day"
 concurrency = 4
 priority = 1
-default_max_tokens = 1024
 
 [tiers.pro]
 requests = "300/minute"
@@ -139,7 +121,7 @@ class ServerConfig(_Section):
 
 class StorageConfig(_Section):
     url: str = "memory://"
-    fallback: Literal["memory", "allow", "deny"] = "memory"
+    fallback: FallbackPolicy = "memory"
     fallback_share: float = Field(1.0, gt=0, le=1)
     timeout_ms: int = Field(100, gt=0)
     prefix: str = "qg"
@@ -148,10 +130,9 @@ class StorageConfig(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        scheme = url.split("://", 1)[0] if "://" in url else ""
-        known = ("memory", "redis", "rediss", "unix", "valkey", "redis+cluster", "rediss+cluster")
-        if scheme not in known:
-            raise ValueError("expected memory:// or redis://host:port/db")
+        problem = scheme_error(url)
+        if problem is not None:  # the URL is named masked: it may hold a password
+            raise ValueError(f"{problem} (got {mask_url(url)!r})")
         return url
 
 

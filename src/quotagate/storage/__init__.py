@@ -7,19 +7,33 @@ with ``storage_from_url``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import ConfigError
-from .base import FIXED_WINDOW, GCRA, Args, Storage, StorageMode, mask_url, split_query
-from .fallback import FallbackPolicy, FallbackStorage
+from .base import (
+    FIXED_WINDOW,
+    GCRA,
+    REDIS_SCHEMES,
+    STORAGE_MODES,
+    Args,
+    Storage,
+    StorageMode,
+    mask_url,
+    split_query,
+)
+from .fallback import FALLBACK_POLICIES, FallbackPolicy, FallbackStorage
 from .memory import MemoryStorage
 
 if TYPE_CHECKING:
     from .redis import RedisStorage
 
 __all__ = [
+    "FALLBACK_POLICIES",
     "FIXED_WINDOW",
     "GCRA",
+    "SCHEMES",
+    "STORAGE_MODES",
+    "URL_PARAMS",
     "Args",
     "FallbackPolicy",
     "FallbackStorage",
@@ -28,11 +42,15 @@ __all__ = [
     "Storage",
     "StorageMode",
     "mask_url",
+    "scheme_error",
     "storage_from_url",
+    "url_scheme",
 ]
 
-_REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", "redis+cluster", "rediss+cluster")
-_OUR_PARAMS = ("fallback", "fallback_share", "timeout_ms", "prefix", "max_keys")
+#: Every URL scheme ``storage_from_url`` accepts, each declared on its storage.
+SCHEMES: tuple[str, ...] = (*MemoryStorage.SCHEMES, *REDIS_SCHEMES)
+#: Query parameters of a storage URL that are quotagate's own (the rest go to redis-py).
+URL_PARAMS = ("fallback", "fallback_share", "timeout_ms", "prefix", "max_keys")
 
 
 def __getattr__(name: str) -> object:
@@ -41,7 +59,20 @@ def __getattr__(name: str) -> object:
         from .redis import RedisStorage
 
         return RedisStorage
-    raise AttributeError(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of a storage URL, lower-cased (``""`` when it has none)."""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def scheme_error(url: str) -> str | None:
+    """What is wrong with the URL's scheme (``expected ... one of memory://, redis://, ...``),
+    or None when a storage accepts it."""
+    if url_scheme(url) in SCHEMES:
+        return None
+    return "expected a URL starting with one of " + ", ".join(f"{s}://" for s in SCHEMES)
 
 
 def storage_from_url(
@@ -54,27 +85,27 @@ def storage_from_url(
 ) -> Storage:
     """Build a storage from a URL.
 
-    ``memory://`` (``?max_keys=N``) is process memory. ``redis://``, ``rediss://``, ``unix://``
-    and ``redis+cluster://`` are Redis, wrapped in a ``FallbackStorage`` with policy ``memory``
-    unless ``fallback`` (argument or ``?fallback=`` query) says ``allow``, ``deny`` or ``none``
-    (no fallback: outages raise ``StorageError``). Other query parameters of ours:
-    ``fallback_share``, ``timeout_ms`` (default 100) and ``prefix`` (default ``qg``).
+    ``memory://`` (``?max_keys=N``) is process memory. ``redis://``, ``rediss://``, ``unix://``,
+    ``valkey(s)://`` and ``redis+cluster://`` (every scheme: ``SCHEMES``) are Redis, wrapped in
+    a ``FallbackStorage`` with policy ``memory`` unless ``fallback`` (argument or ``?fallback=``
+    query) says ``allow``, ``deny`` or ``none`` (no fallback: outages raise ``StorageError``).
+    Other query parameters of ours (``URL_PARAMS``): ``fallback_share``, ``timeout_ms``
+    (default 100) and ``prefix`` (default ``qg``).
 
     Raises:
         ConfigError: unknown scheme or a bad parameter value; the message names it.
     """
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    rest, params = split_query(url, _OUR_PARAMS)
-    if scheme == "memory":
+    scheme = url_scheme(url)
+    rest, params = split_query(url, URL_PARAMS)
+    if scheme in MemoryStorage.SCHEMES:
         try:
             max_keys = int(params.get("max_keys", 1_000_000))
         except ValueError:
             raise ConfigError(f"max_keys must be an integer, got {params['max_keys']!r}") from None
         return MemoryStorage(max_keys=max_keys)
-    if scheme not in _REDIS_SCHEMES:
-        raise ConfigError(
-            f"unsupported storage URL {mask_url(url)!r}: expected memory:// or redis://host:port/db"
-        )
+    problem = scheme_error(url)
+    if problem is not None:
+        raise ConfigError(f"unsupported storage URL {mask_url(url)!r}: {problem}")
     from .redis import RedisStorage
 
     policy = fallback or params.get("fallback", "memory")
@@ -94,6 +125,7 @@ def storage_from_url(
     )
     if policy == "none":
         return primary
-    if policy not in ("memory", "allow", "deny"):
-        raise ConfigError(f"fallback must be memory, allow, deny or none, got {policy!r}")
-    return FallbackStorage(primary, policy=cast(FallbackPolicy, policy), share=share)
+    if policy not in FALLBACK_POLICIES:
+        choices = ", ".join((*FALLBACK_POLICIES, "none"))
+        raise ConfigError(f"fallback must be one of {choices}, got {policy!r}")
+    return FallbackStorage(primary, policy=policy, share=share)

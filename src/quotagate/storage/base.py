@@ -10,19 +10,38 @@ compare storages value for value.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, get_args, runtime_checkable
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ..decision import Lease
 
-__all__ = ["FIXED_WINDOW", "GCRA", "Args", "Storage", "StorageMode", "mask_url", "split_query"]
+__all__ = [
+    "FIXED_WINDOW",
+    "GCRA",
+    "REDIS_CLUSTER_SCHEMES",
+    "REDIS_SCHEMES",
+    "STORAGE_MODES",
+    "Args",
+    "Storage",
+    "StorageMode",
+    "mask_url",
+    "split_query",
+]
 
 #: Algorithm codes on the wire.
 GCRA = 1
 FIXED_WINDOW = 2
 
+#: Where decisions are being made (``Storage.mode``; a metric label).
 StorageMode = Literal["memory", "redis", "fallback"]
+STORAGE_MODES: tuple[StorageMode, ...] = get_args(StorageMode)
 Args = Sequence[int | str]
+
+#: URL schemes of ``RedisStorage`` (``RedisStorage.SCHEMES``). Declared here, not in
+#: ``redis.py``, so that ``storage_from_url`` and config validation read them without importing
+#: redis-py. ``valkey://`` and ``valkeys://`` are Redis URLs under another name.
+REDIS_CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "valkey", "valkeys", *REDIS_CLUSTER_SCHEMES)
 
 
 @runtime_checkable

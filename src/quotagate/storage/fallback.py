@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from ..algorithms import Verdict
 from ..decision import Lease
@@ -20,11 +20,13 @@ from ..errors import ConfigError, StorageError
 from .base import GCRA, Args, Storage, StorageMode
 from .memory import MemoryStorage
 
-__all__ = ["FallbackPolicy", "FallbackStorage"]
+__all__ = ["FALLBACK_POLICIES", "FallbackPolicy", "FallbackStorage"]
 
 logger = logging.getLogger("quotagate")
 
+#: What a FallbackStorage does while its primary is down (see the class docstring).
 FallbackPolicy = Literal["memory", "allow", "deny"]
+FALLBACK_POLICIES: tuple[FallbackPolicy, ...] = get_args(FallbackPolicy)
 
 #: Leases remembered for release when Redis is back; past this, the rest expire by deadline.
 _MAX_UNRELEASED = 100_000
@@ -55,8 +57,10 @@ class FallbackStorage:
         probe_interval: float = 0.25,
         max_probe_interval: float = 2.0,
     ) -> None:
-        if policy not in ("memory", "allow", "deny"):
-            raise ConfigError(f"fallback must be memory, allow or deny, got {policy!r}")
+        if policy not in FALLBACK_POLICIES:
+            raise ConfigError(
+                f"fallback must be one of {', '.join(FALLBACK_POLICIES)}, got {policy!r}"
+            )
         if not 0 < share <= 1:
             raise ConfigError(f"fallback_share must be in (0, 1], got {share!r}")
         self.primary = primary

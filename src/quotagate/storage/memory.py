@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, ClassVar
 
 from .._types import Clock
 from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, gcra_adjust
@@ -40,6 +40,9 @@ class MemoryStorage:
         clock: seconds as a float; ``time.time`` by default, a ``FakeClock`` in tests.
         max_keys: most states kept; past it the least recently used is evicted.
     """
+
+    #: URL schemes that name this storage in ``storage_from_url``.
+    SCHEMES: ClassVar[tuple[str, ...]] = ("memory",)
 
     def __init__(self, clock: Clock | None = None, max_keys: int = 1_000_000) -> None:
         if max_keys < 1:

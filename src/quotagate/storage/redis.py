@@ -15,7 +15,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
@@ -29,7 +29,7 @@ from .._types import Clock
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
 from ..keys import reset_pattern
-from .base import Args, StorageMode, mask_url
+from .base import REDIS_CLUSTER_SCHEMES, REDIS_SCHEMES, Args, StorageMode, mask_url
 from .pipeline import PipelinedConnection, pack_command
 
 __all__ = ["RedisStorage", "load_script"]
@@ -48,14 +48,18 @@ class RedisStorage:
     """Limit state in Redis (7+, or Valkey), shared by every instance that points at it.
 
     Args:
-        url: ``redis://[:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``, or
-            ``redis+cluster://host:port`` for Redis Cluster.
+        url: ``redis://[:password@]host:port/db``, ``rediss://`` (TLS), ``unix://``,
+            ``valkey(s)://``, or ``redis+cluster://host:port`` for Redis Cluster (``SCHEMES``).
         prefix: first part of every key.
         timeout: seconds one call may take before it fails with ``StorageError``.
         client: an existing ``redis.asyncio`` client to use instead of ``url`` (not closed by us).
         clock: decide by this clock instead of Redis ``TIME``: for tests with a fake clock only
             (every instance must then share the clock; keys get no expiry).
     """
+
+    #: URL schemes that name this storage (declared in ``base.py``: reading them must not
+    #: import redis-py).
+    SCHEMES: ClassVar[tuple[str, ...]] = REDIS_SCHEMES
 
     def __init__(
         self,
@@ -260,13 +264,13 @@ def _client_from_url(
         "socket_connect_timeout": max(timeout, 0.05) * 10,
         "retry": Retry(NoBackoff(), 0),
     }
-    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+    if parts.scheme in REDIS_CLUSTER_SCHEMES:
         scheme = "rediss" if parts.scheme.startswith("rediss") else "redis"
         return RedisCluster.from_url(
             urlunsplit(parts._replace(scheme=scheme)), max_connections=max_connections * 2, **common
         )
-    if parts.scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
+    if parts.scheme not in REDIS_SCHEMES:
         raise ConfigError(f"unsupported storage URL scheme {parts.scheme!r} in {mask_url(url)}")
-    if parts.scheme.startswith("valkey"):
-        parts = parts._replace(scheme=parts.scheme.replace("valkey", "redis"))
-    return aioredis.Redis.from_url(urlunsplit(parts), max_connections=max_connections, **common)
+    return aioredis.Redis.from_url(
+        _redis_scheme(urlunsplit(parts)), max_connections=max_connections, **common
+    )

@@ -26,7 +26,6 @@ __all__ = ["bench_command", "summarize"]
 T = TypeVar("T")
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
-MOCK_MODEL = "quotagate-mock"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -38,6 +37,15 @@ def parse_duration(text: str) -> float:
     if match is None or float(match.group(1)) <= 0:
         raise ToolError(f'-z: expected a duration like "10s", "1m" or "500ms" (got {text!r})')
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def mock_model() -> str:
+    """The built-in mock model's name: the default ``--model``."""
+    # Read when the command runs, not at import: the mock backend imports FastAPI, about 0.3 s
+    # that every ``quotagate`` command (they all import this module) would otherwise pay.
+    from ..gateway.backends.mock import MOCK_MODEL
+
+    return MOCK_MODEL
 
 
 def default_body(path: str, model: str) -> dict[str, Any] | None:
@@ -310,7 +318,7 @@ def _headers(header_texts: tuple[str, ...]) -> list[tuple[str, str]]:
     "-d",
     "body",
     metavar="BODY",
-    help="Request body (default for /completions routes: a small request to quotagate-mock).",
+    help="Request body (default for /completions routes: a small request to --model).",
 )
 @click.option("-D", "body_file", type=click.File("rb"), help="Request body from a file.")
 @click.option(
@@ -324,7 +332,10 @@ def _headers(header_texts: tuple[str, ...]) -> list[tuple[str, str]]:
     help="Content-Type of the body.",
 )
 @click.option(
-    "--model", default=MOCK_MODEL, show_default=True, help="Model of the default request body."
+    "--model",
+    default=mock_model,
+    show_default="the built-in mock model",
+    help="Model of the default request body.",
 )
 @click.option(
     "-t",
