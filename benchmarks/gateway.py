@@ -398,8 +398,8 @@ class Result:
     """One wrk load against one column: throughput, two latency percentiles, what came back."""
 
     rps: float
-    p50_ms: float
-    p99_ms: float
+    p50_ms: float | None  # None when no request completed
+    p99_ms: float | None
     count: int
     bytes_per_request: float | None
     statuses: dict[str, int]
@@ -463,8 +463,8 @@ def parse_wrk(out: str, err: str = "", returncode: int = 0) -> Result:
     seconds = values["duration_us"] / 1e6
     return Result(
         rps=requests / seconds if seconds else 0.0,
-        p50_ms=values["p50_us"] / 1000,
-        p99_ms=values["p99_us"] / 1000,
+        p50_ms=values["p50_us"] / 1000 if requests else None,
+        p99_ms=values["p99_us"] / 1000 if requests else None,
         count=requests,
         bytes_per_request=round(values["bytes"] / requests, 1) if requests else None,
         statuses=statuses,
@@ -963,7 +963,7 @@ def render_table(report: dict[str, Any]) -> str:
         )
         for load in loads:
             lines.append(
-                f"  {load:<14}"
+                f"  {load:<15}"
                 + " · ".join(
                     f"{label} x{_fmt(versus.get(f'{load} {metric}'))}"
                     for metric, label in (
@@ -1227,6 +1227,11 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         f"{m.result.statuses} {m.result.errors}"
         for m in measurements
         if m.result.bad
+    ]
+    notes += [
+        f"no request completed: {m.variant} {m.load} round {m.round} (a longer --duration?)"
+        for m in measurements
+        if m.result.count == 0
     ]
     loads = [load_name(kind, c) for kind, c in plan]
     return {
