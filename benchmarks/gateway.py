@@ -1,8 +1,8 @@
 """What the quotagate gateway costs in front of a model server, and how it compares to LiteLLM.
 
-One run measures three columns against the same upstream, quotagate's mock model served alone
-(``python -m quotagate mock --port P --tokens-per-second 0``: an OpenAI-compatible server that
-answers at once):
+One run measures up to three columns against the same upstream, quotagate's mock model served
+alone (``python -m quotagate mock --port P --tokens-per-second 0``: an OpenAI-compatible server
+that answers at once):
 
     direct     the upstream itself
     quotagate  ``python -m quotagate serve --config FILE --port P2``: ``[backend] kind = "openai"``
@@ -28,62 +28,73 @@ answers at once):
                start without one) but is not the key the load uses. Without ``--litellm``, or
                when it cannot start, the column is skipped with a message saying why.
 
-Loads, each against every column (loopback, keep-alive):
+Loads: every one from wrk (C, one thread, one request rendered once: the lightest load
+generator there is, which matters because it shares its core with the model server), against
+every column, loopback, keep-alive, ``--duration`` s each:
 
-    c10, c50   10 / 50 keep-alive connections for ``--duration`` s, each sending
-               ``POST URL/v1/chat/completions`` with ``Authorization: Bearer KEY`` and
-               ``{"model": "quotagate-mock", "messages": [{"role": "user", "content":
-               "Hello"}], "max_tokens": 16}``: req/s, p50, p99, statuses. ``--loadgen wrk``
-               (default): ``wrk -t1 -c10 -s benchmarks/gateway_wrk.lua`` (C, one pre-rendered
-               request: the lightest load generator, which matters in the split layout where
-               the upstream shares its core; statuses as 2xx / non-2xx). ``--loadgen hey``:
-               ``hey -z 10s -c 10 -m POST ...`` (Go; prints latencies to 0.1 ms and every
-               status; it needs about as much CPU per request as the mock model itself)
-    ttft       the same body with ``"stream": true``, ``--streams`` requests (default 2000) from
-               this script's own asyncio client over 10 keep-alive connections: the time from
-               writing a request to the first SSE ``data:`` event whose ``delta.content`` is not
-               empty; p50, p99, streams/s; every stream must answer 200 and end in
-               ``data: [DONE]``
+    completion  ``POST URL/v1/chat/completions`` with ``Authorization: Bearer KEY`` and
+                ``{"model": "quotagate-mock", "messages": [{"role": "user", "content":
+                "Hello"}], "max_tokens": 16}`` (``benchmarks/gateway_wrk.lua``)
+    stream      the same body with ``"stream": true``: the mock answers 19 SSE events (the role,
+                16 words, the finish reason, ``[DONE]``). wrk counts a request when the whole
+                answer has arrived (the chunked body's last chunk), so one stream is one
+                request and its latency the whole stream's
+    c1          one connection: unsaturated, so p50 / p99 are latency. The added latency is
+                taken here (quotagate p50 - direct p50, p99 likewise, per round)
+    c10, c50    10 / 50 connections: saturated, so req/s is the figure (a p50 there is
+                connections / req/s, a throughput figure in disguise, and is not reported as
+                added latency)
+
+Before any measurement every column answers one completion and one stream (read by this
+script), then ``benchmarks/gateway_wrk_check.lua`` runs each kind for 1 s at one connection
+with a ``response()`` function that sees every answer's body: every answer a 2xx, as many SSE
+events per stream as the mock itself sends, every stream ending in ``data: [DONE]``, and wrk's
+bytes per counted request. Every measured run's bytes per request is then compared with that
+check's (a stream counted before its end would show fewer bytes).
 
 Method (``--layout``), with ``taskset``:
 
-    split      (default) the process under test has core 0 to itself: for ``direct`` that is
-               the mock; for a proxy column the proxy, while the mock moves (``taskset -a -p``)
-               to core 1 beside the load generator and this script (the stream client). In
-               production the model server is on a GPU host of its own and the gateway's CPU
-               is the gateway's: this layout measures what the proxy itself can carry.
-    shared     the mock and every proxy on core 0, the load generator and this script on
-               core 1: a proxy and its upstream fight for one core (the worst case: every
-               proxied request costs the upstream's work plus the proxy's on the same core).
+    split      (default) quotagate (or LiteLLM) alone on core 0; the mock model server, wrk
+               and this script on core 1. ``direct`` uses the same layout (the mock on core 1
+               beside wrk, core 0 idle), so the columns differ only by the proxy. In production
+               the model server is on a GPU host of its own and the gateway's CPU is the
+               gateway's: this layout measures what the proxy itself costs. Its ceiling: core 1
+               carries the model server AND the load generator, so where they use all of it
+               the proxied req/s is what core 1 allows, not what the proxy could carry; the
+               table prints how much of core 1 they used.
+    shared     the mock and every proxy on core 0, wrk and this script on core 1: a proxy and
+               its upstream fight for one core (every proxied request costs the upstream's work
+               plus the proxy's on the same core).
 
-Servers start once, on free loopback ports, each waited for until it answers, checked with
-one normal and one streamed request, warmed up (1 s of the load generator at 50 connections
-and 100 streams) and stopped by pid at the end (TERM, then KILL; try/finally).
-``--rounds`` rounds (default 3) interleave the columns: every load runs on each column in turn,
-in an order rotated every round, so that a slow spell on the machine hits all of them. Figures
-are medians over rounds; ratios and differences are taken between columns of the SAME round,
-then the median over rounds is reported:
+CPU per request: every measurement reads utime + stime (``/proc/PID/stat``) of the proxy and of
+the mock before and after the run, and divides each delta by the requests wrk completed: the
+gateway's own CPU per request beside the mock's CPU per request for producing it (in the same
+run), and their ratio. wrk's CPU comes from this script's ``RUSAGE_CHILDREN``. Each core's use
+is reported twice: by our processes pinned to it (their CPU / wall time) and in all
+(``/proc/stat`` busy time / wall time), so other jobs on a shared machine show as the
+difference.
 
-    added p50    quotagate p50 - direct p50 (ms), at 10 and 50 connections and for TTFT
-    share        quotagate req/s / direct req/s
+Servers start once, on free loopback ports, each waited for until it answers, checked, warmed
+up (1 s of each kind at 50 connections) and stopped by pid at the end (TERM, then KILL;
+try/finally). ``--rounds`` rounds (default 3) interleave the columns: every load runs on each
+column in turn, in an order rotated every round, so that a slow spell on the machine hits all of
+them. Figures are medians over rounds; ratios and differences are taken between columns of the
+SAME round, then the median over rounds is reported:
+
+    ratio        quotagate req/s / direct req/s
+    +p50, +p99   quotagate - direct at one connection (ms)
+    gw/mock      quotagate's CPU per request / the mock's, in the same run
     vs litellm   for every figure, how many times better quotagate is (req/s: quotagate /
-                 litellm; latencies: litellm / quotagate); above 1 means quotagate is better
+                 litellm; latency and CPU per request: litellm / quotagate)
 
-Targets (from the issue): quotagate adds under 1 ms at p50 at 10 connections, keeps at least
-60% of the direct req/s, and beats LiteLLM's proxy on every figure.
-
-Every measurement also records the CPU time the column's own servers spent per answered
-request (``/proc/PID/stat``; a proxy column includes its upstream's share), a figure that other
-jobs on the machine move less than req/s (they still raise it: fewer requests share each turn
-of the event loop); "proxy CPU per request" is that minus the direct column's, per round;
-"front ms/req" is the front process alone (the proxy; the mock for ``direct``). And
-the machine's load average and the CPU used by processes that are not ours (``/proc/stat`` busy
-time minus what our servers, hey and this script used), on core 0 and overall: other jobs on a
-shared machine show there. Loopback kernel work charged to no process counts as "other" too, so
-even a quiet machine shows a little.
+Targets (issue 11): the gateway's CPU per completion at most the mock's, per stream not above
+the mock's, and not growing from 10 to 50 connections (within 5%); kept from before: under 1 ms
+added at p50 (completion, one connection), at least 60% of the direct req/s (completion, 10 and
+50 connections), and beating LiteLLM's proxy on every figure.
 
 Run:  .venv/bin/python benchmarks/gateway.py [--duration 10] [--rounds 3] [--quick] [--json]
-          [--litellm /tmp/litellm-venv/bin/litellm] [--streams 2000] [--variants ...]
+          [--litellm /tmp/litellm-venv/bin/litellm] [--layout split|shared]
+          [--variants direct,quotagate,litellm] [--connections 1,10,50]
 
 Set up LiteLLM once, outside the project's venv::
 
@@ -92,10 +103,12 @@ Set up LiteLLM once, outside the project's venv::
 
 (``httptools`` so that LiteLLM's uvicorn parses HTTP with the same C parser as quotagate's and
 the mock's, which get it from ``uvicorn[standard]``; the table says which parser it used.)
-``--quick`` is a smoke run: 3 s per load, 1 round, 500 streams. ``--json`` prints the results as
-JSON on stdout (the table then goes to stderr). Needs ``hey`` and ``taskset`` on PATH and two
-cores. This folder holds ``http.py``, which shadows the stdlib ``http`` package for this script,
-so it imports nothing that needs it (no httpx, no urllib): the client is raw asyncio.
+``--quick`` is a smoke run: 2 s per load, 1 round (about 40 s without LiteLLM). ``--json``
+prints the results as JSON on stdout (the table then goes to stderr). Needs ``wrk`` and
+``taskset`` on PATH and two cores. This folder holds ``http.py``, which shadows the stdlib
+``http`` package for this script, so it imports nothing that needs it (no httpx, no urllib, no
+quotagate: its ``free_port`` and process runner are the script's own): the start-up check's
+client is raw asyncio.
 """
 
 from __future__ import annotations
@@ -105,7 +118,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import os
 import platform
 import re
@@ -121,7 +133,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TextIO
@@ -130,8 +142,10 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
 LITELLM_CONFIG = BENCH_DIR / "gateway_litellm_config.yaml"
 WRK_SCRIPT = BENCH_DIR / "gateway_wrk.lua"
-SERVER_CORE = 0
+WRK_CHECK_SCRIPT = BENCH_DIR / "gateway_wrk_check.lua"
+PROXY_CORE = 0
 LOAD_CORE = 1
+CORES = (PROXY_CORE, LOAD_CORE)
 MODEL = "quotagate-mock"
 PATH = "/v1/chat/completions"
 REQUEST: dict[str, Any] = {
@@ -139,21 +153,34 @@ REQUEST: dict[str, Any] = {
     "messages": [{"role": "user", "content": "Hello"}],
     "max_tokens": 16,
 }
+BODIES: dict[str, dict[str, Any]] = {  # load kind -> request body
+    "completion": REQUEST,
+    "stream": {**REQUEST, "stream": True},
+}
+KINDS = tuple(BODIES)
+CONNECTIONS = (1, 10, 50)
+LATENCY_CONNECTIONS = 1  # unsaturated: the one load whose p50 / p99 are latency
 # quotagate's tier and LiteLLM's per-key limits: far above anything a run can reach.
 TIER_REQUESTS = "10000000/minute"
 TIER_TOKENS = "1000000000/minute"
 TIER_CONCURRENCY = 1000
 BACKEND_MAX_CONCURRENCY = 1000
-HEY_LOADS: dict[str, int] = {"c10": 10, "c50": 50}  # load name -> connections
-STREAM_LOAD = "ttft"
-STREAM_CONCURRENCY = 10
-LOADS = (*HEY_LOADS, STREAM_LOAD)
 VARIANTS = ("direct", "quotagate", "litellm")
+PROXIES = ("quotagate", "litellm")
 WARMUP_SECONDS = 1
-WARMUP_STREAMS = 100
-STREAM_TIMEOUT = 60.0
+WARMUP_CONNECTIONS = 50
+CHECK_SECONDS = 1
+WRK_TIMEOUT = "10s"  # above any answer's time at 50 connections: a slow spell is not an error
+# A measured run's bytes per request below this share of its check's means requests were
+# counted before their answer ended (a run's last, unfinished answers only add bytes).
+BYTES_TOLERANCE = 0.98
 TARGET_ADDED_P50_MS = 1.0
 TARGET_SHARE = 0.60
+TARGET_GROWTH = 1.05  # CPU per request at 50 connections at most this times that at 10
+
+
+def load_name(kind: str, connections: int) -> str:
+    return f"{kind} c{connections}"
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -189,7 +216,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 @dataclass
 class Server:
-    """A server child process on a free loopback port, pinned to the server core.
+    """A server child process on a free loopback port, pinned to ``core``.
 
     ``command`` builds the argv for a port. Started in its own session, so that stopping it (by
     its pid, TERM then KILL) also stops anything it spawned, and nothing else.
@@ -198,6 +225,7 @@ class Server:
     name: str
     command: Callable[[int], list[str]]
     ready_path: str
+    core: int
     log: Path
     cwd: Path
     env: dict[str, str]
@@ -213,7 +241,7 @@ class Server:
         """Start and wait until it answers HTTP; a port taken meanwhile is retried once more."""
         for _ in range(3):
             self.port = free_port()
-            argv = ["taskset", "-c", str(SERVER_CORE), *self.command(self.port)]
+            argv = ["taskset", "-c", str(self.core), *self.command(self.port)]
             with self.log.open("ab") as out:
                 self.proc = subprocess.Popen(
                     argv,
@@ -245,6 +273,10 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process so far (0 once it is gone)."""
+        return process_cpu(self.pid)
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is None:
@@ -266,22 +298,23 @@ class Server:
         return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
+@dataclass
+class Column:
+    name: str
+    port: int
+    proxy: Server | None  # None for direct
+    mock: Server
+
+    @property
+    def servers(self) -> list[Server]:
+        """Every process this column's requests go through."""
+        return [self.mock] if self.proxy is None else [self.mock, self.proxy]
+
+
 # --- CPU accounting ----------------------------------------------------------------------------
 
 
-def _busy() -> tuple[float, float]:
-    """Busy CPU seconds so far (all cores, the server core): every state but idle and iowait."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy: dict[str, float] = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *fields = line.split()
-        if name in ("cpu", f"cpu{SERVER_CORE}"):
-            values = [int(x) for x in fields[:8]]
-            busy[name] = (sum(values) - values[3] - values[4]) / tick
-    return busy["cpu"], busy[f"cpu{SERVER_CORE}"]
-
-
-def _process_cpu(pid: int | None) -> float:
+def process_cpu(pid: int | None) -> float:
     """utime + stime of a process in seconds (0 once it is gone)."""
     if pid is None:
         return 0.0
@@ -292,46 +325,69 @@ def _process_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def core_busy() -> dict[int, float]:
+    """Busy CPU seconds so far per core: every state of /proc/stat but idle and iowait."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy: dict[int, float] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in CORES:
+            values = [int(x) for x in fields[:8]]
+            busy[int(name[3:])] = (sum(values) - values[3] - values[4]) / tick
+    return busy
+
+
+def own_cpu() -> tuple[float, float]:
+    """CPU seconds of this script, and of its finished children (every wrk run)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
 @dataclass(frozen=True)
 class CpuSample:
     wall: float
-    busy_all: float
-    busy_core: float
-    ours: float  # this script and its finished children (hey)
-    servers: float
-    servers_core: float  # those of them pinned to the server core
+    busy: dict[int, float]  # core -> busy seconds, every process
+    servers: dict[str, float]  # server name -> CPU seconds
+    script: float
+    wrk: float
 
 
-def cpu_sample(servers: Sequence[Server], on_core: Sequence[Server]) -> CpuSample:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy_all, busy_core = _busy()
+def cpu_sample(servers: Sequence[Server]) -> CpuSample:
+    script, wrk = own_cpu()
     return CpuSample(
         wall=time.monotonic(),
-        busy_all=busy_all,
-        busy_core=busy_core,
-        ours=own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
-        servers=sum(_process_cpu(server.pid) for server in servers),
-        servers_core=sum(_process_cpu(server.pid) for server in on_core),
+        busy=core_busy(),
+        servers={server.name: server.cpu_seconds() for server in servers},
+        script=script,
+        wrk=wrk,
     )
 
 
-def foreign_cpu(before: CpuSample, after: CpuSample) -> dict[str, float]:
-    """Cores used during a measurement by our servers, and by processes that are not ours."""
+def cpu_figures(
+    before: CpuSample, after: CpuSample, servers: Sequence[Server], column: Column, requests: int
+) -> dict[str, float | None]:
+    """CPU per request of the proxy, the mock and wrk; each core's use (ours and in all)."""
     wall = max(after.wall - before.wall, 1e-9)
-    servers = after.servers - before.servers
-    ours = servers + after.ours - before.ours
-    return {
-        "server_cores": round(servers / wall, 3),
-        "other_core0": round(
-            max(
-                0.0, after.busy_core - before.busy_core - (after.servers_core - before.servers_core)
-            )
-            / wall,
-            3,
-        ),
-        "other_all": round(max(0.0, after.busy_all - before.busy_all - ours) / wall, 3),
+    spent = {name: after.servers[name] - before.servers[name] for name in after.servers}
+    wrk = after.wrk - before.wrk
+    script = after.script - before.script
+
+    def per_request(seconds: float) -> float | None:
+        return round(seconds * 1000 / requests, 4) if requests else None
+
+    figures: dict[str, float | None] = {
+        "proxy_ms": per_request(spent[column.proxy.name]) if column.proxy else None,
+        "mock_ms": per_request(spent[column.mock.name]),
+        "wrk_ms": per_request(wrk),
     }
+    for core in CORES:
+        ours = sum(spent[s.name] for s in servers if s.core == core)
+        if core == LOAD_CORE:  # wrk and this script run there
+            ours += wrk + script
+        figures[f"core{core}_ours"] = round(ours / wall, 3)
+        figures[f"core{core}_busy"] = round((after.busy[core] - before.busy[core]) / wall, 3)
+    return figures
 
 
 # --- the loads ---------------------------------------------------------------------------------
@@ -339,76 +395,64 @@ def foreign_cpu(before: CpuSample, after: CpuSample) -> dict[str, float]:
 
 @dataclass
 class Result:
-    """One load against one column: throughput, two latency percentiles, what came back."""
+    """One wrk load against one column: throughput, two latency percentiles, what came back."""
 
     rps: float
-    p50_ms: float | None
+    p50_ms: float | None  # None when no request completed
     p99_ms: float | None
     count: int
+    bytes_per_request: float | None
     statuses: dict[str, int]
     errors: dict[str, int]
-    samples: dict[str, str] = field(default_factory=dict)  # status -> start of a body
 
     @property
     def bad(self) -> int:
-        """Requests that did not end in a 2xx (non-2xx statuses plus transport errors)."""
+        """Requests that did not end in a 2xx (non-2xx statuses plus socket errors)."""
         non_2xx = sum(n for s, n in self.statuses.items() if not s.startswith("2"))
         return non_2xx + sum(self.errors.values())
 
 
-def run_hey(port: int, key: str, connections: int, duration: float) -> Result:
-    """``hey -z`` on the load core; raises when hey fails or prints no summary."""
-    argv = [
-        "taskset",
-        "-c",
-        str(LOAD_CORE),
-        "hey",
-        "-z",
-        f"{duration:g}s",
-        "-c",
-        str(connections),
-        "-m",
-        "POST",
-        "-T",
-        "application/json",
-        "-H",
-        f"Authorization: Bearer {key}",
-        "-d",
-        json.dumps(REQUEST),
-        f"http://127.0.0.1:{port}{PATH}",
-    ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
-    return parse_hey(done.stdout, done.stderr, done.returncode)
-
-
-def run_wrk(port: int, key: str, connections: int, duration: float) -> Result:
-    """``wrk`` (one thread, static request) on the load core; raises when it prints no summary."""
-    argv = [
+def wrk_argv(
+    script: Path, port: int, key: str, kind: str, connections: int, seconds: float
+) -> list[str]:
+    """``wrk`` with one thread on the load core, the body of ``kind`` as the script's argument."""
+    return [
         "taskset",
         "-c",
         str(LOAD_CORE),
         "wrk",
         "-t1",
         f"-c{connections}",
-        f"-d{max(1, round(duration))}s",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        WRK_TIMEOUT,
         "-s",
-        str(WRK_SCRIPT),
+        str(script),
         f"http://127.0.0.1:{port}{PATH}",
         "--",
         key,
-        json.dumps(REQUEST),
+        json.dumps(BODIES[kind]),
     ]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 120)
+
+
+def summary_line(prefix: str, out: str, err: str, returncode: int) -> dict[str, int]:
+    """The key=value pairs of the line the wrk script prints at the end; raises without it."""
+    line = next((x for x in out.splitlines() if x.startswith(prefix + " ")), None)
+    if returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {returncode}): {(err or out).strip()[:500]}")
+    return {k: int(v) for k, v in (pair.split("=", 1) for pair in line.split()[1:])}
+
+
+def run_wrk(port: int, key: str, kind: str, connections: int, seconds: float) -> Result:
+    argv = wrk_argv(WRK_SCRIPT, port, key, kind, connections, seconds)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
     return parse_wrk(done.stdout, done.stderr, done.returncode)
 
 
 def parse_wrk(out: str, err: str = "", returncode: int = 0) -> Result:
-    line = next((x for x in out.splitlines() if x.startswith("GATEWAYBENCH ")), None)
-    if returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {returncode}): {(err or out).strip()[:500]}")
-    values = {k: int(v) for k, v in (pair.split("=", 1) for pair in line.split()[1:])}
-    non2xx = values["non2xx"]
-    statuses = {"2xx": values["requests"] - non2xx}
+    values = summary_line("GATEWAYBENCH", out, err, returncode)
+    requests, non2xx = values["requests"], values["non2xx"]
+    statuses = {"2xx": requests - non2xx}
     if non2xx:
         statuses["non-2xx"] = non2xx
     errors = {
@@ -418,54 +462,60 @@ def parse_wrk(out: str, err: str = "", returncode: int = 0) -> Result:
     }
     seconds = values["duration_us"] / 1e6
     return Result(
-        rps=values["requests"] / seconds if seconds else 0.0,
-        p50_ms=values["p50_us"] / 1000,
-        p99_ms=values["p99_us"] / 1000,
-        count=values["requests"],
+        rps=requests / seconds if seconds else 0.0,
+        p50_ms=values["p50_us"] / 1000 if requests else None,
+        p99_ms=values["p99_us"] / 1000 if requests else None,
+        count=requests,
+        bytes_per_request=round(values["bytes"] / requests, 1) if requests else None,
         statuses=statuses,
         errors=errors,
     )
 
 
-def run_http_load(
-    args: argparse.Namespace, port: int, key: str, connections: int, duration: float
-) -> Result:
-    run = run_wrk if args.loadgen == "wrk" else run_hey
-    return run(port, key, connections, duration)
+@dataclass(frozen=True)
+class Check:
+    """What wrk saw of every answer in a short run with a ``response()`` function."""
+
+    responses: int
+    non2xx: int
+    events_min: int
+    events_max: int
+    done: int
+    body_bytes: int
+    requests: int
+    bytes: int
+
+    @property
+    def bytes_per_request(self) -> float | None:
+        return round(self.bytes / self.requests, 1) if self.requests else None
 
 
-def parse_hey(out: str, err: str = "", returncode: int = 0) -> Result:
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if returncode != 0 or rps is None:
-        raise RuntimeError(f"hey failed (exit {returncode}): {(err or out).strip()[:500]}")
-    head, _, error_part = out.partition("Error distribution:")
-    statuses = {
-        code: int(n) for code, n in re.findall(r"^\s*\[(\d{3})\]\s+(\d+) responses", head, re.M)
-    }
-    errors: dict[str, int] = {}
-    for n, message in re.findall(r"^\s*\[(\d+)\]\s+(.+)$", error_part, re.M):
-        errors[message.strip()] = errors.get(message.strip(), 0) + int(n)
-
-    def percentile(p: int) -> float | None:
-        match = re.search(rf"^\s*{p}% in ([\d.]+) secs", head, re.M)
-        return float(match.group(1)) * 1000 if match else None
-
-    return Result(
-        rps=float(rps.group(1)),
-        p50_ms=percentile(50),
-        p99_ms=percentile(99),
-        count=sum(statuses.values()),
-        statuses=statuses,
-        errors=errors,
-    )
+def run_check(port: int, key: str, kind: str) -> Check:
+    argv = wrk_argv(WRK_CHECK_SCRIPT, port, key, kind, 1, CHECK_SECONDS)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=CHECK_SECONDS + 120)
+    return Check(**summary_line("GATEWAYCHECK", done.stdout, done.stderr, done.returncode))
 
 
-def percentile_of(values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile (``p`` in 0..100) of the values, None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
+def check_problem(name: str, kind: str, check: Check, events: int) -> str | None:
+    """Why wrk's count of ``kind`` answers is not a count of whole answers, or None.
+
+    ``events`` is the number of SSE ``data:`` events in one answer read by this script.
+    """
+    if check.responses == 0 or check.responses != check.requests:
+        return f"{name} {kind}: wrk counted {check.requests} requests, saw {check.responses}"
+    if check.non2xx:
+        return f"{name} {kind}: {check.non2xx} of {check.responses} answers were not 2xx"
+    if check.events_min != events or check.events_max != events:
+        return (
+            f"{name} {kind}: {check.events_min}-{check.events_max} SSE events per answer, "
+            f"expected {events}"
+        )
+    if kind == "stream" and check.done != check.responses:
+        return f"{name} stream: {check.done} of {check.responses} streams ended in [DONE]"
+    return None
+
+
+# The start-up check's client: one request on a raw asyncio connection (see the docstring).
 
 
 def render_request(port: int, key: str, body: dict[str, Any]) -> bytes:
@@ -475,7 +525,6 @@ def render_request(port: int, key: str, body: dict[str, Any]) -> bytes:
         f"Host: 127.0.0.1:{port}\r\n"
         f"Authorization: Bearer {key}\r\n"
         "Content-Type: application/json\r\n"
-        "Accept: text/event-stream\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n"
     )
     return head.encode() + payload
@@ -512,122 +561,14 @@ async def iter_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> As
         yield await reader.read()
 
 
-def has_content(event: bytes) -> bool:
-    """Whether an SSE event carries generated text (a non-empty ``delta.content``)."""
-    for line in event.split(b"\n"):
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if not data or data == b"[DONE]":
-            continue
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            continue
-        choices = payload.get("choices") if isinstance(payload, dict) else None
-        for choice in choices or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and delta.get("content"):
-                return True
-    return False
-
-
-@dataclass
-class _StreamRun:
-    remaining: int
-    ttft: list[float] = field(default_factory=list)
-    statuses: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    samples: dict[str, str] = field(default_factory=dict)
-
-
-async def _one_stream(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, run: _StreamRun
-) -> bool:
-    """One streamed request on an open connection; returns whether the connection stays open."""
-    started = time.perf_counter()
-    writer.write(request)
-    status, headers = await read_head(reader)
-    first: float | None = None
-    buffer = b""
-    tail = b""
-    body = b""
-    async for chunk in iter_body(reader, headers):
-        if status != 200:
-            body += chunk
-            continue
-        if first is None:
-            buffer += chunk.replace(b"\r\n", b"\n")
-            *events, buffer = buffer.split(b"\n\n")
-            if any(has_content(event) for event in events):
-                first = time.perf_counter() - started
-        tail = (tail + chunk)[-64:]
-    run.statuses[str(status)] += 1
-    if status != 200:
-        run.samples.setdefault(str(status), body[:300].decode("utf-8", "replace"))
-    elif first is None:
-        run.errors["200 without a content chunk"] += 1
-    elif b"[DONE]" not in tail:
-        run.errors["stream did not end in data: [DONE]"] += 1
-    else:
-        run.ttft.append(first)
-    return headers.get("connection", "").lower() != "close"
-
-
-async def _stream_worker(port: int, request: bytes, run: _StreamRun) -> None:
-    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-    try:
-        while run.remaining > 0:
-            run.remaining -= 1
-            try:
-                if connection is None:
-                    connection = await asyncio.open_connection("127.0.0.1", port)
-                reader, writer = connection
-                async with asyncio.timeout(STREAM_TIMEOUT):
-                    keep = await _one_stream(reader, writer, request, run)
-            except (OSError, EOFError, ValueError, TimeoutError, asyncio.IncompleteReadError) as e:
-                run.errors[f"{type(e).__name__}: {e}"[:120]] += 1
-                keep = False
-            if not keep and connection is not None:
-                connection[1].close()
-                connection = None
-    finally:
-        if connection is not None:
-            connection[1].close()
-
-
-async def _run_streams(port: int, key: str, count: int, concurrency: int) -> tuple[Result, float]:
-    request = render_request(port, key, {**REQUEST, "stream": True})
-    run = _StreamRun(remaining=count)
-    started = time.perf_counter()
-    await asyncio.gather(*(_stream_worker(port, request, run) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    p50, p99 = percentile_of(run.ttft, 50), percentile_of(run.ttft, 99)
-    result = Result(
-        rps=count / elapsed,
-        p50_ms=p50 * 1000 if p50 is not None else None,
-        p99_ms=p99 * 1000 if p99 is not None else None,
-        count=sum(run.statuses.values()),
-        statuses=dict(run.statuses),
-        errors=dict(run.errors),
-        samples=run.samples,
-    )
-    return result, elapsed
-
-
-def run_streams(port: int, key: str, count: int, concurrency: int = STREAM_CONCURRENCY) -> Result:
-    """``count`` streamed chat completions over ``concurrency`` keep-alive connections."""
-    return asyncio.run(_run_streams(port, key, count, concurrency))[0]
-
-
-def one_request(port: int, key: str) -> tuple[int, str]:
-    """One non-streamed chat completion: its status and body (a start-up check)."""
+def one_request(port: int, key: str, kind: str) -> tuple[int, str]:
+    """One chat completion of ``kind``: its status and (de-chunked) body."""
 
     async def go() -> tuple[int, str]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             async with asyncio.timeout(30):
-                writer.write(render_request(port, key, REQUEST))
+                writer.write(render_request(port, key, BODIES[kind]))
                 status, headers = await read_head(reader)
                 body = b"".join([chunk async for chunk in iter_body(reader, headers)])
         finally:
@@ -635,6 +576,11 @@ def one_request(port: int, key: str) -> tuple[int, str]:
         return status, body.decode("utf-8", "replace")
 
     return asyncio.run(go())
+
+
+def sse_events(body: str) -> int:
+    """``data:`` lines in a body, counted as gateway_wrk_check.lua counts them."""
+    return ("\n" + body).count("\ndata:")
 
 
 # --- the columns -------------------------------------------------------------------------------
@@ -726,24 +672,26 @@ def python_facts(python: Path | None) -> dict[str, str | None]:
     return {"version": out[0] if out else None, "http": out[1] if len(out) > 1 else None}
 
 
-@dataclass
-class Column:
-    name: str
-    port: int
-    servers: list[Server]  # every process this column's requests go through
-
-
 # --- summaries ---------------------------------------------------------------------------------
 
 
 @dataclass
 class Measurement:
     round: int
-    load: str
+    kind: str
+    connections: int
     variant: str
     result: Result
-    cpu: dict[str, float]
+    cpu: dict[str, float | None]
     loadavg: tuple[float, float, float]
+
+    @property
+    def load(self) -> str:
+        return load_name(self.kind, self.connections)
+
+    def figure(self, metric: str) -> float | None:
+        value = self.cpu[metric] if metric in self.cpu else getattr(self.result, metric)
+        return None if value is None else float(value)
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -751,12 +699,21 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _figure(m: Measurement, metric: str) -> float | None:
-    value = m.cpu[metric] if metric.endswith("ms_per_req") else getattr(m.result, metric)
-    return None if value is None else float(value)
+MEDIAN_METRICS = (
+    "rps",
+    "p50_ms",
+    "p99_ms",
+    "bytes_per_request",
+    "proxy_ms",
+    "mock_ms",
+    "wrk_ms",
+    *(f"core{core}_{what}" for core in CORES for what in ("ours", "busy")),
+)
 
 
-def summarize(measurements: Sequence[Measurement]) -> dict[str, Any]:
+def summarize(
+    measurements: Sequence[Measurement], loads: Sequence[str], mock_core: int
+) -> dict[str, Any]:
     """Medians per column and load; paired ratios and differences per round, then medians."""
     by: dict[tuple[str, str], list[Measurement]] = {}
     for m in measurements:
@@ -765,26 +722,25 @@ def summarize(measurements: Sequence[Measurement]) -> dict[str, Any]:
     for (variant, load), ms in by.items():
         statuses: Counter[str] = Counter()
         errors: Counter[str] = Counter()
-        samples: dict[str, str] = {}
         for m in ms:
             statuses.update(m.result.statuses)
             errors.update(m.result.errors)
-            for status, sample in m.result.samples.items():
-                samples.setdefault(status, sample)
-        medians.setdefault(variant, {})[load] = {
-            "rps": _median([m.result.rps for m in ms]),
-            "p50_ms": _median([m.result.p50_ms for m in ms]),
-            "p99_ms": _median([m.result.p99_ms for m in ms]),
+        entry: dict[str, Any] = {k: _median([m.figure(k) for m in ms]) for k in MEDIAN_METRICS}
+        # The proxy's CPU over the mock's for the same requests, per run.
+        entry["proxy_per_mock"] = _median(
+            [
+                m.cpu["proxy_ms"] / m.cpu["mock_ms"]
+                for m in ms
+                if m.cpu["proxy_ms"] is not None and m.cpu["mock_ms"]
+            ]
+        )
+        entry |= {
             "requests": sum(m.result.count for m in ms),
             "statuses": dict(statuses),
             "errors": dict(errors),
-            "samples": samples,
-            "other_core0": _median([m.cpu["other_core0"] for m in ms]),
-            "other_all": _median([m.cpu["other_all"] for m in ms]),
-            "cpu_ms_per_req": _median([m.cpu["cpu_ms_per_req"] for m in ms]),
-            "front_ms_per_req": _median([m.cpu.get("front_ms_per_req") for m in ms]),
             "rounds": len(ms),
         }
+        medians.setdefault(variant, {})[load] = entry
 
     def paired(
         a: str, b: str, load: str, metric: str, how: Callable[[float, float], float]
@@ -796,42 +752,93 @@ def summarize(measurements: Sequence[Measurement]) -> dict[str, Any]:
             y = next((m for m in by.get((b, load), []) if m.round == r), None)
             if x is None or y is None:
                 continue
-            xv, yv = _figure(x, metric), _figure(y, metric)
+            xv, yv = x.figure(metric), y.figure(metric)
             if xv is not None and yv is not None and yv != 0:
                 values.append(how(xv, yv))
         return statistics.median(values) if values else None
 
-    ratios: dict[str, Any] = {"added_ms": {}, "share": {}, "vs_litellm": {}, "proxy_cpu_ms": {}}
-    for load in LOADS:
-        for proxy in ("quotagate", "litellm"):
-            ratios["proxy_cpu_ms"][f"{proxy}_{load}"] = paired(
-                proxy, "direct", load, "cpu_ms_per_req", lambda p, d: p - d
+    ratios: dict[str, dict[str, Any]] = {"share": {}, "added_ms": {}, "vs_litellm": {}}
+    for load in loads:
+        for proxy in PROXIES:
+            ratios["share"][f"{proxy} {load}"] = paired(
+                proxy, "direct", load, "rps", lambda q, d: q / d
             )
-        for metric in ("p50_ms", "p99_ms"):
-            ratios["added_ms"][f"{load}_{metric[:3]}"] = paired(
-                "quotagate", "direct", load, metric, lambda q, d: q - d
-            )
-        ratios["share"][load] = paired("quotagate", "direct", load, "rps", lambda q, d: q / d)
-        for metric in ("rps", "p50_ms", "p99_ms"):
+            for metric in ("p50_ms", "p99_ms"):
+                ratios["added_ms"][f"{proxy} {load} {metric[:3]}"] = paired(
+                    proxy, "direct", load, metric, lambda q, d: q - d
+                )
+        for metric in ("rps", "p50_ms", "p99_ms", "proxy_ms"):
             if metric == "rps":
                 factor = paired("quotagate", "litellm", load, metric, lambda q, lt: q / lt)
             else:
                 factor = paired("litellm", "quotagate", load, metric, lambda lt, q: lt / q)
-            ratios["vs_litellm"][f"{load}_{metric.removesuffix('_ms')}"] = factor
-
-    added = ratios["added_ms"].get("c10_p50")
-    shares = [ratios["share"][load] for load in HEY_LOADS]
-    versus = [v for v in ratios["vs_litellm"].values() if v is not None]
-    targets = {
-        "added_p50_c10_under_1ms": None if added is None else added < TARGET_ADDED_P50_MS,
-        "share_at_least_60pct": None
-        if any(s is None for s in shares)
-        else all(s >= TARGET_SHARE for s in shares),
-        "beats_litellm_on_every_figure": None
-        if not versus or len(versus) < len(ratios["vs_litellm"])
-        else all(v > 1 for v in versus),
+            ratios["vs_litellm"][f"{load} {metric}"] = factor
+    return {
+        "medians": medians,
+        "ratios": ratios,
+        "ceilings": ceilings(medians, loads, mock_core),
+        "targets": targets(medians, ratios),
     }
-    return {"medians": medians, "ratios": ratios, "targets": targets}
+
+
+def ceilings(
+    medians: dict[str, Any], loads: Sequence[str], mock_core: int
+) -> dict[str, dict[str, Any]]:
+    """Per proxied load: the req/s the load core allows and the req/s the proxy could carry.
+
+    The load core carries wrk, and in the split layout the mock too: at their CPU per request
+    it cannot complete more than 1000 / (their ms) requests a second, whatever the proxy does.
+    The proxy's core (shared with the mock in the shared layout) could complete at most
+    1000 / (the ms spent there) on a full core.
+    """
+    found: dict[str, dict[str, Any]] = {}
+    for proxy in (p for p in PROXIES if p in medians):
+        for load, e in medians[proxy].items():
+            if load not in loads or e["proxy_ms"] is None or e["mock_ms"] is None:
+                continue
+            mock_ms = e["mock_ms"]
+            load_core_ms = (e["wrk_ms"] or 0.0) + (mock_ms if mock_core == LOAD_CORE else 0.0)
+            proxy_core_ms = e["proxy_ms"] + (mock_ms if mock_core == PROXY_CORE else 0.0)
+            found.setdefault(proxy, {})[load] = {
+                "load_core_used": e[f"core{LOAD_CORE}_ours"],
+                "load_core_ms": round(load_core_ms, 4),
+                "load_core_cap_rps": round(1000 / load_core_ms) if load_core_ms else None,
+                "proxy_core_used": e[f"core{PROXY_CORE}_ours"],
+                "proxy_core_ms": round(proxy_core_ms, 4),
+                "proxy_core_cap_rps": round(1000 / proxy_core_ms) if proxy_core_ms else None,
+            }
+    return found
+
+
+def targets(medians: dict[str, Any], ratios: dict[str, Any]) -> dict[str, bool | None]:
+    """Each target of the docstring: True, False, or None when its figures were not measured."""
+    gateway = medians.get("quotagate", {})
+
+    def all_of(checks: list[bool | None]) -> bool | None:
+        return None if not checks or None in checks else all(checks)
+
+    def cpu_at_most_mock(kind: str) -> bool | None:
+        values = [gateway.get(load_name(kind, c), {}).get("proxy_per_mock") for c in (10, 50)]
+        return all_of([None if v is None else v <= 1.0 for v in values])
+
+    def not_growing(kind: str) -> bool | None:
+        c10 = gateway.get(load_name(kind, 10), {}).get("proxy_ms")
+        c50 = gateway.get(load_name(kind, 50), {}).get("proxy_ms")
+        return None if c10 is None or c50 is None else c50 <= c10 * TARGET_GROWTH
+
+    added = ratios["added_ms"].get(f"quotagate {load_name('completion', LATENCY_CONNECTIONS)} p50")
+    shares = [ratios["share"].get(f"quotagate {load_name('completion', c)}") for c in (10, 50)]
+    versus = list(ratios["vs_litellm"].values())
+    return {
+        "cpu_per_completion_at_most_mock": cpu_at_most_mock("completion"),
+        "cpu_per_stream_at_most_mock": cpu_at_most_mock("stream"),
+        "cpu_not_growing_c10_to_c50": all_of([not_growing(kind) for kind in KINDS]),
+        "added_p50_c1_under_1ms": None if added is None else added < TARGET_ADDED_P50_MS,
+        "share_at_least_60pct": all_of([None if s is None else s >= TARGET_SHARE for s in shares]),
+        "beats_litellm_on_every_figure": all_of(
+            [None if v is None else v > 1 for v in versus] if "litellm" in medians else []
+        ),
+    }
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -844,112 +851,127 @@ def _statuses_text(entry: dict[str, Any]) -> str:
     return " ".join(parts) or "none"
 
 
+def layout_text(layout: str) -> str:
+    if layout == "split":
+        return (
+            f"layout split: the proxy alone on core {PROXY_CORE}; the mock model server, wrk "
+            f"and this script on core {LOAD_CORE} (direct too)"
+        )
+    return (
+        f"layout shared: the mock and the proxy on core {PROXY_CORE}; wrk and this script on "
+        f"core {LOAD_CORE}"
+    )
+
+
 def render_table(report: dict[str, Any]) -> str:
     setup, summary = report["setup"], report["summary"]
-    medians, ratios, targets = summary["medians"], summary["ratios"], summary["targets"]
-    variants = [v for v in VARIANTS if v in medians]
+    medians, ratios = summary["medians"], summary["ratios"]
+    loads = setup["loads"]
     lines = [
-        f"quotagate gateway benchmark · {setup['rounds']} round(s) x {setup['duration']:g} s "
-        f"per {setup.get('loadgen', 'hey')} load · {setup['streams']} streams at "
-        f"{STREAM_CONCURRENCY} connections · "
-        + (
-            f"layout split: each proxy alone on core {SERVER_CORE}; the upstream (alone on core "
-            f"{SERVER_CORE} for direct) with {setup.get('loadgen', 'hey')} and the stream client "
-            f"on core {LOAD_CORE}"
-            if setup.get("layout", "shared") == "split"
-            else f"layout shared: servers on core {SERVER_CORE}, {setup.get('loadgen', 'hey')} and "
-            "the stream client on "
-            f"core {LOAD_CORE}"
-        ),
+        f"quotagate gateway benchmark · {setup['rounds']} round(s) x {setup['duration']:g} s per "
+        f"wrk load · {layout_text(setup['layout'])}",
         f"upstream: quotagate mock (tokens/s 0) · quotagate {setup['quotagate_version']} · "
         f"LiteLLM {setup['litellm'].get('version') or '-'} "
         f"({setup['litellm'].get('note') or 'not run'})",
         f"load average: start {setup['loadavg_start']} · end {report['loadavg_end']}",
         "",
     ]
-    width = 14
-    header = f"{'':<16}" + "".join(f"{v:>{width}}" for v in variants)
-    lines.append(header)
-    rows = [
-        ("c10", "rps", "req/s", 0),
-        ("c10", "p50_ms", "p50 ms", 2),
-        ("c10", "p99_ms", "p99 ms", 2),
-        ("c50", "rps", "req/s", 0),
-        ("c50", "p50_ms", "p50 ms", 2),
-        ("c50", "p99_ms", "p99 ms", 2),
-        (STREAM_LOAD, "p50_ms", "TTFT p50 ms", 2),
-        (STREAM_LOAD, "p99_ms", "TTFT p99 ms", 2),
-        (STREAM_LOAD, "rps", "streams/s", 0),
-        ("c10", "cpu_ms_per_req", "CPU ms/req", 3),
-        ("c50", "cpu_ms_per_req", "CPU ms/req", 3),
-        (STREAM_LOAD, "cpu_ms_per_req", "CPU ms/stream", 3),
-        ("c10", "front_ms_per_req", "front ms/req", 3),
-        ("c50", "front_ms_per_req", "front ms/req", 3),
-        (STREAM_LOAD, "front_ms_per_req", "front ms/strm", 3),
-    ]
-    for load, metric, label, digits in rows:
-        name = f"{load} {label}" if load != STREAM_LOAD else label
-        cells = [_fmt(medians[v].get(load, {}).get(metric), digits) for v in variants]
-        lines.append(f"{name:<16}" + "".join(f"{c:>{width}}" for c in cells))
-    lines.append("")
-    lines.append("statuses (all rounds; err = no HTTP answer):")
-    for load in LOADS:
-        for v in variants:
-            entry = medians[v].get(load)
-            if entry is None:
-                continue
-            lines.append(f"  {load:<5} {v:<10} {_statuses_text(entry)}")
-            for message, n in entry["errors"].items():
-                lines.append(f"        error x{n}: {message}")
-            for status, sample in entry["samples"].items():
-                lines.append(f"        {status} body: {sample[:200]}")
-    lines.append("")
-    lines.append("other processes' CPU during the loads (median, cores; core 0 = the servers'):")
-    for v in variants:
-        cells = [
-            f"{load} {_fmt(medians[v][load]['other_core0'])}/{_fmt(medians[v][load]['other_all'])}"
-            for load in LOADS
-            if load in medians[v]
-        ]
-        lines.append(f"  {v:<10} " + " · ".join(cells) + "   (core 0 / all)")
-    lines.append("")
-    added = ratios["added_ms"]
-    lines.append(
-        "quotagate added latency (quotagate - direct, median of per-round differences, ms): "
-        f"c10 p50 {_fmt(added['c10_p50'])}, p99 {_fmt(added['c10_p99'])} · "
-        f"c50 p50 {_fmt(added['c50_p50'])}, p99 {_fmt(added['c50_p99'])} · "
-        f"TTFT p50 {_fmt(added['ttft_p50'])}, p99 {_fmt(added['ttft_p99'])}"
-    )
-    share = ratios["share"]
-    lines.append(
-        "quotagate req/s as a share of direct: "
-        + " · ".join(
-            f"{load} " + ("-" if share[load] is None else f"{share[load]:.0%}") for load in LOADS
-        )
-    )
-    cpu = ratios["proxy_cpu_ms"]
-    proxies = [p for p in ("quotagate", "litellm") if cpu[f"{p}_{LOADS[0]}"] is not None]
-    if proxies:
+    core0, core1 = f"core{PROXY_CORE}", f"core{LOAD_CORE}"
+    for proxy in (p for p in PROXIES if p in medians):
         lines.append(
-            "proxy CPU per request (column's servers - direct's, ms; less moved by other "
-            "jobs than req/s): "
-            + " · ".join(
-                f"{proxy} "
-                + " ".join(f"{load} {_fmt(cpu[f'{proxy}_{load}'], 3)}" for load in LOADS)
-                for proxy in proxies
-            )
+            f"{proxy} vs direct (medians over rounds; ratio, +p50/+p99 and {proxy[:2]}/mock taken "
+            "per round; CPU ms per completed request; cores used by our processes there, "
+            "direct run / proxied run):"
         )
-    versus = ratios["vs_litellm"]
-    if any(v is not None for v in versus.values()):
-        lines.append(
-            "quotagate vs LiteLLM (x better: req/s quotagate/litellm, latency litellm/quotagate):"
+        header = (
+            f"{'load':<14}{'direct/s':>10}{proxy[:9] + '/s':>12}{'ratio':>7}"
+            f"{proxy[:2] + ' ms':>9}{'mock ms':>9}{proxy[:2] + '/mock':>9}"
+            f"{'+p50 ms':>9}{'+p99 ms':>9}{core0 + ' ' + proxy[:2]:>10}"
+            f"{core1 + ' d/' + proxy[:2]:>15}"
         )
-        for load in LOADS:
+        lines.append(header)
+        for load in loads:
+            direct = medians.get("direct", {}).get(load, {})
+            proxied = medians[proxy].get(load, {})
+            latency = load.endswith(f" c{LATENCY_CONNECTIONS}")
+            added = ratios["added_ms"]
+            cores = f"{_fmt(direct.get(f'{core1}_ours'))} / {_fmt(proxied.get(f'{core1}_ours'))}"
             lines.append(
-                f"  {load:<5} "
+                f"{load:<14}{_fmt(direct.get('rps'), 0):>10}{_fmt(proxied.get('rps'), 0):>12}"
+                f"{_fmt(ratios['share'].get(f'{proxy} {load}')):>7}"
+                f"{_fmt(proxied.get('proxy_ms'), 3):>9}{_fmt(proxied.get('mock_ms'), 3):>9}"
+                f"{_fmt(proxied.get('proxy_per_mock')):>9}"
+                f"{_fmt(added.get(f'{proxy} {load} p50') if latency else None):>9}"
+                f"{_fmt(added.get(f'{proxy} {load} p99') if latency else None):>9}"
+                f"{_fmt(proxied.get(f'{core0}_ours')):>10}"
+                f"{cores:>15}"
+            )
+        lines.append("")
+    split = setup["layout"] == "split"
+    on_load_core = "mock + wrk" if split else "wrk"
+    for proxy, by_load in summary["ceilings"].items():
+        on_proxy_core = proxy if split else f"{proxy} + mock"
+        lines.append(
+            f"ceilings of the {proxy} runs: what {core1} ({on_load_core}) and {core0} "
+            f"({on_proxy_core}) could complete on a full core at the CPU per request they "
+            f"spent (1000 / ms); the smaller one binds, and where it is {core1}'s, the ratio "
+            f"above is what {core1} allows, not what {proxy} could carry:"
+        )
+        for load, c in by_load.items():
+            lines.append(
+                f"  {load:<15}{core1} {_fmt(c['load_core_used'])} used, "
+                f"{_fmt(c['load_core_ms'], 3)} ms/req: {_fmt(c['load_core_cap_rps'], 0)}/s · "
+                f"{core0} {_fmt(c['proxy_core_used'])} used, {_fmt(c['proxy_core_ms'], 3)} ms/req: "
+                f"{_fmt(c['proxy_core_cap_rps'], 0)}/s"
+            )
+        lines.append("")
+
+    lines.append(
+        "every run (medians): req/s · p50 / p99 ms · CPU ms per request of proxy / mock / wrk · "
+        "cores used: ours/all (all = /proc/stat busy, other jobs included) · bytes per request"
+    )
+    for variant in (v for v in VARIANTS if v in medians):
+        for load in loads:
+            e = medians[variant].get(load)
+            if e is None:
+                continue
+            lines.append(
+                f"  {variant:<10}{load:<14}{_fmt(e['rps'], 0):>8}/s  "
+                f"{_fmt(e['p50_ms'])} / {_fmt(e['p99_ms'])} ms  "
+                f"cpu {_fmt(e['proxy_ms'], 3)} / {_fmt(e['mock_ms'], 3)} / {_fmt(e['wrk_ms'], 3)}"
+                f"  {core0} {_fmt(e[f'{core0}_ours'])}/{_fmt(e[f'{core0}_busy'])}"
+                f"  {core1} {_fmt(e[f'{core1}_ours'])}/{_fmt(e[f'{core1}_busy'])}"
+                f"  {_fmt(e['bytes_per_request'], 0)} B  {_statuses_text(e)}"
+            )
+    lines.append("")
+    lines.append("wrk check (1 s, one connection, every answer's body seen by the Lua script):")
+    for name, kinds in report["checks"].items():
+        for kind, check in kinds.items():
+            lines.append(
+                f"  {name:<10}{kind:<11}{check['responses']} answers, {check['non2xx']} non-2xx, "
+                f"{check['events_min']}-{check['events_max']} SSE events each (expected "
+                f"{check['expected_events']}), {check['done']} ending in [DONE], "
+                f"{_fmt(check['bytes_per_request'], 0)} bytes per request"
+            )
+
+    versus = ratios["vs_litellm"]
+    if "litellm" in medians and any(v is not None for v in versus.values()):
+        lines.append("")
+        lines.append(
+            "quotagate vs LiteLLM (x better: req/s quotagate/litellm; latency and proxy CPU "
+            "litellm/quotagate):"
+        )
+        for load in loads:
+            lines.append(
+                f"  {load:<15}"
                 + " · ".join(
-                    f"{metric} x{_fmt(versus[f'{load}_{metric}'])}"
-                    for metric in ("rps", "p50", "p99")
+                    f"{label} x{_fmt(versus.get(f'{load} {metric}'))}"
+                    for metric, label in (
+                        ("rps", "req/s"),
+                        ("p50_ms", "p50"),
+                        ("p99_ms", "p99"),
+                        ("proxy_ms", "cpu"),
+                    )
                 )
             )
     lines.append("")
@@ -957,11 +979,18 @@ def render_table(report: dict[str, Any]) -> str:
     def verdict(ok: bool | None) -> str:
         return "n/a" if ok is None else ("PASS" if ok else "FAIL")
 
+    goals = summary["targets"]
     lines.append(
-        f"targets: added p50 at c10 < {TARGET_ADDED_P50_MS:g} ms: "
-        f"{verdict(targets['added_p50_c10_under_1ms'])} · req/s ≥ {TARGET_SHARE:.0%} of direct "
-        f"(c10 and c50): {verdict(targets['share_at_least_60pct'])} · beats LiteLLM on every "
-        f"figure: {verdict(targets['beats_litellm_on_every_figure'])}"
+        "targets: gateway CPU ≤ mock's (c10, c50): completion "
+        f"{verdict(goals['cpu_per_completion_at_most_mock'])}, stream "
+        f"{verdict(goals['cpu_per_stream_at_most_mock'])} · CPU per request not growing c10 -> "
+        f"c50 (within {TARGET_GROWTH - 1:.0%}): {verdict(goals['cpu_not_growing_c10_to_c50'])}"
+    )
+    lines.append(
+        f"         added p50 at c{LATENCY_CONNECTIONS} < {TARGET_ADDED_P50_MS:g} ms: "
+        f"{verdict(goals['added_p50_c1_under_1ms'])} · req/s ≥ {TARGET_SHARE:.0%} of direct "
+        f"(completion c10, c50): {verdict(goals['share_at_least_60pct'])} · beats LiteLLM on "
+        f"every figure: {verdict(goals['beats_litellm_on_every_figure'])}"
     )
     for note in report["notes"]:
         lines.append(f"note: {note}")
@@ -987,49 +1016,95 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def measure(
     column: Column,
-    load: str,
+    kind: str,
+    connections: int,
     key: str,
-    args: argparse.Namespace,
+    seconds: float,
     all_servers: Sequence[Server],
-) -> tuple[Result, dict[str, float]]:
-    upstream = column.servers[0]
-    on_core = list(all_servers)
-    if args.layout == "split":
-        # The model server runs on a host of its own in production: give the proxy the
-        # server core to itself and put the upstream with the load generator.
-        core = SERVER_CORE if column.name == "direct" else LOAD_CORE
-        pin(upstream, core)
-        if core != SERVER_CORE:
-            on_core.remove(upstream)
-    before = cpu_sample(all_servers, on_core)
-    own_before = sum(_process_cpu(server.pid) for server in column.servers)
-    proxy_before = _process_cpu(column.servers[-1].pid)
-    if load == STREAM_LOAD:
-        result = run_streams(column.port, key, args.streams)
-    else:
-        result = run_http_load(args, column.port, key, HEY_LOADS[load], args.duration)
-    own = sum(_process_cpu(server.pid) for server in column.servers) - own_before
-    proxy = _process_cpu(column.servers[-1].pid) - proxy_before
-    cpu = foreign_cpu(before, cpu_sample(all_servers, on_core))
-    # CPU the column's own servers spent per answered request: less moved than req/s by other
-    # jobs on the machine (a proxy column includes the upstream's share).
-    cpu["cpu_ms_per_req"] = round(own * 1000 / result.count, 3) if result.count else 0.0
-    # The proxy process alone (the upstream itself for the direct column).
-    cpu["front_ms_per_req"] = round(proxy * 1000 / result.count, 3) if result.count else 0.0
-    return result, cpu
-
-
-def pin(server: Server, core: int) -> None:
-    """Move every thread of a running server to ``core``."""
-    subprocess.run(
-        ["taskset", "-a", "-p", "-c", str(core), str(server.pid)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+) -> tuple[Result, dict[str, float | None]]:
+    before = cpu_sample(all_servers)
+    result = run_wrk(column.port, key, kind, connections, seconds)
+    after = cpu_sample(all_servers)
+    return result, cpu_figures(before, after, all_servers, column, result.count)
 
 
 def log(message: str, out: TextIO) -> None:
     print(message, file=out, flush=True)
+
+
+def start_litellm(
+    args: argparse.Namespace,
+    mock: Server,
+    key: str,
+    workdir: Path,
+    litellm: dict[str, Any],
+    servers: list[Server],
+) -> Server | str:
+    """The started LiteLLM proxy, or why its column is skipped."""
+    problem = litellm_problem(args.litellm)
+    if problem is not None:
+        return problem
+    command, python = litellm_command(args.litellm)
+    litellm.update(python_facts(python))
+    litellm["note"] = (
+        "per-key rpm_limit/tpm_limit/max_parallel_requests via custom_auth, "
+        f"in memory, uvicorn http={litellm.get('http') or '?'}"
+    )
+    proxy = Server(
+        "litellm",
+        functools.partial(litellm_argv, command),
+        "/health/liveliness",
+        PROXY_CORE,
+        workdir / "litellm.log",
+        workdir,
+        child_env(
+            {
+                "GATEWAY_BENCH_UPSTREAM": f"http://127.0.0.1:{mock.port}/v1",
+                "GATEWAY_BENCH_LITELLM_MASTER_KEY": "sk-master-" + secrets.token_hex(24),
+                "GATEWAY_BENCH_KEY": key,
+                "GATEWAY_BENCH_RPM": TIER_REQUESTS.split("/")[0],
+                "GATEWAY_BENCH_TPM": TIER_TOKENS.split("/")[0],
+                "GATEWAY_BENCH_PARALLEL": str(TIER_CONCURRENCY),
+                "LITELLM_LOG": "ERROR",
+                "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            }
+        ),
+        startup_timeout=120.0,
+    )
+    servers.append(proxy)
+    try:
+        proxy.start()
+    except RuntimeError as exc:
+        proxy.stop()
+        return f"LiteLLM column skipped: the proxy did not start: {exc}"
+    return proxy
+
+
+def check_column(
+    column: Column, key: str, expected_events: dict[str, int]
+) -> tuple[dict[str, Any], str | None]:
+    """One answer of each kind read here, then the wrk check: its figures, and any problem."""
+    checks: dict[str, Any] = {}
+    for kind in KINDS:
+        status, body = one_request(column.port, key, kind)
+        if status != 200:
+            return checks, f"{column.name} {kind}: POST {PATH} answered {status} {body[:300]!r}"
+        events = sse_events(body)
+        if events != expected_events[kind]:
+            return checks, (
+                f"{column.name} {kind}: {events} SSE events, the mock sends "
+                f"{expected_events[kind]}: {body[-300:]!r}"
+            )
+        check = run_check(column.port, key, kind)
+        checks[kind] = {
+            **asdict(check),
+            "bytes_per_request": check.bytes_per_request,
+            "expected_events": expected_events[kind],
+        }
+        problem = check_problem(column.name, kind, check, expected_events[kind])
+        if problem is not None:
+            return checks, problem
+    return checks, None
 
 
 def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
@@ -1038,24 +1113,23 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     servers: list[Server] = []
     columns: dict[str, Column] = {}
+    checks: dict[str, Any] = {}
     wanted = [v for v in VARIANTS if v in args.variants]
     litellm: dict[str, Any] = {"path": args.litellm}
     measurements: list[Measurement] = []
+    mock_core = LOAD_CORE if args.layout == "split" else PROXY_CORE
+    plan = [(kind, c) for kind in KINDS for c in args.connections]
+    logs: dict[str, str] = {}
     try:
         env = child_env()
         mock = Server(
-            "mock",
-            mock_argv,
-            "/v1/models",
-            workdir / "mock.log",
-            workdir,
-            env,
+            "mock", mock_argv, "/v1/models", mock_core, workdir / "mock.log", workdir, env
         )
         servers.append(mock)
         mock.start()
-        log(f"mock upstream: pid {mock.pid}, port {mock.port}", out)
+        log(f"mock upstream: pid {mock.pid}, port {mock.port}, core {mock.core}", out)
         if "direct" in wanted:
-            columns["direct"] = Column("direct", mock.port, [mock])
+            columns["direct"] = Column("direct", mock.port, None, mock)
 
         if "quotagate" in wanted:
             config = workdir / "quotagate.toml"
@@ -1064,106 +1138,82 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 "quotagate",
                 functools.partial(quotagate_argv, config),
                 "/health",
+                PROXY_CORE,
                 workdir / "quotagate.log",
                 workdir,
                 env,
             )
             servers.append(gateway)
             gateway.start()
-            log(f"quotagate gateway: pid {gateway.pid}, port {gateway.port}", out)
-            columns["quotagate"] = Column("quotagate", gateway.port, [mock, gateway])
+            log(f"quotagate gateway: pid {gateway.pid}, port {gateway.port}, core 0", out)
+            columns["quotagate"] = Column("quotagate", gateway.port, gateway, mock)
 
         if "litellm" in wanted:
-            problem = litellm_problem(args.litellm)
-            if problem is None:
-                command, python = litellm_command(args.litellm)
-                litellm.update(python_facts(python))
-                litellm["note"] = (
-                    "per-key rpm_limit/tpm_limit/max_parallel_requests via custom_auth, "
-                    f"in memory, uvicorn http={litellm.get('http') or '?'}"
-                )
-                proxy = Server(
-                    "litellm",
-                    functools.partial(litellm_argv, command),
-                    "/health/liveliness",
-                    workdir / "litellm.log",
-                    workdir,
-                    child_env(
-                        {
-                            "GATEWAY_BENCH_UPSTREAM": f"http://127.0.0.1:{mock.port}/v1",
-                            "GATEWAY_BENCH_LITELLM_MASTER_KEY": "sk-master-"
-                            + secrets.token_hex(24),
-                            "GATEWAY_BENCH_KEY": key,
-                            "GATEWAY_BENCH_RPM": TIER_REQUESTS.split("/")[0],
-                            "GATEWAY_BENCH_TPM": TIER_TOKENS.split("/")[0],
-                            "GATEWAY_BENCH_PARALLEL": str(TIER_CONCURRENCY),
-                            "LITELLM_LOG": "ERROR",
-                            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                        }
-                    ),
-                    startup_timeout=120.0,
-                )
-                servers.append(proxy)
-                try:
-                    proxy.start()
-                    log(f"litellm proxy: pid {proxy.pid}, port {proxy.port}", out)
-                    columns["litellm"] = Column("litellm", proxy.port, [mock, proxy])
-                except RuntimeError as exc:
-                    problem = f"LiteLLM column skipped: the proxy did not start: {exc}"
-                    proxy.stop()
-            if problem is not None:
-                log(problem, out)
-                notes.append(problem)
-                litellm["skipped"] = problem
+            started = start_litellm(args, mock, key, workdir, litellm, servers)
+            if isinstance(started, Server):
+                log(f"litellm proxy: pid {started.pid}, port {started.port}, core 0", out)
+                columns["litellm"] = Column("litellm", started.port, started, mock)
+            else:
+                log(started, out)
+                notes.append(started)
+                litellm["skipped"] = started
 
-        # Every column must answer a normal and a streamed request before it is measured.
+        # What the mock itself sends: the count every column's answers must show.
+        expected_events = {kind: sse_events(one_request(mock.port, key, kind)[1]) for kind in KINDS}
         for name, column in list(columns.items()):
-            status, body = one_request(column.port, key)
-            streamed = run_streams(column.port, key, 3, 1)
-            if status != 200 or streamed.statuses != {"200": 3} or streamed.errors:
-                problem = (
-                    f"{name} failed its start-up check: POST {PATH} answered {status} "
-                    f"{body[:300]!r}; 3 streams: {streamed.statuses} {streamed.errors} "
-                    f"{streamed.samples}"
-                )
-                if name != "litellm":
-                    raise RuntimeError(problem)
-                log(problem, out)
-                notes.append(problem)
-                litellm["skipped"] = problem
-                del columns[name]
+            try:
+                checks[name], problem = check_column(column, key, expected_events)
+            except (RuntimeError, OSError, EOFError, ValueError) as exc:  # no answer, no wrk line
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is None:
+                continue
+            problem = f"{name} failed its start-up check: {problem}"
+            if name != "litellm":
+                raise RuntimeError(problem)
+            log(problem, out)
+            notes.append(problem)
+            litellm["skipped"] = problem
+            del columns[name]
 
         for name, column in columns.items():  # warm-up, not measured
-            warm = run_http_load(args, column.port, key, 50, WARMUP_SECONDS)
-            warm_streams = run_streams(column.port, key, WARMUP_STREAMS)
-            if warm.bad or warm_streams.bad:
-                notes.append(
-                    f"{name} warm-up: {args.loadgen} {warm.statuses} {warm.errors}; "
-                    f"streams {warm_streams.statuses} {warm_streams.errors}"
-                )
+            for kind in KINDS:
+                warm = run_wrk(column.port, key, kind, WARMUP_CONNECTIONS, WARMUP_SECONDS)
+                if warm.bad:
+                    notes.append(f"{name} {kind} warm-up: {warm.statuses} {warm.errors}")
 
         order = [v for v in VARIANTS if v in columns]
         for r in range(args.rounds):
             rotated = order[r % len(order) :] + order[: r % len(order)]
             log(f"round {r + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f})", out)
-            for load in LOADS:
+            for kind, connections in plan:
                 for name in rotated:
                     column = columns[name]
-                    if not all(server.alive() for server in column.servers):
-                        dead = [s.name for s in column.servers if not s.alive()]
+                    dead = [s.name for s in column.servers if not s.alive()]
+                    if dead:
                         raise RuntimeError(
                             f"{name}: {dead} exited: {column.servers[-1].log_tail(10)}"
                         )
-                    result, cpu = measure(column, load, key, args, servers)
+                    result, cpu = measure(column, kind, connections, key, args.duration, servers)
                     loadavg = os.getloadavg()
-                    measurements.append(Measurement(r + 1, load, name, result, cpu, loadavg))
+                    m = Measurement(r + 1, kind, connections, name, result, cpu, loadavg)
+                    measurements.append(m)
+                    expected = checks[name][kind]["bytes_per_request"]
+                    if (
+                        result.bytes_per_request is not None
+                        and result.bytes_per_request < expected * BYTES_TOLERANCE
+                    ):
+                        notes.append(
+                            f"{name} {m.load} round {r + 1}: {result.bytes_per_request:.0f} bytes "
+                            f"per request against the check's {expected:.0f}: answers counted "
+                            "before their end?"
+                        )
                     log(
-                        f"  {load:<5} {name:<10} {result.rps:>9,.0f}/s  p50 "
-                        f"{_fmt(result.p50_ms)} ms  p99 {_fmt(result.p99_ms)} ms  "
-                        f"{_statuses_text({'statuses': result.statuses, 'errors': result.errors})}"
-                        f"  cpu {cpu['cpu_ms_per_req']:.3f} ms/req"
-                        f"  other cores {cpu['other_core0']:.2f}/{cpu['other_all']:.2f}"
-                        f"  load {loadavg[0]:.2f}",
+                        f"  {m.load:<14} {name:<10} {result.rps:>8,.0f}/s  p50 "
+                        f"{_fmt(result.p50_ms)} ms  p99 {_fmt(result.p99_ms)} ms  cpu ms/req "
+                        f"proxy {_fmt(cpu['proxy_ms'], 3)} mock {_fmt(cpu['mock_ms'], 3)} "
+                        f"wrk {_fmt(cpu['wrk_ms'], 3)}  core1 {_fmt(cpu['core1_ours'])}"
+                        f"/{_fmt(cpu['core1_busy'])}  "
+                        f"{_statuses_text({'statuses': result.statuses, 'errors': result.errors})}",
                         out,
                     )
     finally:
@@ -1172,21 +1222,25 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         logs = {server.name: server.log_tail(20) for server in servers}
         shutil.rmtree(workdir, ignore_errors=True)
 
-    errors_seen = [
-        f"{m.variant} {m.load} round {m.round}: {m.result.statuses} {m.result.errors}"
+    notes += [
+        f"non-2xx or errors: {m.variant} {m.load} round {m.round}: "
+        f"{m.result.statuses} {m.result.errors}"
         for m in measurements
         if m.result.bad
     ]
-    notes += [f"non-2xx or errors: {e}" for e in errors_seen]
+    notes += [
+        f"no request completed: {m.variant} {m.load} round {m.round} (a longer --duration?)"
+        for m in measurements
+        if m.result.count == 0
+    ]
+    loads = [load_name(kind, c) for kind, c in plan]
     return {
         "setup": {
             "duration": args.duration,
             "rounds": args.rounds,
             "layout": args.layout,
-            "loadgen": args.loadgen,
-            "streams": args.streams,
-            "stream_concurrency": STREAM_CONCURRENCY,
-            "request": REQUEST,
+            "loads": loads,
+            "bodies": BODIES,
             "quotagate_version": _version("quotagate"),
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
@@ -1199,8 +1253,11 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 "backend_max_concurrency": BACKEND_MAX_CONCURRENCY,
             },
         },
-        "measurements": [{**asdict(m), "result": asdict(m.result)} for m in measurements],
-        "summary": summarize(measurements),
+        "checks": checks,
+        "measurements": [
+            {**asdict(m), "load": m.load, "result": asdict(m.result)} for m in measurements
+        ],
+        "summary": summarize(measurements, loads, mock_core),
         "loadavg_end": tuple(round(x, 2) for x in os.getloadavg()),
         "notes": notes,
         "server_logs": logs,
@@ -1218,24 +1275,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="quotagate gateway vs direct vs LiteLLM proxy, in front of the mock model."
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per c10/c50 load")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk load")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--streams", type=int, default=2000, help="streamed requests per TTFT")
-    parser.add_argument("--quick", action="store_true", help="3 s, 1 round, 500 streams")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per load, 1 round")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
-    parser.add_argument(
-        "--loadgen",
-        choices=("wrk", "hey"),
-        default="wrk",
-        help="the c10/c50 load generator: wrk (C, static request: leaves the load core to the "
-        "upstream in the split layout) or hey",
-    )
     parser.add_argument(
         "--layout",
         choices=("split", "shared"),
         default="split",
-        help="split: a proxy has core 0 to itself, its upstream runs on core 1 with the load; "
-        "shared: proxies and upstream all on core 0",
+        help="split: the proxy alone on core 0, the mock with wrk on core 1 (direct too); "
+        "shared: proxy and mock on core 0",
     )
     parser.add_argument(
         "--litellm",
@@ -1247,28 +1296,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=",".join(VARIANTS),
         help=f"comma-separated subset of {','.join(VARIANTS)}",
     )
+    parser.add_argument(
+        "--connections",
+        default=",".join(map(str, CONNECTIONS)),
+        help=f"comma-separated connection counts (added latency is taken at {LATENCY_CONNECTIONS})",
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.duration, args.rounds, args.streams = 3.0, 1, 500
+        args.duration, args.rounds = 2.0, 1
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; expected {list(VARIANTS)}")
-    if args.rounds < 1 or args.duration <= 0 or args.streams < 1:
-        parser.error("--rounds, --duration and --streams must be positive")
+    try:
+        args.connections = sorted({int(c) for c in args.connections.split(",") if c.strip()})
+    except ValueError:
+        parser.error(f"--connections: expected numbers like 1,10,50, got {args.connections!r}")
+    if args.rounds < 1 or args.duration <= 0 or not args.connections or args.connections[0] < 1:
+        parser.error("--rounds, --duration and --connections must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    for tool in (args.loadgen, "taskset"):
+    for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             print(f"{tool} is not on PATH", file=sys.stderr)
             return 2
     if (os.cpu_count() or 1) < 2:
-        print("needs at least two cores (servers on core 0, load on core 1)", file=sys.stderr)
+        print("needs at least two cores (the proxy on core 0, the load on core 1)", file=sys.stderr)
         return 2
-    os.sched_setaffinity(0, {LOAD_CORE})  # this script is the stream client: the load core
+    os.sched_setaffinity(0, {LOAD_CORE})  # this script (idle while wrk runs): the load core
     args.loadavg_start = tuple(round(x, 2) for x in os.getloadavg())
     out = sys.stderr if args.json else sys.stdout
     try:
