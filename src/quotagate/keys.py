@@ -30,6 +30,7 @@ __all__ = [
     "ip_client_id",
     "key_client_id",
     "model_limit",
+    "prefix_problem",
     "reset_pattern",
     "state_key",
 ]
@@ -106,6 +107,14 @@ def hash_tagged(key: str) -> str:
     if start != -1 and key.find("}", start + 2) != -1:
         return key
     return "{" + key + "}"
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` cannot start storage keys, or None: a brace would make the prefix part
+    of the hash tag (every client in one cluster slot, and keys no reset pattern matches)."""
+    if "{" in prefix or "}" in prefix:
+        return f"a key prefix cannot hold a hash tag brace, got {prefix!r}"
+    return None
 
 
 def reset_pattern(prefix: str, client: str | None = None) -> str:

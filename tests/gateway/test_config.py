@@ -304,3 +304,14 @@ def test_a_bad_storage_scheme_lists_the_accepted_ones_and_hides_the_password(
         assert f" {scheme}://" in message, scheme
     assert "(got 'memcached://user:***@x')" in message
     assert "s3cret" not in message
+
+
+def test_a_prefix_with_a_hash_tag_brace_is_refused_by_the_config(tmp_path: Path) -> None:
+    # The storage refuses it at start; check-config must say so first, by its path.
+    path = tmp_path / "brace.toml"
+    path.write_text('[storage]\nurl = "redis://127.0.0.1:6379/0"\nprefix = "q{g}"\n')
+    with pytest.raises(qg.ConfigError) as info:
+        load_config(path, environ={})
+    assert str(info.value) == (
+        "storage.prefix: a key prefix cannot hold a hash tag brace (got 'q{g}')"
+    )

@@ -4,7 +4,7 @@ import json
 import math
 
 import quotagate as qg
-from quotagate.http import policy_name, rate_limit_headers, rejection, retry_after_seconds
+from quotagate.http import rate_limit_headers, rejection, retry_after_seconds
 
 
 def _state(
@@ -41,8 +41,8 @@ def test_headers_of_an_admission() -> None:
 
 
 def test_policy_names() -> None:
-    assert policy_name(qg.parse_rate("60/minute")) == "60-per-minute"
-    assert policy_name(qg.parse_rate("100/5 minutes")) == "100-per-5-minutes"
+    assert qg.parse_rate("60/minute").policy == "60-per-minute"
+    assert qg.parse_rate("100/5 minutes").policy == "100-per-5-minutes"
 
 
 def test_retry_after_is_whole_seconds_rounded_up_at_least_one() -> None:

@@ -1,11 +1,12 @@
-"""The mock model's name is declared once, in ``gateway/backends/mock.py``, and read elsewhere."""
+"""The mock model's name is declared once, in ``gateway/backends/__init__.py``, and read
+elsewhere."""
 
 from __future__ import annotations
 
 import click
 import pytest
 
-from quotagate.gateway.backends.mock import MOCK_MODEL
+from quotagate.gateway.backends import MOCK_MODEL
 from quotagate.gateway.schemas import REQUEST_SCHEMAS
 from quotagate.tools.bench import bench_command
 
@@ -17,7 +18,5 @@ def test_bench_defaults_to_the_mock_backends_model() -> None:
 
 @pytest.mark.parametrize("route", sorted(REQUEST_SCHEMAS))
 def test_the_openapi_example_model_is_the_mock(route: str) -> None:
-    # schemas.py cannot import backends/mock.py (mock imports schemas: a cycle), so its example
-    # is still a copy; this holds the copy to the declaration until the name moves below both.
     body = REQUEST_SCHEMAS[route]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["model"]["examples"] == [MOCK_MODEL]

@@ -27,6 +27,7 @@ from pydantic import (
 
 from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
+from ..keys import prefix_problem
 from ..rates import parse_rates
 from ..storage import FallbackPolicy, Storage, mask_url, scheme_error, storage_from_url
 
@@ -134,6 +135,14 @@ class StorageConfig(_Section):
         if problem is not None:  # the URL is named masked: it may hold a password
             raise ValueError(f"{problem} (got {mask_url(url)!r})")
         return url
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise ValueError(problem.replace(", got", " (got") + ")")
+        return prefix
 
 
 class BackendConfig(_Section):

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .backends import MOCK_MODEL
+
 __all__ = ["REQUEST_SCHEMAS", "validate_body"]
 
 MAX_OUTPUT_TOKENS = 10_000_000
@@ -87,7 +89,7 @@ class _Message(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str | None = Field(None, examples=["quotagate-mock"])
+    model: str | None = Field(None, examples=[MOCK_MODEL])
     max_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
     n: int | None = Field(None, ge=1, le=MAX_N)

@@ -28,7 +28,7 @@ from redis.exceptions import NoScriptError, RedisError
 from .._types import Clock
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
-from ..keys import reset_pattern
+from ..keys import prefix_problem, reset_pattern
 from .base import REDIS_CLUSTER_SCHEMES, REDIS_SCHEMES, Args, StorageMode, mask_url
 from .pipeline import PipelinedConnection, pack_command
 
@@ -71,8 +71,9 @@ class RedisStorage:
         client: aioredis.Redis | RedisCluster | None = None,
         clock: Clock | None = None,
     ) -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ConfigError(f"a key prefix cannot hold a hash tag brace, got {prefix!r}")
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise ConfigError(problem)
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive seconds, got {timeout!r}")
         self.url = url

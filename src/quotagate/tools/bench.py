@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from ..gateway.backends import MOCK_MODEL
 from ..identity import mask_key
 from ._common import OneLineErrorsCommand, ToolError, percentile
 from .loadgen import NO_RESPONSE, ConnectError, LoadResult, parse_target, render_request, run_load
@@ -37,15 +38,6 @@ def parse_duration(text: str) -> float:
     if match is None or float(match.group(1)) <= 0:
         raise ToolError(f'-z: expected a duration like "10s", "1m" or "500ms" (got {text!r})')
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def mock_model() -> str:
-    """The built-in mock model's name: the default ``--model``."""
-    # Read when the command runs, not at import: the mock backend imports FastAPI, about 0.3 s
-    # that every ``quotagate`` command (they all import this module) would otherwise pay.
-    from ..gateway.backends.mock import MOCK_MODEL
-
-    return MOCK_MODEL
 
 
 def default_body(path: str, model: str) -> dict[str, Any] | None:
@@ -333,8 +325,8 @@ def _headers(header_texts: tuple[str, ...]) -> list[tuple[str, str]]:
 )
 @click.option(
     "--model",
-    default=mock_model,
-    show_default="the built-in mock model",
+    default=MOCK_MODEL,
+    show_default=True,
     help="Model of the default request body.",
 )
 @click.option(

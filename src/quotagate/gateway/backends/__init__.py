@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..config import BackendConfig
 
 __all__ = [
+    "MOCK_MODEL",
     "Answer",
     "Backend",
     "Route",
@@ -20,6 +21,10 @@ __all__ = [
 ]
 
 Route = Literal["chat", "completions"]
+
+#: The built-in mock model's name (``backends/mock.py``): the default everywhere a model is
+#: needed and none is configured.
+MOCK_MODEL = "quotagate-mock"
 
 
 class UpstreamError(QuotagateError):

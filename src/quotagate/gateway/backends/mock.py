@@ -20,17 +20,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..schemas import validate_body
 from ..tokens import output_cap, prompt_tokens
-from . import Answer, Route
+from . import MOCK_MODEL, Answer, Route
 
 __all__ = [
-    "MOCK_MODEL",
     "NATURAL_LENGTH",
     "MockBackend",
     "create_mock_app",
     "mock_text",
 ]
 
-MOCK_MODEL = "quotagate-mock"
 #: Tokens the mock says when nothing caps it.
 NATURAL_LENGTH = 24
 # Each word is one token by the gateway's count (one word piece, at most four characters).

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ... import __version__
+from ...gateway.backends import MOCK_MODEL
 from ...storage import mask_url
 from .._common import ToolError, mask_password
 from .setup import HEALTH, GatewayUnderTest, redis_storage, redis_version, sha256_file
@@ -28,8 +29,6 @@ def gather_starting_state(gateway: GatewayUnderTest, model: str | None) -> dict[
     Raises:
         ToolError: it is not a quotagate gateway, or it refuses a key (401).
     """
-    from ...gateway.backends.mock import MOCK_MODEL
-
     client = gateway.client
     status, health = client.json(HEALTH)
     if status != 200 or not isinstance(health, dict) or "status" not in health:
