@@ -23,12 +23,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ._types import Algorithm, Message, Scope, Send
-from .decision import Decision
+from .decision import Decision, combine
 from .errors import StorageError
 from .http import Headers, rate_limit_headers, rejection
 from .identity import KeyFunc, TrustedProxies, display_key, settled_key, storage_id
 from .keys import state_key
-from .limiter import Hit, RateLimiter, combine
+from .limiter import Hit, RateLimiter
 from .rates import RateLike
 
 __all__ = [

@@ -6,13 +6,14 @@ and here construction is over twice as fast (see benchmarks/decisions.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._types import Reason
 from .rates import Rate
 
-__all__ = ["Decision", "Lease", "LimitState"]
+__all__ = ["Decision", "Lease", "LimitState", "combine", "most_restrictive"]
 
 
 class LimitState(NamedTuple):
@@ -62,3 +63,34 @@ class Decision(NamedTuple):
     name: str = ""
     """The name of the limit that ``limit`` / ``remaining`` / ``retry_after`` describe: on a
     rejection, the limit the 429 names."""
+
+
+def most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
+    """Of admitted states, the one the client is closest to exhausting: the smallest
+    ``remaining / limit``, ties to the longer ``reset_after`` (the rule ``_decision`` applies
+    inline on the hot path)."""
+    if not states:
+        return None
+    return min(states, key=lambda s: (s.remaining / s.limit if s.limit else 0.0, -s.reset_after))
+
+
+def combine(decisions: Sequence[Decision]) -> Decision:
+    """One Decision standing for several taken on the same request (route and default limits).
+
+    Rejected if any was; the most restrictive limit is chosen across all states by the same
+    rule as a single decision.
+    """
+    if len(decisions) == 1:
+        return decisions[0]
+    states = tuple(s for d in decisions for s in d.states)
+    rejected = [d for d in decisions if not d.allowed]
+    if rejected:
+        worst = max(rejected, key=lambda d: d.retry_after)
+        return worst._replace(states=states)
+    pick = most_restrictive(states)
+    if pick is None:
+        return decisions[0]
+    lease = next((d.lease for d in decisions if d.lease is not None), None)
+    return Decision(
+        True, "allowed", 0.0, pick.limit, pick.remaining, pick.reset_after, states, lease, pick.name
+    )

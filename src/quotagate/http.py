@@ -21,9 +21,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .decision import Decision, LimitState
+from .decision import Decision, LimitState, most_restrictive
 from .keys import family
-from .limiter import most_restrictive
 
 __all__ = [
     "EXPOSED_HEADERS",

@@ -14,7 +14,7 @@ import asyncio
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -24,10 +24,11 @@ from .algorithms import Verdict
 from .decision import Decision, Lease, LimitState
 from .errors import ConfigError
 from .keys import CONCURRENCY, hash_tagged
+from .overlimit import OverlimitCache
 from .rates import Rate, RateLike, as_rates
 from .storage import FIXED_WINDOW, GCRA, MemoryStorage, Storage, storage_from_url
 
-__all__ = ["Acquire", "Hit", "RateLimiter", "combine", "most_restrictive"]
+__all__ = ["Acquire", "Hit", "RateLimiter"]
 
 _MICROS = 1_000_000
 
@@ -87,17 +88,19 @@ class RateLimiter:
         clock: Clock | None = None,
     ) -> None:
         self.storage: Storage = storage_from_url(storage) if isinstance(storage, str) else storage
-        self._clock: Clock = clock or getattr(self.storage, "clock", None) or time.monotonic
         if overlimit_cache is None:
             overlimit_cache = not isinstance(self.storage, MemoryStorage)
-        self._cache: dict[tuple[str, ...], tuple[float, tuple[int, ...], Decision]] | None = (
-            {} if overlimit_cache else None
+        self._cache = (
+            OverlimitCache(
+                clock or getattr(self.storage, "clock", None) or time.monotonic,
+                overlimit_cache_size,
+            )
+            if overlimit_cache
+            else None
         )
-        self._cache_size = overlimit_cache_size
         self._memory = self.storage if type(self.storage) is MemoryStorage else None
         self._started = False
         self._start_lock = asyncio.Lock()
-        self._cache_by_key: dict[str, set[tuple[str, ...]]] = {}
 
     @property
     def started(self) -> bool:
@@ -217,7 +220,7 @@ class RateLimiter:
         # The state keys name every (key, rate, algorithm): together they identify the question.
         cache_key = tuple(keys) if cache is not None and acquire is None and meta else None
         if cache and cache_key is not None:
-            cached = self._cached(cache_key, meta)
+            cached = cache.get(cache_key, [m[2] for m in meta])
             if cached is not None:
                 return cached
         lease_id = ""
@@ -233,8 +236,8 @@ class RateLimiter:
         else:
             out = await self.storage.decide(keys, args, now_us)
         decision = _decision(out, meta, acquire, lease_id)
-        if cache_key is not None and decision.reason == "limited":
-            self._remember(cache_key, meta, decision)
+        if cache is not None and cache_key is not None and decision.reason == "limited":
+            cache.remember(cache_key, tuple(m[2] for m in meta), decision)
         return decision
 
     async def adjust(
@@ -285,9 +288,8 @@ class RateLimiter:
             out = memory.adjust_now(keys, args, memory.now_us())
         else:
             out = await self.storage.adjust(keys, args)
-        refunded = [state_key for state_key, _, cost, _ in meta if cost < 0]
-        if refunded:
-            self._forget(refunded)
+        if self._cache is not None:
+            self._cache.forget(state_key for state_key, _, cost, _ in meta if cost < 0)
         return tuple(
             LimitState(
                 state_key, rate, rate.amount, out[1 + 2 * i], out[2 + 2 * i] / _MICROS, 0.0, name
@@ -314,62 +316,7 @@ class RateLimiter:
             await self.start()
         if self._cache is not None:
             self._cache.clear()
-            self._cache_by_key.clear()
         return await self.storage.reset()
-
-    def _cached(self, cache_key: tuple[str, ...], meta: list[_Meta]) -> Decision | None:
-        assert self._cache is not None
-        entry = self._cache.get(cache_key)
-        if entry is None:
-            return None
-        until, cached_costs, decision = entry
-        wait = until - self._clock()
-        if wait <= 0:
-            del self._cache[cache_key]
-            return None
-        if any(m[2] < old for m, old in zip(meta, cached_costs, strict=True)):
-            return None  # a cheaper request is a different question
-        elapsed = decision.retry_after - wait
-        return Decision(
-            False,
-            "limited",
-            wait,
-            decision.limit,
-            decision.remaining,
-            max(0.0, decision.reset_after - elapsed),
-            tuple(
-                LimitState(
-                    s.key,
-                    s.rate,
-                    s.limit,
-                    s.remaining,
-                    max(0.0, s.reset_after - elapsed),
-                    max(0.0, s.retry_after - elapsed),
-                    s.name,
-                )
-                for s in decision.states
-            ),
-            None,
-            decision.name,
-        )
-
-    def _remember(self, cache_key: tuple[str, ...], meta: list[_Meta], decision: Decision) -> None:
-        assert self._cache is not None
-        if len(self._cache) >= self._cache_size:
-            self._cache.clear()
-            self._cache_by_key.clear()
-        costs = tuple(m[2] for m in meta)
-        self._cache[cache_key] = (self._clock() + decision.retry_after, costs, decision)
-        for state_key in cache_key:
-            self._cache_by_key.setdefault(state_key, set()).add(cache_key)
-
-    def _forget(self, state_keys: Iterable[str]) -> None:
-        """A refund may let a cached rejection pass sooner: drop the entries it touches."""
-        if self._cache is None:
-            return
-        for state_key in state_keys:
-            for cache_key in self._cache_by_key.pop(state_key, ()):
-                self._cache.pop(cache_key, None)
 
 
 _Meta = tuple[str, Rate, int, str]  # (state key, rate, cost, name)
@@ -485,35 +432,4 @@ def _decision(
             lease,
             pick.name,
         ),
-    )
-
-
-def most_restrictive(states: Sequence[LimitState]) -> LimitState | None:
-    """Of admitted states, the one the client is closest to exhausting: the smallest
-    ``remaining / limit``, ties to the longer ``reset_after`` (the rule ``_decision`` applies
-    inline on the hot path)."""
-    if not states:
-        return None
-    return min(states, key=lambda s: (s.remaining / s.limit if s.limit else 0.0, -s.reset_after))
-
-
-def combine(decisions: Sequence[Decision]) -> Decision:
-    """One Decision standing for several taken on the same request (route and default limits).
-
-    Rejected if any was; the most restrictive limit is chosen across all states by the same
-    rule as a single decision.
-    """
-    if len(decisions) == 1:
-        return decisions[0]
-    states = tuple(s for d in decisions for s in d.states)
-    rejected = [d for d in decisions if not d.allowed]
-    if rejected:
-        worst = max(rejected, key=lambda d: d.retry_after)
-        return worst._replace(states=states)
-    pick = most_restrictive(states)
-    if pick is None:
-        return decisions[0]
-    lease = next((d.lease for d in decisions if d.lease is not None), None)
-    return Decision(
-        True, "allowed", 0.0, pick.limit, pick.remaining, pick.reset_after, states, lease, pick.name
     )

@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("algorithms",),
     ("storage",),
     ("identity", "metrics"),
-    ("limiter",),
+    ("limiter", "overlimit"),
     ("http",),
     ("_asgi",),
     ("asgi", "fastapi"),
