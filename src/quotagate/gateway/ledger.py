@@ -17,13 +17,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .._asgi import storage_error_decision
 from ..decision import Decision
 from ..errors import StorageError
-from ..limiter import RateLimiter
+from ..limiter import Hit, RateLimiter
 from ..metrics import PrometheusMetrics
 from .callers import Caller, Limits
 
@@ -63,7 +63,7 @@ class Ledger:
 
     async def undo(self, admission: Admission) -> None:
         """A request admitted but never served (backend full): give back all it took."""
-        refunds = [replace(hit, cost=-hit.cost) for hit in admission.limits.hits]
+        refunds = [_recharged(hit, -hit.cost) for hit in admission.limits.hits]
         await self._settle(admission, refunds, "giving back a request")
 
     async def settle(
@@ -101,12 +101,12 @@ class Ledger:
             await before()
         tier = admission.caller.tier.name
         delta = charged - admission.reserved
-        charges = [replace(hit, cost=delta) for hit in admission.limits.tokens] if delta else []
+        charges = [_recharged(hit, delta) for hit in admission.limits.tokens] if delta else []
         await self._settle(admission, charges, f"settling {delta:+d} tokens")
         self.metrics.tokens(tier, "charged", charged)
         self.metrics.tokens(tier, "refunded", -delta)
 
-    async def _settle(self, admission: Admission, charges: list[Any], what: str) -> None:
+    async def _settle(self, admission: Admission, charges: list[Hit], what: str) -> None:
         try:
             await self.limiter.settle(charges, admission.decision.lease)
         except StorageError as exc:
@@ -115,3 +115,8 @@ class Ledger:
                 what,
                 exc,
             )
+
+
+def _recharged(hit: Hit, cost: int) -> Hit:
+    """``hit`` at another cost (``dataclasses.replace`` is several times slower)."""
+    return Hit(hit.key, hit.rates, cost, hit.algorithm, hit.name)

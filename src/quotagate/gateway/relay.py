@@ -16,9 +16,19 @@ from .tokens import count_tokens
 __all__ = ["SseRelay", "answer_tokens", "usage_total"]
 
 
+#: Uncounted event data held before it is counted anyway: bounds a long stream's memory.
+_COUNT_AT = 64 * 1024
+
+
 class SseRelay:
-    """Re-frames a Server-Sent Events stream: counts generated text, picks up the usage chunk,
-    and drops that chunk when only the gateway asked for it."""
+    """Re-frames a Server-Sent Events stream: picks up the usage chunk, drops that chunk when
+    only the gateway asked for it, and counts generated text when no usage came.
+
+    Why lazily: the gateway always asks for usage, so the text count is almost never needed;
+    parsing every event's JSON to count it anyway was most of the relay's CPU. An event is
+    parsed when it carries a ``usage`` that is not null; the others are kept as they came and
+    counted only if the stream ends without usage (or past ``_COUNT_AT`` bytes of them).
+    """
 
     def __init__(self, prompt: int, client_wants_usage: bool) -> None:
         self.prompt = prompt
@@ -26,10 +36,15 @@ class SseRelay:
         self.generated = 0
         self.usage_total: int | None = None
         self._buffer = b""
+        self._uncounted: list[bytes] = []
+        self._uncounted_bytes = 0
 
     def charged(self) -> int:
         """Tokens to charge: the server's usage, else the prompt estimate plus what was seen."""
-        return self.usage_total if self.usage_total is not None else self.prompt + self.generated
+        if self.usage_total is not None:
+            return self.usage_total
+        self._count_uncounted()
+        return self.prompt + self.generated
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The complete events in ``chunk`` (and what was buffered), to send on."""
@@ -44,25 +59,59 @@ class SseRelay:
         return [out] if out is not None else []
 
     def _event(self, event: bytes) -> bytes | None:
-        data = b"".join(
-            line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
-        )
-        if data and data != b"[DONE]":
-            try:
-                payload = json.loads(data)
-            except ValueError:
-                payload = None
-            if isinstance(payload, dict):
-                total = usage_total(payload.get("usage"))
-                if total is not None:
-                    self.usage_total = total
+        if event.startswith(b"data:") and b"\n" not in event:  # the common one-line event
+            data = event[5:].lstrip()
+        else:
+            data = b"".join(
+                line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
+            )
+        if not data or data == b"[DONE]":
+            return event + b"\n\n"
+        if not _has_usage(data):
+            self._uncounted.append(data)
+            self._uncounted_bytes += len(data)
+            if self._uncounted_bytes > _COUNT_AT:
+                self._count_uncounted()
+            return event + b"\n\n"
+        payload = _parsed(data)
+        if payload is not None:
+            total = usage_total(payload.get("usage"))
+            if total is not None:
+                self.usage_total = total
+            choices = payload.get("choices")
+            if isinstance(choices, list):
+                self.generated += _choices_tokens(choices, "delta")
+                if not choices and total is not None and not self.client_wants_usage:
+                    return None
+        return event + b"\n\n"
+
+    def _count_uncounted(self) -> None:
+        for data in self._uncounted:
+            payload = _parsed(data)
+            if payload is not None:
                 choices = payload.get("choices")
                 if isinstance(choices, list):
-                    for choice in choices:
-                        self.generated += _choice_tokens(choice, "delta")
-                    if not choices and total is not None and not self.client_wants_usage:
-                        return None
-        return event + b"\n\n"
+                    self.generated += _choices_tokens(choices, "delta")
+        self._uncounted.clear()
+        self._uncounted_bytes = 0
+
+
+def _has_usage(data: bytes) -> bool:
+    """Whether an event's JSON has a ``"usage"`` key whose value is not null (a cheap look:
+    a false yes only costs a parse; a quote inside a string is escaped, so no false no)."""
+    at = data.find(b'"usage"')
+    if at == -1:
+        return False
+    rest = data[at + 7 : at + 16].lstrip(b" \t\r\n:")
+    return not rest.startswith(b"null")
+
+
+def _parsed(data: bytes) -> dict[str, Any] | None:
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 def usage_total(usage: Any) -> int | None:
@@ -77,9 +126,11 @@ def usage_total(usage: Any) -> int | None:
 def answer_tokens(answer: dict[str, Any]) -> int:
     """Tokens in the text of a non-streamed answer's choices."""
     choices = answer.get("choices")
-    if not isinstance(choices, list):
-        return 0
-    return sum(_choice_tokens(choice, "message") for choice in choices)
+    return _choices_tokens(choices, "message") if isinstance(choices, list) else 0
+
+
+def _choices_tokens(choices: list[Any], field: str) -> int:
+    return sum(_choice_tokens(choice, field) for choice in choices)
 
 
 def _choice_tokens(choice: Any, field: str) -> int:
