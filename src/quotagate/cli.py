@@ -105,9 +105,10 @@ def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: boo
     import asyncio
 
     from .gateway import server
+    from .gateway.callers import api_key_client
     from .gateway.config import load_config
     from .identity import mask_key
-    from .keys import ip_client_id, key_client_id
+    from .keys import ip_client_id
     from .storage import mask_url
 
     if api_key is not None and ip is not None:
@@ -128,7 +129,7 @@ def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: boo
     client = None
     whose = "every client"
     if api_key is not None:
-        client, whose = key_client_id(hash_api_key(api_key)), f"key {mask_key(api_key)}"
+        client, whose = api_key_client(api_key), f"key {mask_key(api_key)}"
     elif ip is not None:
         client, whose = ip_client_id(ip), f"ip {ip}"
     scope = server.describe_storage(storage, config.storage.url)
