@@ -29,7 +29,6 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Match, Mount
 
 from ._asgi import (
     Limit,
@@ -39,9 +38,10 @@ from ._asgi import (
     record_decision,
     with_rate_limit_headers,
 )
+from ._routes import app_handler, find_endpoint, share_handler, warn_unlimited_routes
 from ._types import Algorithm, ASGIApp, Receive, Scope, Send
 from .decision import Decision
-from .errors import ConfigError
+from .errors import ConfigError, QuotagateError
 from .http import rejection_parts, retry_after_seconds
 from .identity import KeyFunc, TrustedProxies, api_key_or_ip, with_trusted_proxies
 from .limiter import RateLimiter
@@ -71,7 +71,7 @@ class _LimitSpec:
     algorithm: Algorithm = "gcra"
 
 
-class RateLimitExceeded(Exception):
+class RateLimitExceeded(QuotagateError):
     """A rejected request. ``init_app``'s handler answers it with the seed's 429 (or the 503
     of a storage outage). Register your own handler for it to shape the answer: every
     rejection, decorator or dependency, then goes through yours (the rate-limit headers are
@@ -253,7 +253,7 @@ class Limiter:
             default_scope = _scope_id(getattr(route, "path", request.url.path))
             decision = await self.check(request, [spec], default_scope)
             if decision is not None and not decision.allowed:
-                if not self._installed and _app_handler(request) is None:
+                if not self._installed and app_handler(request.scope, RateLimitExceeded) is None:
                     # No init_app: nothing would answer our exception but a 500 (with it, the
                     # app it was called on answers, even from a mounted sub-app). Starlette's
                     # HTTPException handler is always there: the seed's body under "detail".
@@ -328,7 +328,7 @@ class Limiter:
                     raise TypeError(f"{func.__qualname__}: a limited endpoint needs its request")
             decision = await self.check(request, specs, default_scope)
             if decision is not None and not decision.allowed:
-                handler = _app_handler(request)
+                handler = app_handler(request.scope, RateLimitExceeded)
                 if handler is not None and handler is not _rate_limit_exceeded_handler:
                     raise RateLimitExceeded(decision)  # the app's own answer
                 return RejectionResponse(decision)
@@ -366,13 +366,6 @@ def _is_request(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Request)
 
 
-def _app_handler(request: Request) -> Any:
-    """The app's handler for RateLimitExceeded: ours after ``init_app``, the app's own if it
-    registered one, None without either (or outside a Starlette app)."""
-    handlers = getattr(request.scope.get("app"), "exception_handlers", None) or {}
-    return handlers.get(RateLimitExceeded)
-
-
 async def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Response:
     return RejectionResponse(exc.decision)
 
@@ -393,16 +386,16 @@ class _LimiterMiddleware:
             return
         if not self._mounts_ready:  # the first request: every route and mount is in place
             self._mounts_ready = True
-            _share_handler(self.routes_of)
-            _warn_unlimited_routes(self.routes_of.routes, self.limiter._wrapped)
+            share_handler(self.routes_of, RateLimitExceeded, _rate_limit_exceeded_handler)
+            warn_unlimited_routes(self.routes_of.routes, self.limiter._wrapped)
         limiter = self.limiter
         if limiter.default_limits and limiter.enabled:
-            endpoint, path = _find_endpoint(self.routes_of.routes, scope)
+            endpoint, path = find_endpoint(self.routes_of.routes, scope)
             if not _limited_or_exempt(endpoint):
                 request = Request(scope, receive)
                 decision = await limiter.check(request, limiter.default_limits, "default:" + path)
                 if decision is not None and not decision.allowed:
-                    handler = _app_handler(request) or _rate_limit_exceeded_handler
+                    handler = app_handler(scope, RateLimitExceeded) or _rate_limit_exceeded_handler
                     response = await maybe_await(handler(request, RateLimitExceeded(decision)))
                     await response(scope, receive, with_rate_limit_headers(scope, send))
                     return
@@ -411,52 +404,5 @@ class _LimiterMiddleware:
         await self.app(scope, receive, send)
 
 
-def _share_handler(app: Starlette) -> None:
-    """Give mounted Starlette apps the app's RateLimitExceeded handler, unless they have one.
-
-    Each has its own ServerErrorMiddleware, which would answer our exception with a 500
-    before it reached the handler ``init_app`` installed on the outer app.
-    """
-    handler = app.exception_handlers.get(RateLimitExceeded, _rate_limit_exceeded_handler)
-    for route in app.routes:
-        if isinstance(route, Mount) and isinstance(route.app, Starlette):
-            route.app.exception_handlers.setdefault(RateLimitExceeded, handler)
-            _share_handler(route.app)
-
-
-def _warn_unlimited_routes(
-    routes: Iterable[BaseRoute], wrapped: set[int], prefix: str = ""
-) -> None:
-    """Say which routes registered an endpoint without its limit: ``@limiter.limit`` above
-    ``@app.get(...)`` limits a copy the app never calls (slowapi's classic silent mistake)."""
-    for route in routes:
-        if isinstance(route, Mount):
-            _warn_unlimited_routes(_mounted_routes(route), wrapped, prefix + route.path)
-        elif id(getattr(route, "endpoint", None)) in wrapped:
-            logger.warning(
-                "quotagate: %s%s is NOT limited: put @limiter.limit(...) below @app.<method>(...),"
-                " next to the function",
-                prefix,
-                getattr(route, "path", "?"),
-            )
-
-
-def _find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]:
-    """The endpoint the router will call, and its route path (``*`` when nothing matches)."""
-    for route in routes:
-        match, child = route.matches(scope)
-        if match is Match.FULL:
-            if isinstance(route, Mount):
-                endpoint, path = _find_endpoint(_mounted_routes(route), {**scope, **child})
-                return endpoint, route.path + path if endpoint is not None else route.path
-            return getattr(route, "endpoint", None), getattr(route, "path", "*")
-    return None, "*"
-
-
 def _limited_or_exempt(endpoint: Any) -> bool:
     return endpoint is not None and (hasattr(endpoint, _SPECS) or hasattr(endpoint, _EXEMPT))
-
-
-def _mounted_routes(mount: Mount) -> list[BaseRoute]:
-    """The routes behind a mount: a Router's, or a mounted app's router's."""
-    return mount.routes or getattr(getattr(mount.app, "router", None), "routes", [])

@@ -419,6 +419,12 @@ async def test_without_init_app_limits_hold_and_a_warning_says_headers_are_missi
     assert len(warnings) == 1, warnings
 
 
+def test_rate_limit_exceeded_is_a_quotagate_error() -> None:
+    """``except QuotagateError`` catches it, as errors.py's tree draws it."""
+    assert issubclass(RateLimitExceeded, qg.QuotagateError)
+    assert issubclass(RateLimitExceeded, Exception)
+
+
 async def test_an_app_handler_for_rate_limit_exceeded_shapes_every_rejection(
     clock: qg.FakeClock,
 ) -> None:

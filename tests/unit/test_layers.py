@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("identity", "metrics"),
     ("limiter", "overlimit"),
     ("http",),
-    ("_asgi",),
+    ("_asgi", "_routes"),
     ("asgi", "fastapi"),
     ("gateway",),
     ("tools",),
