@@ -69,6 +69,8 @@ class FallbackStorage:
         self.memory = memory or MemoryStorage()
         self.probe_interval = probe_interval
         self.max_probe_interval = max_probe_interval
+        #: How many outages began since start (one warning each).
+        self.outages = 0
         self._down_since: float | None = None
         self._next_probe_at = 0.0
         self._probe_task: asyncio.Task[None] | None = None
@@ -220,6 +222,7 @@ class FallbackStorage:
         if self._down_since is not None:
             return
         self._down_since = time.monotonic()
+        self.outages += 1
         logger.warning(
             "quotagate: shared storage unavailable (%s); fallback policy %r until it is back",
             exc,
