@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import config_from
 
 import quotagate as qg
+from helpers import config_from
 from quotagate.gateway.config import load_config
 
 # The example, verbatim (comments and all).

@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import QuotagateProcess, metric_samples, sample
+
+from helpers import metric_samples, sample
+from support import QuotagateProcess
 
 TIMEOUT_S = 1.0
 TOKENS_PER_SECOND = 10  # a 20-token answer takes 2 s: twice the request timeout

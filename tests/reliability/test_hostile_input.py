@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import RecordingUpstream, base_config, gateway_app, in_process
 from reliability_kit import (
     KEY_PRO,
     Gateway,
@@ -27,6 +26,8 @@ from reliability_kit import (
     render,
     sample,
 )
+
+from helpers import RecordingUpstream, base_config, gateway_app, in_process
 
 pytestmark = pytest.mark.reliability
 

@@ -26,9 +26,9 @@ from reliability_kit import (
     percentile,
     run_load,
     sample,
-    wait_until,
 )
 
+from quotagate.testing import async_wait_until
 from support import RedisServer
 
 pytestmark = [pytest.mark.reliability, pytest.mark.redis]
@@ -95,7 +95,7 @@ async def answers_reach(result: LoadResult, count: int, seconds: float = 20) -> 
     async def enough() -> bool:
         return len(result.sent) >= count
 
-    await wait_until(enough, seconds, f"{count} answers")
+    await async_wait_until(enough, seconds, f"{count} answers")
 
 
 async def test_redis_killed_mid_load_no_5xx_one_warning_and_back_within_5_s(
@@ -124,7 +124,7 @@ async def test_redis_killed_mid_load_no_5xx_one_warning_and_back_within_5_s(
                 async def in_fallback() -> bool:
                     return await storage_mode(client, gateway.url) == "fallback"
 
-                detected = await wait_until(in_fallback, 5, "fallback mode")
+                detected = await async_wait_until(in_fallback, 5, "fallback mode")
                 metrics = await metrics_of(client, gateway.url)
                 assert sample(metrics, "quotagate_storage_mode", mode="fallback") == 1
                 assert sample(metrics, "quotagate_storage_mode", mode="redis") == 0
@@ -136,7 +136,7 @@ async def test_redis_killed_mid_load_no_5xx_one_warning_and_back_within_5_s(
                 async def back_on_redis() -> bool:
                     return await storage_mode(client, gateway.url) == "redis"
 
-                recovered = await wait_until(back_on_redis, 5, "back to shared mode")
+                recovered = await async_wait_until(back_on_redis, 5, "back to shared mode")
                 outage_answers = len(result.sent) - before_kill
                 await answers_reach(result, len(result.sent) + 300)
                 metrics = await metrics_of(client, gateway.url)
@@ -199,7 +199,7 @@ async def test_redis_paused_p99_stays_under_the_timeout_plus_50_ms(
                 async def back_on_redis() -> bool:
                     return await storage_mode(client, gateway.url) == "redis"
 
-                recovered = await wait_until(back_on_redis, 10, "back to shared mode")
+                recovered = await async_wait_until(back_on_redis, 10, "back to shared mode")
                 await answers_reach(result, len(result.sent) + 300)
             finally:
                 stop.set()
@@ -267,7 +267,7 @@ async def test_fallback_policy_while_redis_is_down(
             async def back_on_redis() -> bool:
                 return await storage_mode(client, gateway.url) == "redis"
 
-            recovered = await wait_until(back_on_redis, 5, "back to shared mode")
+            recovered = await async_wait_until(back_on_redis, 5, "back to shared mode")
             back = await free_request()  # Redis restarted empty: a fresh bucket
     statuses = [r.status_code for r in down]
     figures.update(
