@@ -1,5 +1,6 @@
 """Real servers for tests, built on ``quotagate.testing``: a redis-server and a uvicorn app on
-free loopback ports, stopped by their process ids; an httpx client calling an app in process.
+free loopback ports, stopped by their process ids; an httpx client calling an app in process;
+the environment for a Python child process; a stopwatch for counts that refill in real time.
 
 ``free_port``, ``ServerProcess`` and ``QuotagateProcess`` are re-exported from
 ``quotagate.testing``, where they live (the shipped tools use them too)."""
@@ -11,21 +12,25 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
+import quotagate
 from quotagate.testing import QuotagateProcess, ServerProcess, free_port
 
 __all__ = [
     "QuotagateProcess",
     "RedisServer",
     "ServerProcess",
+    "Stopwatch",
     "UvicornServer",
     "asgi_client",
     "free_port",
+    "python_env",
 ]
 
 
@@ -100,3 +105,43 @@ def asgi_client(app: Any, address: str | None = None) -> httpx.AsyncClient:
     else:
         transport = httpx.ASGITransport(app=app, client=(address, 5000))
     return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    """This process's environment (plus ``extra``) with the quotagate under test first on
+    PYTHONPATH: a Python child (a worker script, ``python -c``) imports the code being tested,
+    not whatever else is installed."""
+    source = str(Path(quotagate.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, **extra, "PYTHONPATH": path}
+
+
+class Stopwatch:
+    """Wall-clock seconds around requests that real time refills (a server process, Redis
+    ``TIME``): a GCRA limit of capacity C and emission interval T (period / C), hit n times
+    within the block from a full bucket, has between C - n and C - n + ``refills(T)`` left.
+
+        with Stopwatch() as watch:
+            responses = [client.get("/health") for _ in range(30)]  # 600/minute: T = 0.1 s
+        assert 570 <= remaining(responses[-1]) <= 570 + watch.refills(0.1)
+    """
+
+    def __init__(self) -> None:
+        self.started = self.stopped = 0.0
+
+    def __enter__(self) -> Self:
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopped = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        """The block's length (so far, inside it)."""
+        return (self.stopped or time.monotonic()) - self.started
+
+    def refills(self, interval: float) -> int:
+        """Whole emission intervals of ``interval`` seconds in the block: how many units a
+        limit can have regained while it ran."""
+        return int(self.seconds // interval)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import quotagate as qg
+from support import python_env
 
 pytestmark = pytest.mark.reliability
 
@@ -27,13 +26,6 @@ RATE = 2000  # new clients per simulated second
 TARGET_MIB = 150
 
 
-def worker_env() -> dict[str, str]:
-    """Our environment, with the quotagate under test first on the worker's import path."""
-    source = str(Path(qg.__file__).resolve().parents[1])
-    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path}
-
-
 async def flood(*args: str) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -41,7 +33,7 @@ async def flood(*args: str) -> dict[str, Any]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=worker_env(),
+        env=python_env(),
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout=500)
