@@ -33,7 +33,7 @@ from reliability_kit import (
 
 import quotagate as qg
 from quotagate.testing import async_wait_until
-from support import QuotagateProcess, RedisServer, UvicornServer
+from support import QuotagateProcess, RedisServer, UvicornServer, python_env
 
 pytestmark = pytest.mark.reliability
 
@@ -56,7 +56,6 @@ key = "{KEY_STREAM}"
 tier = "stream"
 """
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 _EVENT = re.compile(rb"data: ([^\n]*)\n\n")
 
 
@@ -438,7 +437,7 @@ async def test_library_leases_of_a_sigkilled_worker_expire_after_their_ttl(
         redis_server.url,
         key_prefix,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": SRC},
+        env=python_env(),
     )
     try:
         assert worker.stdout is not None
@@ -454,6 +453,7 @@ async def test_library_leases_of_a_sigkilled_worker_expire_after_their_ttl(
     limiter = qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=2.0))
     async with limiter:
         refused = await limiter.acquire("worker-slots", 3, ttl=2.0)
+        asked_after = time.monotonic() - held_at
 
         async def free_again() -> bool:
             lease = await limiter.acquire("worker-slots", 3, ttl=2.0)
@@ -465,5 +465,7 @@ async def test_library_leases_of_a_sigkilled_worker_expire_after_their_ttl(
         back_after = time.monotonic() - held_at
     figures.update(lease_ttl_s=2.0, refused_right_after_kill=refused is None,
                    slot_back_after_s=round(back_after, 2))  # fmt: skip
-    assert refused is None
+    # Refused while the dead worker's leases last (taken before ``held_at``, for 2 s); a machine
+    # too slow to ask within those 2 s finds them expired, as it should.
+    assert refused is None or asked_after >= 2.0, asked_after
     assert back_after <= 2.0 + 1.0
