@@ -20,14 +20,13 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
+
+from quotagate.testing import ServerProcess
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,28 +45,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _start_server(core: int, port: int) -> subprocess.Popen[bytes]:
+def _server(core: int) -> ServerProcess:
     command = [
         "taskset", "-c", str(core), sys.executable, "-m", "uvicorn", "bench_vs_hey:app",
-        "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", str(port),
+        "--app-dir", str(HERE), "--host", "127.0.0.1", "--port", "{port}",
         "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning",
     ]  # fmt: skip
-    process = subprocess.Popen(command)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise SystemExit("the trivial server did not start")
+    return ServerProcess(command, name="trivial-server", port_retries=2)
 
 
 def _timed(command: list[str]) -> tuple[str, float]:
@@ -118,12 +102,10 @@ def main() -> None:
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs two cores: one for the server, one for the load generators")
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/"
-    server = _start_server(args.server_core, port)
     hey: list[tuple[float, float]] = []
     ours: list[tuple[float, float]] = []
-    try:
+    with _server(args.server_core) as server:
+        url = f"{server.url}/"
         # One short warm-up each, not counted (imports, page cache, TCP ports).
         run_hey(args.client_core, url, 2000, args.connections)
         run_quotagate(args.client_core, url, 2000, args.connections)
@@ -135,9 +117,6 @@ def main() -> None:
                 result = runner(args.client_core, url, args.requests, args.connections)
                 (hey if name == "hey" else ours).append(result)
                 print(f"round {round_ + 1}: {name:<15} {result[0]:>9.0f} req/s", flush=True)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=10)
 
     hey_rps = statistics.median(r for r, _ in hey)
     our_rps = statistics.median(r for r, _ in ours)

@@ -28,7 +28,6 @@ import os
 import pathlib
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from limits.aio.storage import Storage as LimitsStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 import quotagate as qg
+from quotagate.testing import ServerProcess
 
 RATES = "60/minute; 1000/day"
 LIMIT_ITEMS = limits.parse_many(RATES)
@@ -479,44 +479,19 @@ def _maybe(value: float | None) -> str:
 # --- process setup ---------------------------------------------------------------------------
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str, str]:
-    """Start redis-server on a free loopback port; return it, its URL and its log file."""
+def start_redis() -> ServerProcess:
+    """Start redis-server on a free loopback port, its log in a directory of its own."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="qgbench-redis-")
-    log = os.path.join(workdir, "redis.log")
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
-    command += ["no", "--dir", workdir, "--logfile", log]
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="qgbench-redis-"))
+    command = [binary, "--port", "{port}", "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+    command += ["no", "--dir", str(workdir)]
     if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
         command = ["taskset", "-c", "1", *command]
-    server = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                stop_redis(server)
-                raise RuntimeError(f"redis-server did not start; see {log}") from None
-            time.sleep(0.05)
-        finally:
-            client.close()
-    return server, url, log
-
-
-def stop_redis(server: subprocess.Popen[bytes]) -> None:
-    if server.poll() is None:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    server = ServerProcess(
+        command, name="redis-server", log=workdir / "redis.log", startup_timeout=10, port_retries=2
+    )
+    server.start()
+    return server
 
 
 def quotagate_source() -> str:
@@ -568,13 +543,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_pin:
         os.sched_setaffinity(0, {0})
     loop_factory, loop_name = event_loop(args.loop)
-    server: subprocess.Popen[bytes] | None = None
+    server: ServerProcess | None = None
     try:
         if args.redis_url:
             url, where = args.redis_url, f"{args.redis_url} (given)"
         else:
-            server, url, log = start_redis()
-            where = f"{url}, pid {server.pid}, taskset -c 1, log {log}"
+            server = start_redis()
+            url = f"redis://127.0.0.1:{server.port}/0"
+            where = f"{url}, pid {server.pid}, taskset -c 1, log {server.log}"
         meta: dict[str, Any] = {
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "quotagate": qg.__version__,
@@ -600,8 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = runner.run(bench(args, url, run_id))
     finally:
         if server is not None:
-            stop_redis(server)
-            shutil.rmtree(os.path.dirname(log), ignore_errors=True)
+            server.stop()
+            shutil.rmtree(server.log.parent, ignore_errors=True)
     rows = summarize(results)
     print_table(rows)
     meta["seconds"] = round(time.perf_counter() - wall, 1)

@@ -65,7 +65,8 @@ Run:  .venv/bin/python benchmarks/http.py [--duration 10] [--rounds 3] [--quick]
 ``--quick`` is a 3 s, 1 round smoke run. ``--json`` prints the results as JSON on stdout (the
 table then goes to stderr). Needs ``hey``, ``wrk``, ``redis-server`` and ``taskset`` on PATH and
 at least two cores. Note: this file shadows the stdlib ``http`` package for modules imported by
-this script (its directory is ``sys.path[0]``), so it imports nothing that needs ``http``.
+this script (its directory is ``sys.path[0]``), so it imports nothing that needs ``http``
+(``quotagate.testing``, its process runner, is standard library only for that reason).
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import redis
+
+from quotagate.testing import ServerProcess, ServerStartError, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -156,49 +159,8 @@ REFERENCES: tuple[tuple[str, LoadName, str, float, float, str], ...] = (
 # --- processes -------------------------------------------------------------------------------
 
 
-class Processes:
-    """Every process this script starts; each is stopped by its pid (TERM, then KILL)."""
-
-    def __init__(self) -> None:
-        self._procs: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None
-    ) -> subprocess.Popen[bytes]:
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                list(argv), stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT
-            )
-        self._procs.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        if proc in self._procs:
-            self._procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self._procs)):
-            try:
-                self.stop(proc)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                print(f"could not stop pid {proc.pid}: {exc}", file=sys.stderr)
-
-
 def pinned(core: int, argv: Sequence[str]) -> list[str]:
     return ["taskset", "-c", str(core), *argv]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_kib(pid: int) -> int:
@@ -274,9 +236,12 @@ def foreign_cpu(before: CpuSample, after: CpuSample) -> dict[str, float]:
 
 @dataclass
 class RedisServer:
-    port: int
-    proc: subprocess.Popen[bytes]
+    process: ServerProcess
     client: redis.Redis
+
+    @property
+    def port(self) -> int:
+        return self.process.port
 
     @property
     def url(self) -> str:
@@ -291,22 +256,33 @@ class RedisSnapshot:
     keys: int
 
 
-def start_redis(procs: Processes, workdir: Path) -> RedisServer:
-    port = free_port()
-    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+def start_redis(workdir: Path) -> RedisServer:
+    """redis-server on a free loopback port, pinned to the load core; stopped by the caller."""
+    argv = ["redis-server", "--port", "{port}", "--bind", "127.0.0.1", "--save", ""]
     argv += ["--appendonly", "no", "--dir", str(workdir)]
-    proc = procs.start(pinned(LOAD_CORE, argv), workdir / "redis.log")
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return RedisServer(port, proc, client)
-        except redis.ConnectionError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (workdir / "redis.log").read_text(errors="replace")
-                raise RuntimeError(f"redis-server did not start:\n{log}") from None
-            time.sleep(0.05)
+    process = ServerProcess(
+        pinned(LOAD_CORE, argv),
+        name="redis-server",
+        cwd=ROOT,
+        log=workdir / "redis.log",
+        startup_timeout=10,
+        port_retries=2,
+    )
+    process.start()
+    client = redis.Redis(host="127.0.0.1", port=process.port, socket_timeout=10)
+    try:
+        wait_until(lambda: _pong(client), 10, "redis-server answers PING")
+    except TimeoutError:
+        process.stop()
+        raise RuntimeError(f"redis-server did not answer:\n{process.output()}") from None
+    return RedisServer(process, client)
+
+
+def _pong(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def redis_snapshot(client: redis.Redis) -> RedisSnapshot:
@@ -353,47 +329,37 @@ def monitor_contexts(redis_port: int, server_port: int, n: int) -> dict[str, Cou
 # --- the server under test ---------------------------------------------------------------------
 
 
-@dataclass
-class Server:
-    variant: Variant
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
+class Server(ServerProcess):
+    """A variant of ``http_apps.py`` under uvicorn, pinned to the server core, ready once
+    ``POST /v1/completions`` answers 200."""
 
+    def __init__(self, variant: Variant, rate: str, redis_url: str, log: Path) -> None:
+        env = dict(os.environ)
+        env["HTTP_BENCH_LIBRARY"] = variant.library
+        env["HTTP_BENCH_STORAGE"] = redis_url if variant.backend == "redis" else "memory://"
+        env["HTTP_BENCH_RATE"] = rate
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
+        argv = [sys.executable, "-m", "uvicorn", "http_apps:app", "--app-dir", str(BENCH_DIR)]
+        argv += ["--host", "127.0.0.1", "--port", "{port}", *UVICORN_FLAGS]
+        super().__init__(
+            pinned(SERVER_CORE, argv),
+            name=variant.name,
+            env=env,
+            cwd=ROOT,
+            log=log,
+            startup_timeout=30,
+            port_retries=2,
+        )
+        self.variant = variant
 
-def start_server(
-    procs: Processes, variant: Variant, rate: str, redis_url: str, log: Path
-) -> Server:
-    port = free_port()
-    env = dict(os.environ)
-    env["HTTP_BENCH_LIBRARY"] = variant.library
-    env["HTTP_BENCH_STORAGE"] = redis_url if variant.backend == "redis" else "memory://"
-    env["HTTP_BENCH_RATE"] = rate
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    argv = [sys.executable, "-m", "uvicorn", "http_apps:app", "--app-dir", str(BENCH_DIR)]
-    argv += ["--host", "127.0.0.1", "--port", str(port), *UVICORN_FLAGS]
-    proc = procs.start(pinned(SERVER_CORE, argv), log, env)
-    server = Server(variant, port, proc, log)
-    wait_ready(server)
-    return server
-
-
-def wait_ready(server: Server, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"{server.variant.name} exited:\n{read_log(server.log)}")
+    def ready(self) -> bool:
         try:
-            status = http_post(server.port, "bench-ready")
+            status = http_post(self.port, "bench-ready")
         except OSError:
-            status = 0
-        if status == 200:
-            return
-        if status >= 400 or time.monotonic() > deadline:
-            raise RuntimeError(
-                f"{server.variant.name} answered {status}, not 200:\n{read_log(server.log)}"
-            )
-        time.sleep(0.05)
+            return False
+        if status not in (0, 200):
+            raise ServerStartError(f"{self.name} answered {status}, not 200", self.output())
+        return status == 200
 
 
 def http_post(port: int, api_key: str) -> int:
@@ -409,10 +375,6 @@ def http_post(port: int, api_key: str) -> int:
         while chunk := sock.recv(1 << 16):
             data += chunk
     return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
-
-
-def read_log(log: Path) -> str:
-    return log.read_text(errors="replace") if log.exists() else ""
 
 
 # --- loads -----------------------------------------------------------------------------------
@@ -569,7 +531,6 @@ class Measurement:
 
 @dataclass
 class Bench:
-    procs: Processes
     redis: RedisServer
     workdir: Path
     args: argparse.Namespace
@@ -579,7 +540,8 @@ class Bench:
         rate = self.args.rate if load == "one-key" else self.args.random_rate
         self.redis.client.flushall()
         log = self.workdir / f"server-{variant.name}-{load}-r{round_no}.log"
-        server = start_server(self.procs, variant, rate, self.redis.url, log)
+        server = Server(variant, rate, self.redis.url, log)
+        server.start()
         try:
             run_load(load, server.port, self.args.warmup, warmup=True)
             measurement = self._measured_run(round_no, server, load, rate)
@@ -588,19 +550,22 @@ class Bench:
                 contexts = monitor_contexts(self.redis.port, server.port, PROBE_REQUESTS)
                 measurement.monitor = {k: dict(v) for k, v in contexts.items()}
         finally:
-            self.procs.stop(server.proc)
-        measurement.server_log = [x for x in read_log(log).splitlines() if x.strip()][:40]
+            server.stop()
+        measurement.server_log = [x for x in server.output().splitlines() if x.strip()][:40]
         return measurement
 
     def _measured_run(
         self, round_no: int, server: Server, load: LoadName, rate: str
     ) -> Measurement:
         redis_before = redis_snapshot(self.redis.client)
-        rss_before = rss_kib(server.proc.pid)
-        cpu_before = cpu_sample(server.proc.pid, self.redis.proc.pid)
+        server_pid, redis_pid = server.pid, self.redis.process.pid
+        assert server_pid is not None
+        assert redis_pid is not None
+        rss_before = rss_kib(server_pid)
+        cpu_before = cpu_sample(server_pid, redis_pid)
         result = run_load(load, server.port, self.args.duration)
-        cpu_after = cpu_sample(server.proc.pid, self.redis.proc.pid)
-        rss_after = rss_kib(server.proc.pid)
+        cpu_after = cpu_sample(server_pid, redis_pid)
+        rss_after = rss_kib(server_pid)
         redis_after = redis_snapshot(self.redis.client)
         measurement = Measurement(
             round_no,
@@ -1056,14 +1021,14 @@ def check_environment() -> None:
 
 
 @contextmanager
-def environment() -> Iterator[tuple[Processes, RedisServer, Path]]:
-    procs = Processes()
+def environment() -> Iterator[tuple[RedisServer, Path]]:
     with tempfile.TemporaryDirectory(prefix="http-bench-") as tmp:
+        redis_server = start_redis(Path(tmp))
         try:
-            redis_server = start_redis(procs, Path(tmp))
-            yield procs, redis_server, Path(tmp)
+            yield redis_server, Path(tmp)
         finally:
-            procs.stop_all()
+            redis_server.client.close()
+            redis_server.process.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1074,11 +1039,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_environment()
     os.sched_setaffinity(0, {LOAD_CORE})  # keep the driver off the server's core
     digest_before = source_digest()
-    with environment() as (procs, redis_server, workdir):
+    with environment() as (redis_server, workdir):
         redis_version = str(redis_server.client.info("server")["redis_version"])
-        bench = Bench(procs, redis_server, workdir, args)
+        bench = Bench(redis_server, workdir, args)
         measurements = run_rounds(bench, args.variant_list, args.load_list)
-        redis_server.client.close()
     rows = summarize(measurements)
     checks = check_targets(rows)
     notes = problems(rows)

@@ -22,13 +22,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from quotagate.testing import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("bare", "bare-headers", "inline", "slowapi-memory", "quotagate-memory")
@@ -36,16 +35,9 @@ ENDPOINT = "/v1/completions"
 START_TIMEOUT = 300.0  # uvicorn under valgrind takes tens of seconds to import
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve_and_count(variant: str, requests: int) -> int:
     """Total instructions of a uvicorn process that started, answered ``requests``, stopped."""
     library = variant.removesuffix("-memory")
-    port = free_port()
     env = {
         **os.environ,
         "HTTP_BENCH_LIBRARY": library,
@@ -54,20 +46,25 @@ def serve_and_count(variant: str, requests: int) -> int:
     }
     command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
     command += [sys.executable, "-m", "uvicorn", "http_apps:app", "--app-dir", "benchmarks"]
-    command += ["--port", str(port), "--loop", "uvloop", "--http", "httptools"]
+    command += ["--port", "{port}", "--loop", "uvloop", "--http", "httptools"]
     command += ["--no-access-log", "--log-level", "warning"]
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    # SIGINT: uvicorn shuts down and callgrind prints its total as the process exits.
+    server = ServerProcess(
+        command,
+        name=f"{variant}-{requests}",
+        env=env,
+        cwd=ROOT,
+        startup_timeout=START_TIMEOUT,
+        port_retries=2,
+        stop_signal=signal.SIGINT,
+        stop_timeout=120,
+    )
+    with server:
         try:
-            deadline = time.monotonic() + START_TIMEOUT
-            while not _answers(port):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{variant}: the server did not start")
-                time.sleep(0.5)
             load = ["hey", "-n", str(requests), "-c", "10", "-m", "POST", "-H"]
             load += ["X-API-Key: bench-key-1", "-T", "application/json", "-d", '{"prompt":"hi"}']
             out = subprocess.run(
-                [*load, f"http://127.0.0.1:{port}{ENDPOINT}"],
+                [*load, f"http://127.0.0.1:{server.port}{ENDPOINT}"],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -76,22 +73,12 @@ def serve_and_count(variant: str, requests: int) -> int:
             if statuses != [("200", str(requests))]:
                 raise RuntimeError(f"{variant}: expected {requests} answers 200, got {statuses}")
         finally:
-            server.send_signal(signal.SIGINT)
-            server.wait(timeout=120)
-        log.seek(0)
-        text = log.read().decode(errors="replace")
+            server.stop()
+        text = server.output()
     match = re.search(r"Collected : (\d+)", text)
     if match is None:
         raise RuntimeError(f"{variant}: no callgrind total in the server's output:\n{text}")
     return int(match.group(1))
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def main() -> None:

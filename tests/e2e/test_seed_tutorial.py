@@ -1,5 +1,12 @@
 """The seed tutorial's "Verification" and "Common failures" lists, run against
-``examples/seed_tutorial.py`` served by real uvicorn processes, on memory and on real Redis."""
+``examples/seed_tutorial.py`` served by real uvicorn processes, on memory and on real Redis.
+
+Real processes decide by real time: at the tutorial's 10/minute one request comes back every
+6 s, at 600/minute on /health every 0.1 s. A test about those numbers measures its requests
+with a ``Stopwatch`` and allows for what can come back meanwhile; a test about something else
+(who counts as a client, restarts, Redis) runs at 10/day (one back every 2.4 hours), where every
+count is exact.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,11 @@ import httpx
 import pytest
 import redis
 
-from support import RedisServer, UvicornServer
+from support import RedisServer, Stopwatch, UvicornServer
 
 EXAMPLES = str(Path(__file__).resolve().parents[2] / "examples")
+TUTORIAL = "10/minute"  # the tutorial's inference limit: one comes back every 6 s
+EXACT = "10/day"  # the same capacity, one back every 2.4 hours: no refill during a test
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
@@ -24,17 +33,25 @@ def storage_url(request: pytest.FixtureRequest, key_prefix: str) -> str:
     return f"{server.url}?prefix={key_prefix}"
 
 
-def _serve(storage_url: str, **env: str) -> UvicornServer:
+def _serve(storage_url: str, limit: str = EXACT, **env: str) -> UvicornServer:
     return UvicornServer(
         "seed_tutorial:app",
         app_dir=EXAMPLES,
-        env={"QUOTAGATE_STORAGE_URL": storage_url, "COMPLETIONS_LIMIT": "10/minute", **env},
+        env={"QUOTAGATE_STORAGE_URL": storage_url, "COMPLETIONS_LIMIT": limit, **env},
     )
 
 
 @pytest.fixture
 def server(storage_url: str) -> Iterator[UvicornServer]:
-    with _serve(storage_url) as running:
+    """The tutorial's app at its own 10/minute."""
+    with _serve(storage_url, TUTORIAL) as running:
+        yield running
+
+
+@pytest.fixture
+def steady_server(storage_url: str) -> Iterator[UvicornServer]:
+    """The same app at 10/day: counts do not move while a test runs."""
+    with _serve(storage_url, EXACT) as running:
         yield running
 
 
@@ -50,10 +67,15 @@ def _new_key() -> str:
 
 def test_ten_rapid_requests_then_the_eleventh_is_429(server: UvicornServer) -> None:
     key = _new_key()
-    with httpx.Client(base_url=server.url) as client:
+    with httpx.Client(base_url=server.url) as client, Stopwatch() as watch:
         statuses = [_complete(client, key).status_code for _ in range(10)]
         eleventh = _complete(client, key)
-    assert statuses == [200] * 10
+        # Only a request that came back meanwhile (one per 6 s) admits another before the 429.
+        while eleventh.status_code == 200 and len(statuses) < 10 + watch.refills(6):
+            statuses.append(eleventh.status_code)
+            eleventh = _complete(client, key)
+    assert statuses == [200] * len(statuses)
+    assert 10 <= len(statuses) <= 10 + watch.refills(6)
     assert eleventh.status_code == 429
     retry_after = int(eleventh.headers["Retry-After"])
     assert 1 <= retry_after <= 6  # 10/minute: one slot frees every 6 s
@@ -67,18 +89,23 @@ def test_ten_rapid_requests_then_the_eleventh_is_429(server: UvicornServer) -> N
 
 def test_rate_limit_headers_on_every_successful_response(server: UvicornServer) -> None:
     key = _new_key()
-    with httpx.Client(base_url=server.url) as client:
+    with httpx.Client(base_url=server.url) as client, Stopwatch() as watch:
         responses = [_complete(client, key) for _ in range(4)]
     assert [r.headers["X-RateLimit-Limit"] for r in responses] == ["10"] * 4
-    assert [r.headers["X-RateLimit-Remaining"] for r in responses] == ["9", "8", "7", "6"]
-    assert [r.headers["X-RateLimit-Reset"] for r in responses] == ["6", "12", "18", "24"]
+    remaining = [int(r.headers["X-RateLimit-Remaining"]) for r in responses]
+    reset = [int(r.headers["X-RateLimit-Reset"]) for r in responses]
+    # 9, 8, 7, 6 left and full again in 6, 12, 18, 24 s (whole seconds, rounded up), less what
+    # time gave back while the requests ran: a unit per 6 s, and the seconds themselves.
+    for n, (left, full_in) in enumerate(zip(remaining, reset, strict=True), start=1):
+        assert 10 - n <= left <= 10 - n + watch.refills(6), remaining
+        assert 6 * n - int(watch.seconds) <= full_in <= 6 * n, reset
     assert responses[0].headers["RateLimit-Policy"] == '"10-per-minute";q=10;w=60'
-    assert responses[3].headers["RateLimit"] == '"10-per-minute";r=6;t=24'
+    assert responses[3].headers["RateLimit"] == f'"10-per-minute";r={remaining[3]};t={reset[3]}'
 
 
-def test_two_api_keys_are_counted_independently(server: UvicornServer) -> None:
+def test_two_api_keys_are_counted_independently(steady_server: UvicornServer) -> None:
     alice, bob = _new_key(), _new_key()
-    with httpx.Client(base_url=server.url) as client:
+    with httpx.Client(base_url=steady_server.url) as client:
         for _ in range(10):
             _complete(client, alice)
         assert _complete(client, alice).status_code == 429
@@ -97,12 +124,15 @@ def test_two_api_keys_are_counted_independently(server: UvicornServer) -> None:
 def test_health_is_not_limited_at_the_inference_threshold(server: UvicornServer) -> None:
     key = _new_key()
     with httpx.Client(base_url=server.url) as client:
-        for _ in range(11):
-            _complete(client, key)
-        health = [client.get("/health", headers={"X-API-Key": key}) for _ in range(30)]
-    assert [r.status_code for r in health] == [200] * 30
+        completions = [_complete(client, key).status_code for _ in range(11)]
+        with Stopwatch() as watch:
+            health = [client.get("/health", headers={"X-API-Key": key}) for _ in range(30)]
+    assert completions[-1] == 429  # the inference limit is reached...
+    assert [r.status_code for r in health] == [200] * 30  # ...and /health is not limited by it
     assert health[-1].headers["X-RateLimit-Limit"] == "600"
-    assert health[-1].headers["X-RateLimit-Remaining"] == "570"
+    # 600/minute: 570 left after 30, plus one back for every 0.1 s the 30 took.
+    left = int(health[-1].headers["X-RateLimit-Remaining"])
+    assert 570 <= left <= 570 + watch.refills(0.1), (left, watch.seconds)
 
 
 def test_restart_or_flush_resets_counters(storage_url: str) -> None:
@@ -123,8 +153,10 @@ def test_restart_or_flush_resets_counters(storage_url: str) -> None:
     assert after.headers["X-RateLimit-Remaining"] == "9"
 
 
-def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(server: UvicornServer) -> None:
-    with httpx.Client(base_url=server.url) as client:
+def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(
+    steady_server: UvicornServer,
+) -> None:
+    with httpx.Client(base_url=steady_server.url) as client:
         for i in range(10):
             _complete(client, None, **{"X-Forwarded-For": f"198.51.100.{i}"})
         # Same peer (127.0.0.1) whatever the header says: one client, now over its limit.

@@ -3,7 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from helpers import QuotagateProcess
+
+from support import QuotagateProcess
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+import quotagate as qg
 from helpers import (
     ALICE,
     BOB,
@@ -21,8 +23,6 @@ from helpers import (
     mock_text,
     sample,
 )
-
-import quotagate as qg
 from quotagate.gateway.app import create_app
 from support import free_port
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 import uuid
@@ -11,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from helpers import QuotagateProcess, config_from, in_process, limits_of, run_cli
 
 import quotagate as qg
+from helpers import config_from, in_process, limits_of, run_cli
 from quotagate.gateway.app import create_app
 from quotagate.identity import hash_api_key
 from quotagate.keys import key_client_id
-from support import RedisServer, free_port
+from support import QuotagateProcess, RedisServer, free_port
 
 GOOD = """
 [anonymous]
@@ -121,7 +122,12 @@ def test_serve_with_no_config_runs_the_embedded_default() -> None:
     """The README's first command: memory, the mock model, a tier set, a completion with
     rate-limit headers. (``--log-level info`` beats QUOTAGATE_LOG_LEVEL: the start-up line.)"""
     with QuotagateProcess(
-        "serve", "--port", "{port}", "--log-level", "info", env={"QUOTAGATE_LOG_LEVEL": "error"}
+        "serve",
+        "--port",
+        "{port}",
+        "--log-level",
+        "info",
+        env={**os.environ, "QUOTAGATE_LOG_LEVEL": "error"},
     ) as gateway:
         with httpx.Client(base_url=gateway.url, timeout=10) as client:
             answer = client.post("/v1/completions", json={"prompt": "Hello"})
@@ -154,7 +160,11 @@ def test_serve_precedence_file_env_flag_and_the_start_up_line(
         f'prefix = "t{uuid.uuid4().hex[:10]}"\n' + GOOD,
         "utf-8",
     )
-    env = {"QUOTAGATE_STORAGE_URL": redis_server.url, "QUOTAGATE_SERVER_PORT": str(env_port)}
+    env = {
+        **os.environ,
+        "QUOTAGATE_STORAGE_URL": redis_server.url,
+        "QUOTAGATE_SERVER_PORT": str(env_port),
+    }
     redis_version = redis.Redis(port=redis_server.port).info("server")["redis_version"]
 
     with QuotagateProcess(

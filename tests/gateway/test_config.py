@@ -8,9 +8,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import config_from, run_cli
 
 import quotagate as qg
+from helpers import config_from, run_cli
 from quotagate.gateway.config import GatewayConfig, load_config
 from quotagate.storage import SCHEMES
 

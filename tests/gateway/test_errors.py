@@ -12,6 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
 from helpers import (
     BOB,
     RecordingUpstream,
@@ -21,8 +24,6 @@ from helpers import (
     in_process,
     limits_of,
 )
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

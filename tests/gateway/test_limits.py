@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+import quotagate as qg
 from helpers import (
     ALICE,
     BASE_CONFIG,
@@ -28,8 +30,6 @@ from helpers import (
     limits_of,
     until,
 )
-
-import quotagate as qg
 
 PROMPT = "Say hi"
 P = completion_prompt(PROMPT)

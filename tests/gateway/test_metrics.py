@@ -8,6 +8,9 @@ import asyncio
 import hashlib
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
+import quotagate as qg
 from helpers import (
     ALICE,
     BASE_CONFIG,
@@ -22,9 +25,6 @@ from helpers import (
     metric_samples,
     sample,
 )
-from prometheus_client.parser import text_string_to_metric_families
-
-import quotagate as qg
 
 ANONYMOUS_IP = "203.0.113.77"
 

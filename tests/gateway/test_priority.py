@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+import quotagate as qg
 from helpers import (
     ALICE,
     BOB,
@@ -23,8 +25,6 @@ from helpers import (
     mock_answer,
     until,
 )
-
-import quotagate as qg
 from quotagate.gateway.app import Gateway
 
 CAPPED = """

@@ -7,15 +7,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import QuotagateProcess, in_process, limits_of
 
+from helpers import in_process, limits_of
 from quotagate.gateway.app import Gateway, create_app
 from quotagate.gateway.config import load_config
+from quotagate.testing import wait_until
+from support import QuotagateProcess
 
 ALICE, BOB = "sk-reload-alice", "sk-reload-bob"
 
@@ -150,9 +151,7 @@ def test_sighup_reloads_a_running_gateway(tmp_path: Path) -> None:
             before = client.post("/v1/completions", json=body, headers={"X-API-Key": BOB})
             path.write_text(AFTER, "utf-8")
             os.kill(gateway.process.pid, signal.SIGHUP)
-            deadline = time.monotonic() + 10
-            while "reloaded" not in gateway.output() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            wait_until(lambda: "reloaded" in gateway.output(), 10, "the reload logged")
             after = client.post("/v1/completions", json=body, headers={"X-API-Key": BOB})
         alive = gateway.process.poll() is None
         log = gateway.output()

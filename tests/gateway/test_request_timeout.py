@@ -16,11 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import QuotagateProcess, metric_samples, sample
+
+from helpers import metric_samples, sample
+from support import QuotagateProcess
 
 TIMEOUT_S = 1.0
 TOKENS_PER_SECOND = 10  # a 20-token answer takes 2 s: twice the request timeout
 KEY = "sk-timeout-0001"
+#: Used by nothing but the "nothing is charged" test, at day-long rates: a charge would show for
+#: hours (at the open tier's rates it comes back within a millisecond, unseen).
+UNTOUCHED = "sk-timeout-0002"
 
 CONFIG = f"""
 [server]
@@ -41,9 +46,18 @@ requests = "100000/minute"
 tokens = "1000000/minute"
 concurrency = 8
 
+[tiers.untouched]
+requests = "10/day"
+tokens = "1000/day"
+concurrency = 1
+
 [[keys]]
 key = "{KEY}"
 tier = "open"
+
+[[keys]]
+key = "{UNTOUCHED}"
+tier = "untouched"
 """
 
 
@@ -55,12 +69,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QuotagateProce
         yield process
 
 
-def completion(max_tokens: int, *, content_length: int | None = None) -> tuple[bytes, bytes]:
+def completion(
+    max_tokens: int, *, content_length: int | None = None, key: str = KEY
+) -> tuple[bytes, bytes]:
     """A POST /v1/completions head and its body (``content_length`` may promise more)."""
     body = json.dumps({"prompt": "x", "max_tokens": max_tokens}).encode()
     head = (
         b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-        b"X-API-Key: " + KEY.encode() + b"\r\n"
+        b"X-API-Key: " + key.encode() + b"\r\n"
         b"Content-Length: %d\r\n\r\n" % (content_length or len(body))
     )
     return head, body
@@ -102,9 +118,9 @@ async def closed(writer: asyncio.StreamWriter) -> None:
         await writer.wait_closed()
 
 
-def limits(gateway: QuotagateProcess) -> dict[str, int]:
+def limits(gateway: QuotagateProcess, key: str = KEY) -> dict[str, int]:
     entries = httpx.get(
-        f"{gateway.url}/v1/ratelimit", headers={"X-API-Key": KEY}, timeout=10
+        f"{gateway.url}/v1/ratelimit", headers={"X-API-Key": key}, timeout=10
     ).json()["limits"]
     return {entry["name"]: entry["remaining"] for entry in entries}
 
@@ -136,16 +152,17 @@ async def test_a_head_not_finished_in_time_gets_408_and_the_connection_closes(
 async def test_a_body_not_finished_in_time_gets_408_and_nothing_is_charged(
     gateway: QuotagateProcess,
 ) -> None:
-    before = limits(gateway)
+    before = limits(gateway, UNTOUCHED)
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-    head, body = completion(2, content_length=1000)
+    head, body = completion(2, content_length=1000, key=UNTOUCHED)
     writer.write(head + body)  # 1000 bytes promised, a few dozen sent
     data = await until_closed(reader)
     await closed(writer)
     [(status, answer)] = answers(data)
     assert is_timeout_answer(status, answer), (status, answer)
     # The gateway read a disconnect instead of a body: no decision, no charge, no lease.
-    assert limits(gateway) == before
+    assert before == {"requests": 10, "tokens": 1000, "concurrency": 1}
+    assert limits(gateway, UNTOUCHED) == before
     assert in_flight(gateway) == 0
 
 

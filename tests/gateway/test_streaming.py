@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+
+import quotagate as qg
 from helpers import (
     BOB,
     NATURAL_LENGTH,
@@ -26,12 +28,10 @@ from helpers import (
     mock_text,
     sample,
     sse_events,
-    wait_for,
 )
-
-import quotagate as qg
 from quotagate.gateway.app import create_app
 from quotagate.gateway.backends.mock import MockBackend
+from quotagate.testing import async_wait_until
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 PRO_TOKENS = 100_000
@@ -268,7 +268,7 @@ async def test_a_client_that_disconnects_mid_stream_pays_for_what_was_generated(
         async def slot_is_back() -> bool:
             return (await limits_of(client, BOB))["concurrency"]["remaining"] == 4
 
-        await wait_for(slot_is_back)
+        await async_wait_until(slot_is_back, 10, "the slot is back")
         state = await limits_of(client, BOB)
         metrics = metric_samples((await client.get("/metrics")).text)
     text = b"".join(received)
@@ -318,7 +318,7 @@ async def test_a_client_gone_mid_stream_closes_the_upstream_stream(
             state = await limits_of(client, BOB)
             return state["concurrency"]["remaining"] == 4
 
-        await wait_for(settled)
+        await async_wait_until(settled, 10, "the stream settled")
         state = await limits_of(client, BOB)
     assert generated < 500
     charged = PRO_TOKENS - state["tokens"]["remaining"]

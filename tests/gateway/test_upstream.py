@@ -10,11 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
+
+import quotagate as qg
 from helpers import (
     ALICE,
     BOB,
     NATURAL_LENGTH,
-    QuotagateProcess,
     RecordingUpstream,
     base_config,
     chat_prompt,
@@ -25,10 +26,8 @@ from helpers import (
     mock_text,
     sse_events,
 )
-
-import quotagate as qg
 from quotagate.gateway.backends.openai import OpenAIBackend
-from support import free_port
+from support import QuotagateProcess, free_port
 
 PRO_TOKENS = 100_000
 FREE_TOKENS = 600

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import pytest
 import redis.asyncio as aioredis
 
 import quotagate as qg
+from quotagate.testing import async_wait_until
 from support import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -17,14 +17,6 @@ pytestmark = pytest.mark.redis
 def _fallback(server: RedisServer, prefix: str, **kwargs: object) -> qg.FallbackStorage:
     primary = qg.RedisStorage(server.url, prefix=prefix, timeout=0.1)
     return qg.FallbackStorage(primary, probe_interval=0.05, max_probe_interval=0.1, **kwargs)  # type: ignore[arg-type]
-
-
-async def _until(predicate: object, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not predicate():  # type: ignore[operator]
-        assert loop.time() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_outage_falls_back_to_memory_and_returns(
@@ -47,7 +39,7 @@ async def test_outage_falls_back_to_memory_and_returns(
             assert "fallback policy 'memory'" in warnings[0].getMessage()
 
             server.start()
-            await _until(lambda: storage.mode == "redis")
+            await async_wait_until(lambda: storage.mode == "redis", 10, "back on Redis")
             # Back on Redis (restarted empty): decisions are stored there again.
             after = await limiter.hit("k", "5/hour")
             assert after.allowed
@@ -70,9 +62,9 @@ async def test_starting_while_redis_is_down_serves_from_memory(key_prefix: str) 
         assert not (await limiter.hit("k", "1/minute")).allowed
         server.start()
         try:
-            await _until(lambda: storage.mode == "redis")
+            await async_wait_until(lambda: storage.mode == "redis", 10, "back on Redis")
         finally:
-            server.stop()
+            server.close()
 
 
 async def test_policy_allow_admits_everything_while_down(key_prefix: str) -> None:
@@ -122,7 +114,7 @@ async def test_leases_released_during_an_outage_are_released_when_redis_is_back(
                 await limiter.release(lease)  # while the breaker is open
             finally:
                 server.resume()
-            await _until(lambda: storage.mode == "redis")
+            await async_wait_until(lambda: storage.mode == "redis", 10, "back on Redis")
             # The slot was given back on Redis once it answered again.
             assert await limiter.acquire("{a}:conc", 1, ttl=600) is not None
 
@@ -156,7 +148,7 @@ async def test_an_outage_leaves_no_lease_on_redis_and_queues_only_redis_leases(
                 assert {lease.id for lease in storage._unreleased} == {a.id, b.id}
             finally:
                 server.resume()
-            await _until(lambda: storage.mode == "redis")
+            await async_wait_until(lambda: storage.mode == "redis", 10, "back on Redis")
             try:
                 assert await client.zcard(lease_set) == 0  # A and B released there
             finally:

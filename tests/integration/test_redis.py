@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 import quotagate as qg
-from support import RedisServer
+from support import RedisServer, python_env
 
 pytestmark = pytest.mark.redis
 
@@ -74,9 +74,11 @@ async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
 async def test_keys_carry_the_prefix_and_hash_tag(
     redis_server: RedisServer, key_prefix: str
 ) -> None:
+    # Hour-long periods: the states live 60 s and 12 min after the hit (until their buckets are
+    # full again), so both are there when listed. (At 60/minute the first one lived 1 s.)
     async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
         await limiter.hit_many(
-            [qg.Hit("{client-a}:req", "60/minute"), qg.Hit("{client-a}:tok", "10/minute", cost=2)]
+            [qg.Hit("{client-a}:req", "60/hour"), qg.Hit("{client-a}:tok", "10/hour", cost=2)]
         )
         client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
         try:
@@ -85,10 +87,12 @@ async def test_keys_carry_the_prefix_and_hash_tag(
         finally:
             await client.aclose()
     assert keys == [
-        f"{key_prefix}:{{client-a}}:req:60/60s",
-        f"{key_prefix}:{{client-a}}:tok:10/60s",
+        f"{key_prefix}:{{client-a}}:req:60/3600s",
+        f"{key_prefix}:{{client-a}}:tok:10/3600s",
     ]
-    assert all(0 < ttl <= 12_000 for ttl in ttls)  # state expires once the bucket is full again
+    # Each state expires once its bucket is full again: 1 x 60 s, 2 x 360 s.
+    assert 0 < ttls[0] <= 60_000
+    assert 60_000 < ttls[1] <= 720_000
 
 
 async def test_concurrent_callers_are_batched_and_exact(
@@ -102,13 +106,14 @@ async def test_concurrent_callers_are_batched_and_exact(
 
 
 async def test_script_flush_is_survived(redis_server: RedisServer, key_prefix: str) -> None:
+    # 2/hour: the third hit is refused whatever the time between them (one back per 30 min).
     async with qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix)) as limiter:
-        assert (await limiter.hit("k", "2/minute")).allowed
+        assert (await limiter.hit("k", "2/hour")).allowed
         client = aioredis.Redis.from_url(redis_server.url)
         await client.script_flush()
         await client.aclose()
-        assert (await limiter.hit("k", "2/minute")).allowed  # NOSCRIPT -> reloaded, resent
-        assert not (await limiter.hit("k", "2/minute")).allowed
+        assert (await limiter.hit("k", "2/hour")).allowed  # NOSCRIPT -> reloaded, resent
+        assert not (await limiter.hit("k", "2/hour")).allowed
 
 
 async def test_redis_time_is_the_clock(redis_server: RedisServer, key_prefix: str) -> None:
@@ -136,7 +141,9 @@ def test_two_processes_share_one_limit(redis_server: RedisServer, key_prefix: st
         """
     )
     processes = [
-        subprocess.Popen([sys.executable, "-c", worker], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", worker], stdout=subprocess.PIPE, text=True, env=python_env()
+        )
         for _ in range(2)
     ]
     admitted = []

@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# The gateway tests' helpers (QuotagateProcess, metric parsing) are reused, not copied.
-_GATEWAY_TESTS = str(Path(__file__).resolve().parents[1] / "gateway")
-if _GATEWAY_TESTS not in sys.path:
-    sys.path.insert(0, _GATEWAY_TESTS)
-
-from helpers import QuotagateProcess  # noqa: E402
+from support import QuotagateProcess
 
 _FIGURES = pytest.StashKey[list[tuple[str, dict[str, Any]]]]()
 

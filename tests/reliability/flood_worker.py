@@ -5,6 +5,9 @@ by a flood of distinct clients. Prints one JSON object of figures.
     python tests/reliability/flood_worker.py --keys 200000 --ips 200000 --unknown 200000
     python tests/reliability/flood_worker.py --ips 100000 --frozen --max-keys 50000
 
+It imports the installed quotagate; the test that spawns it puts the one under test first on
+PYTHONPATH.
+
 Time is a fake clock: ``--rate`` new clients per simulated second (each request advances it),
 or ``--frozen`` (every client inside one refill window: nothing is reclaimable, the worst case).
 The client addresses are strings in the ASGI scope (loopback addresses); nothing is sent
@@ -17,12 +20,9 @@ import argparse
 import asyncio
 import gc
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import quotagate as qg
 from quotagate.gateway.app import create_app

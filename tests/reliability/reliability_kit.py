@@ -14,19 +14,19 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import QuotagateProcess, metric_samples, sample
 
-from support import RedisServer
+from helpers import metric_samples, sample
+from quotagate.testing import wait_until
+from support import QuotagateProcess, RedisServer
 
 __all__ = [
     "KEY_FREE",
@@ -42,10 +42,8 @@ __all__ = [
     "check_request_burst",
     "completion_burst",
     "config_text",
-    "deadline_poll",
     "gateways",
     "http_client",
-    "kill_hard",
     "metrics_of",
     "percentile",
     "proc_kib",
@@ -55,7 +53,6 @@ __all__ = [
     "render",
     "run_load",
     "sample",
-    "wait_until",
     "warm",
 ]
 
@@ -109,16 +106,17 @@ requests = "100000/minute"
 
 
 class Gateway(QuotagateProcess):
-    """``python -m quotagate serve --config FILE`` on a free loopback port."""
+    """``python -m quotagate serve --config FILE`` on a free loopback port, its config and log
+    in ``directory``; no QUOTAGATE_* variable of the caller's shell changes the tested config."""
 
     def __init__(self, config: str, directory: Path, *, name: str = "gateway") -> None:
         path = directory / f"{name}.toml"
         path.write_text(config, "utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("QUOTAGATE_")}
-        super().__init__("serve", "--config", str(path), "--port", "{port}")
-        self.env = env  # no QUOTAGATE_* from the caller's shell changes the tested config
-        self.log.unlink(missing_ok=True)
-        self.log = directory / f"{name}.log"  # beside its config, removed with the test's dir
+        super().__init__(
+            "serve", "--config", str(path), "--port", "{port}", name=name, env=env,
+            log=directory / f"{name}.log",
+        )  # fmt: skip
 
     @property
     def pid(self) -> int:
@@ -128,21 +126,9 @@ class Gateway(QuotagateProcess):
     def rss_kib(self) -> int:
         return proc_kib(self.pid, "VmRSS")
 
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no release of anything held."""
-        assert self.process is not None
-        kill_hard(self.process)
-        self.process = None
-
     def count(self, text: str) -> int:
         """How many lines of this process's output contain ``text``."""
         return sum(text in line for line in self.output().splitlines())
-
-
-def kill_hard(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=10)
 
 
 def proc_kib(pid: int, field_name: str = "VmRSS") -> int:
@@ -168,28 +154,6 @@ async def ratelimit_of(client: httpx.AsyncClient, base: str, key: str) -> dict[s
     for entry in response.json()["limits"]:
         out.setdefault(entry["name"], entry)
     return out
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], seconds: float, what: str = "condition"
-) -> float:
-    """Poll ``condition`` every 20 ms until it holds; returns the seconds it took."""
-    started = time.monotonic()
-    while not await condition():
-        if time.monotonic() - started > seconds:
-            raise AssertionError(f"{what} did not hold within {seconds} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - started
-
-
-def deadline_poll(condition: Callable[[], bool], seconds: float, what: str = "condition") -> float:
-    """Synchronous ``wait_until``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > seconds:
-            raise AssertionError(f"{what} did not hold within {seconds} s")
-        time.sleep(0.02)
-    return time.monotonic() - started
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -408,12 +372,11 @@ class RedisCluster:
                     return False
             return True
 
-        deadline_poll(ready, 30, "cluster_state:ok on every node")
+        wait_until(ready, 30, "cluster_state:ok on every node")
 
     def stop(self) -> None:
         for node in self.nodes:
-            node.stop()
-            shutil.rmtree(node.dir, ignore_errors=True)
+            node.close()
 
     def command_calls(self, command: str) -> int:
         """Calls of ``command`` (e.g. ``evalsha``) summed over every node (INFO commandstats)."""

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from support import python_env
+
 pytestmark = pytest.mark.reliability
 
 WORKER = str(Path(__file__).with_name("flood_worker.py"))
@@ -31,6 +33,7 @@ async def flood(*args: str) -> dict[str, Any]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        env=python_env(),
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout=500)

@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import QuotagateProcess
 from reliability_kit import (
     KEY_STREAM,
     Gateway,
@@ -30,11 +29,11 @@ from reliability_kit import (
     ratelimit_of,
     render,
     sample,
-    wait_until,
 )
 
 import quotagate as qg
-from support import RedisServer, UvicornServer
+from quotagate.testing import async_wait_until
+from support import QuotagateProcess, RedisServer, UvicornServer, python_env
 
 pytestmark = pytest.mark.reliability
 
@@ -57,7 +56,6 @@ key = "{KEY_STREAM}"
 tier = "stream"
 """
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 _EVENT = re.compile(rb"data: ([^\n]*)\n\n")
 
 
@@ -159,7 +157,7 @@ async def test_a_thousand_streams_abandoned_at_random_points_leak_nothing(
                 state = await ratelimit_of(http, gateway.url, KEY_STREAM)
                 return bool(state["concurrency"]["remaining"] == CONCURRENCY)
 
-            settle_seconds = await wait_until(all_released, 15, "every lease released")
+            settle_seconds = await async_wait_until(all_released, 15, "every lease released")
             state = await ratelimit_of(http, gateway.url, KEY_STREAM)
             metrics = await metrics_of(http, gateway.url)
         log = gateway.output()
@@ -224,7 +222,7 @@ async def settled(http: httpx.AsyncClient, base: str) -> dict[str, Any]:
     async def released() -> bool:
         return bool((await ratelimit_of(http, base, KEY_STREAM))["concurrency"]["remaining"] == 4)
 
-    await wait_until(released, 10, "lease released")
+    await async_wait_until(released, 10, "lease released")
     return await ratelimit_of(http, base, KEY_STREAM)
 
 
@@ -254,7 +252,7 @@ async def test_upstream_killed_mid_stream_and_mid_request(
                         metrics = await metrics_of(http, gateway.url)
                         return sample(metrics, "quotagate_in_flight", tier="u") == 2
 
-                    await wait_until(both_in_flight, 10, "both requests in flight")
+                    await async_wait_until(both_in_flight, 10, "both requests in flight")
                     assert upstream.process is not None
                     os.kill(upstream.process.pid, signal.SIGKILL)
                     upstream.process.wait(timeout=10)
@@ -267,8 +265,7 @@ async def test_upstream_killed_mid_stream_and_mid_request(
                 after_kill = await http.post(url, json=body, headers=headers)
                 state = await settled(http, gateway.url)
     finally:
-        upstream.stop()
-        upstream.log.unlink(missing_ok=True)
+        upstream.close()
     events = _EVENT.findall(received)
     error_event = json.loads(events[-1])
     words = words_in(received)
@@ -374,7 +371,7 @@ async def test_leases_of_a_sigkilled_gateway_expire_after_their_ttl(
                 state = await ratelimit_of(http, b.url, KEY_STREAM)
                 return bool(state["concurrency"]["remaining"] == 0)
 
-            await wait_until(both_held, 10, "both slots held through A")
+            await async_wait_until(both_held, 10, "both slots held through A")
             acquired_by = time.monotonic()
             a.kill()
             killed_at = time.monotonic()
@@ -389,7 +386,7 @@ async def test_leases_of_a_sigkilled_gateway_expire_after_their_ttl(
                 state = await ratelimit_of(http, b.url, KEY_STREAM)
                 return bool(state["concurrency"]["remaining"] == 2)
 
-            await wait_until(slots_back, ttl + 10, "the leases expired")
+            await async_wait_until(slots_back, ttl + 10, "the leases expired")
             back_at = time.monotonic()
             served = await http.post(
                 f"{b.url}/v1/completions", json=body, headers={"X-API-Key": KEY_STREAM}
@@ -440,7 +437,7 @@ async def test_library_leases_of_a_sigkilled_worker_expire_after_their_ttl(
         redis_server.url,
         key_prefix,
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": SRC},
+        env=python_env(),
     )
     try:
         assert worker.stdout is not None
@@ -456,6 +453,7 @@ async def test_library_leases_of_a_sigkilled_worker_expire_after_their_ttl(
     limiter = qg.RateLimiter(qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=2.0))
     async with limiter:
         refused = await limiter.acquire("worker-slots", 3, ttl=2.0)
+        asked_after = time.monotonic() - held_at
 
         async def free_again() -> bool:
             lease = await limiter.acquire("worker-slots", 3, ttl=2.0)
@@ -463,9 +461,11 @@ async def test_library_leases_of_a_sigkilled_worker_expire_after_their_ttl(
                 await limiter.release(lease)
             return lease is not None
 
-        await wait_until(free_again, 10, "a slot after the TTL")
+        await async_wait_until(free_again, 10, "a slot after the TTL")
         back_after = time.monotonic() - held_at
     figures.update(lease_ttl_s=2.0, refused_right_after_kill=refused is None,
                    slot_back_after_s=round(back_after, 2))  # fmt: skip
-    assert refused is None
+    # Refused while the dead worker's leases last (taken before ``held_at``, for 2 s); a machine
+    # too slow to ask within those 2 s finds them expired, as it should.
+    assert refused is None or asked_after >= 2.0, asked_after
     assert back_after <= 2.0 + 1.0

@@ -21,10 +21,10 @@ from reliability_kit import (
     gateways,
     http_client,
     ratelimit_of,
-    wait_until,
     warm,
 )
 
+from quotagate.testing import async_wait_until
 from support import RedisServer
 
 pytestmark = [pytest.mark.reliability, pytest.mark.redis]
@@ -160,16 +160,16 @@ async def test_two_instances_release_every_lease_of_a_burst(
                 modes = [(await client.get(f"{g.url}/health")).json() for g in instances]
                 return all(m["storage"] == "redis" for m in modes)
 
-            await wait_until(on_redis, 10, "both instances on Redis")
+            await async_wait_until(on_redis, 10, "both instances on Redis")
 
             async def released() -> bool:
                 state = await ratelimit_of(client, instances[0].url, KEY_PRO)
                 return bool(state["concurrency"]["remaining"] == LEASES)
 
             try:
-                await wait_until(released, 5, "every lease released")
+                await async_wait_until(released, 5, "every lease released")
                 held = 0
-            except AssertionError:
+            except TimeoutError:
                 held = (
                     LEASES
                     - (await ratelimit_of(client, instances[0].url, KEY_PRO))["concurrency"][

@@ -5,8 +5,6 @@ policies. The load is closed-loop, bounded in count and time, and every request 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +24,9 @@ from reliability_kit import (
     percentile,
     run_load,
     sample,
-    wait_until,
 )
 
+from quotagate.testing import async_wait_until
 from support import RedisServer
 
 pytestmark = [pytest.mark.reliability, pytest.mark.redis]
@@ -45,7 +43,7 @@ concurrency = 1000
 default_max_tokens = 30
 
 [tiers.free]
-requests = "3/minute"
+requests = "3/day"
 
 [[keys]]
 key = "{KEY_PRO}"
@@ -84,18 +82,11 @@ async def storage_mode(client: httpx.AsyncClient, base: str) -> str:
     return str(response.json()["storage"])
 
 
-def kill_redis(redis: RedisServer) -> None:
-    assert redis.process is not None
-    os.kill(redis.process.pid, signal.SIGKILL)
-    redis.process.wait(timeout=10)
-    redis.process = None
-
-
 async def answers_reach(result: LoadResult, count: int, seconds: float = 20) -> None:
     async def enough() -> bool:
         return len(result.sent) >= count
 
-    await wait_until(enough, seconds, f"{count} answers")
+    await async_wait_until(enough, seconds, f"{count} answers")
 
 
 async def test_redis_killed_mid_load_no_5xx_one_warning_and_back_within_5_s(
@@ -118,13 +109,13 @@ async def test_redis_killed_mid_load_no_5xx_one_warning_and_back_within_5_s(
             )
             try:
                 await answers_reach(result, 300)
-                kill_redis(redis)
+                redis.kill()  # SIGKILL
                 killed_at, before_kill = time.monotonic(), len(result.sent)
 
                 async def in_fallback() -> bool:
                     return await storage_mode(client, gateway.url) == "fallback"
 
-                detected = await wait_until(in_fallback, 5, "fallback mode")
+                detected = await async_wait_until(in_fallback, 5, "fallback mode")
                 metrics = await metrics_of(client, gateway.url)
                 assert sample(metrics, "quotagate_storage_mode", mode="fallback") == 1
                 assert sample(metrics, "quotagate_storage_mode", mode="redis") == 0
@@ -136,7 +127,7 @@ async def test_redis_killed_mid_load_no_5xx_one_warning_and_back_within_5_s(
                 async def back_on_redis() -> bool:
                     return await storage_mode(client, gateway.url) == "redis"
 
-                recovered = await wait_until(back_on_redis, 5, "back to shared mode")
+                recovered = await async_wait_until(back_on_redis, 5, "back to shared mode")
                 outage_answers = len(result.sent) - before_kill
                 await answers_reach(result, len(result.sent) + 300)
                 metrics = await metrics_of(client, gateway.url)
@@ -199,7 +190,7 @@ async def test_redis_paused_p99_stays_under_the_timeout_plus_50_ms(
                 async def back_on_redis() -> bool:
                     return await storage_mode(client, gateway.url) == "redis"
 
-                recovered = await wait_until(back_on_redis, 10, "back to shared mode")
+                recovered = await async_wait_until(back_on_redis, 10, "back to shared mode")
                 await answers_reach(result, len(result.sent) + 300)
             finally:
                 stop.set()
@@ -257,9 +248,9 @@ async def test_fallback_policy_while_redis_is_down(
                     headers={"X-API-Key": KEY_FREE},
                 )
 
-            up = [await free_request() for _ in range(4)]  # free: 3/minute on Redis
+            up = [await free_request() for _ in range(4)]  # free: 3/day on Redis (no refill)
             assert [r.status_code for r in up] == [200, 200, 200, 429]
-            kill_redis(redis)
+            redis.kill()  # SIGKILL
             down = [await free_request() for _ in range(10)]
             metrics = await metrics_of(client, gateway.url)
             redis.start()
@@ -267,7 +258,7 @@ async def test_fallback_policy_while_redis_is_down(
             async def back_on_redis() -> bool:
                 return await storage_mode(client, gateway.url) == "redis"
 
-            recovered = await wait_until(back_on_redis, 5, "back to shared mode")
+            recovered = await async_wait_until(back_on_redis, 5, "back to shared mode")
             back = await free_request()  # Redis restarted empty: a fresh bucket
     statuses = [r.status_code for r in down]
     figures.update(
@@ -288,7 +279,7 @@ async def test_fallback_policy_while_redis_is_down(
         assert sample(metrics, "quotagate_rejections_total", tier="free", limit="storage") == 10
         assert sample(metrics, "quotagate_unlimited_decisions_total", tier="free") == 0
     else:
-        # Past the tier's 3/minute, and every one counted as unlimited.
+        # Past the tier's 3/day, and every one counted as unlimited.
         assert statuses == [200] * 10
         assert sample(metrics, "quotagate_unlimited_decisions_total", tier="free") == 10
 
@@ -303,7 +294,7 @@ async def test_health_reports_fallback_under_the_deny_policy(
     with RedisServer() as redis, gateways(Gateway(fault_config(redis, "deny"), tmp_path)) as gs:
         async with http_client() as client:
             assert (await client.get(f"{gs[0].url}/health")).json()["storage"] == "redis"
-            kill_redis(redis)
+            redis.kill()  # SIGKILL
             health = await client.get(f"{gs[0].url}/health")
             metrics = await metrics_of(client, gs[0].url)
     figures.update(health_status_while_down=health.status_code, health_body=health.text)

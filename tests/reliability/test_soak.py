@@ -157,8 +157,7 @@ async def test_soak_mixed_load_at_70_percent_of_capacity(
                 windows.append(window)
     finally:
         if redis is not None:
-            redis.stop()
-            shutil.rmtree(redis.dir, ignore_errors=True)
+            redis.close()
     first, last = windows[0], windows[-1]
     rss_growth = (last["rss_mib"] - first["rss_mib"]) / first["rss_mib"]
     figures.update(

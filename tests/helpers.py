@@ -1,5 +1,7 @@
-"""Shared helpers of the gateway tests: configs from TOML text, the app in process with its
-lifespan, real ``quotagate`` processes on free ports, and upstreams made of httpx.MockTransport."""
+"""Helpers of the gateway tests (and of the reliability tests, which drive the same gateway):
+configs from TOML text, the app in process with its lifespan, ``quotagate`` CLI runs, upstreams
+made of httpx.MockTransport, and Prometheus text parsed. Processes, ports and polling are
+``quotagate.testing``'s (through ``support``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,7 +27,6 @@ from quotagate.gateway.backends.openai import OpenAIBackend
 from quotagate.gateway.config import GatewayConfig, load_config
 from quotagate.gateway.schemas import validate_body
 from quotagate.gateway.tokens import prompt_tokens
-from support import ServerProcess, free_port
 
 __all__ = [
     "ALICE",
@@ -34,7 +34,6 @@ __all__ = [
     "BOB",
     "CAROL",
     "NATURAL_LENGTH",
-    "QuotagateProcess",
     "RecordingUpstream",
     "base_config",
     "chat_prompt",
@@ -50,7 +49,6 @@ __all__ = [
     "sample",
     "sse_events",
     "until",
-    "wait_for",
 ]
 
 UPSTREAM_URL = "http://upstream.test/v1"
@@ -246,18 +244,6 @@ def sse_events(text: str) -> list[str]:
     ]
 
 
-class QuotagateProcess(ServerProcess):
-    """``python -m quotagate ARGS`` as a real process (serve, or mock): ``{port}`` in ARGS
-    becomes its port."""
-
-    def __init__(self, *args: str, port: int | None = None, env: dict[str, str] | None = None):
-        port = port if port is not None else free_port()
-        self.args = [a.replace("{port}", str(port)) for a in args]
-        super().__init__(
-            [sys.executable, "-m", "quotagate", *self.args], port=port, name="quotagate", env=env
-        )
-
-
 def run_cli(
     *args: str, env: dict[str, str] | None = None, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -289,15 +275,6 @@ def sample(
 ) -> float:
     """One sample's value; 0 when absent (a counter never incremented)."""
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:
-    """Poll an async ``condition`` until it holds, failing after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition did not hold in time")
-        await asyncio.sleep(0.01)
 
 
 async def until(condition: Callable[[], bool]) -> None:
