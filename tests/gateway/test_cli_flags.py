@@ -19,7 +19,8 @@ from quotagate.cli import main
 from quotagate.errors import ConfigError
 from quotagate.gateway import server
 from quotagate.gateway.config import GatewayConfig, load_config
-from quotagate.identity import hash_api_key, key_client_id, mask_key
+from quotagate.identity import hash_api_key, mask_key
+from quotagate.keys import key_client_id
 
 GOOD = """
 [server]

@@ -25,7 +25,8 @@ from reliability_kit import (
     warm,
 )
 
-from quotagate.identity import hash_api_key, key_client_id
+from quotagate.identity import hash_api_key
+from quotagate.keys import key_client_id
 
 pytestmark = [pytest.mark.reliability, pytest.mark.redis]
 
