@@ -106,9 +106,9 @@ the mock's, which get it from ``uvicorn[standard]``; the table says which parser
 ``--quick`` is a smoke run: 2 s per load, 1 round (about 40 s without LiteLLM). ``--json``
 prints the results as JSON on stdout (the table then goes to stderr). Needs ``wrk`` and
 ``taskset`` on PATH and two cores. This folder holds ``http.py``, which shadows the stdlib
-``http`` package for this script, so it imports nothing that needs it (no httpx, no urllib, no
-quotagate: its ``free_port`` and process runner are the script's own): the start-up check's
-client is raw asyncio.
+``http`` package for this script, so it imports nothing that needs it (no httpx, no urllib):
+its ports and processes come from ``quotagate.testing`` (standard library only), and the
+start-up check's client is raw asyncio.
 """
 
 from __future__ import annotations
@@ -120,12 +120,10 @@ import functools
 import json
 import os
 import platform
-import re
 import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -137,6 +135,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TextIO
+
+from quotagate.testing import ServerProcess, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -186,26 +186,6 @@ def load_name(kind: str, connections: int) -> str:
 # --- processes ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_status(port: int, path: str, timeout: float = 1.0) -> int | None:
-    """The status of ``GET path``, or None when nothing answers HTTP on the port."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-            sock.sendall(request.encode())
-            head = sock.recv(64)
-    except OSError:
-        return None
-    match = re.match(rb"HTTP/1\.[01] (\d{3})", head)
-    return int(match.group(1)) if match else None
-
-
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Our environment without anything that would change a server's setup behind our back."""
     dropped = ("QUOTAGATE_", "LITELLM_", "GATEWAY_BENCH_", "REDIS_", "DATABASE_URL")
@@ -214,88 +194,49 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-@dataclass
-class Server:
-    """A server child process on a free loopback port, pinned to ``core``.
+class Server(ServerProcess):
+    """A server child process on a free loopback port, pinned to ``core`` (``taskset``), in a
+    session of its own (stopping it by its pid stops what it spawned, and nothing else), ready
+    once ``ready_path`` answers HTTP."""
 
-    ``command`` builds the argv for a port. Started in its own session, so that stopping it (by
-    its pid, TERM then KILL) also stops anything it spawned, and nothing else.
-    """
+    def __init__(
+        self,
+        name: str,
+        command: Callable[[int], list[str]],
+        ready_path: str,
+        core: int,
+        log: Path,
+        cwd: Path,
+        env: dict[str, str],
+        startup_timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            ["taskset", "-c", str(core)],
+            name=name,
+            env=env,
+            cwd=cwd,
+            log=log,
+            startup_timeout=startup_timeout,
+            port_retries=2,
+            new_session=True,
+            stop_timeout=15.0,
+        )
+        self.build = command
+        self.ready_path = ready_path
+        self.core = core
 
-    name: str
-    command: Callable[[int], list[str]]
-    ready_path: str
-    core: int
-    log: Path
-    cwd: Path
-    env: dict[str, str]
-    startup_timeout: float = 30.0
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    def command(self) -> list[str]:
+        return [*self.argv, *self.build(self.port)]
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def start(self) -> None:
-        """Start and wait until it answers HTTP; a port taken meanwhile is retried once more."""
-        for _ in range(3):
-            self.port = free_port()
-            argv = ["taskset", "-c", str(self.core), *self.command(self.port)]
-            with self.log.open("ab") as out:
-                self.proc = subprocess.Popen(
-                    argv,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=self.cwd,
-                    env=self.env,
-                    start_new_session=True,
-                )
-            if self._wait_ready():
-                return
-            self.stop()
-            if "address already in use" not in self.log_tail(5).lower():
-                break
-        raise RuntimeError(f"{self.name} did not start:\n{self.log_tail(15)}")
-
-    def _wait_ready(self) -> bool:
-        assert self.proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            if http_status(self.port, self.ready_path) is not None:
-                return True
-            time.sleep(0.1)
-        return False
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def ready(self) -> bool:
+        return http_status(self.port, self.ready_path) is not None
 
     def cpu_seconds(self) -> float:
         """utime + stime of the process so far (0 once it is gone)."""
         return process_cpu(self.pid)
 
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)  # its own session: pgid == pid
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-
     def log_tail(self, lines: int) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+        return "\n".join([line for line in self.output().splitlines() if line.strip()][-lines:])
 
 
 @dataclass
@@ -591,8 +532,8 @@ def mock_argv(port: int) -> list[str]:
     return [*argv, "--tokens-per-second", "0"]
 
 
-def quotagate_argv(config: Path, port: int) -> list[str]:
-    argv = [sys.executable, "-m", "quotagate", "serve", "--config", str(config)]
+def quotagate_argv(python: str, config: Path, port: int) -> list[str]:
+    argv = [python, "-m", "quotagate", "serve", "--config", str(config)]
     return [*argv, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
 
 
@@ -1136,7 +1077,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             config.write_text(quotagate_config(mock.port, key))
             gateway = Server(
                 "quotagate",
-                functools.partial(quotagate_argv, config),
+                functools.partial(quotagate_argv, args.quotagate_python, config),
                 "/health",
                 PROXY_CORE,
                 workdir / "quotagate.log",
@@ -1277,6 +1218,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk load")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--quotagate-python",
+        default=sys.executable,
+        help="the Python whose quotagate is measured (another checkout's venv: a before/after"
+        " comparison on the same harness); default: this one",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per load, 1 round")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")
     parser.add_argument(
