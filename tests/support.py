@@ -7,6 +7,7 @@ the environment for a Python child process; a stopwatch for counts that refill i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -14,10 +15,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Self
 
 import httpx
+import redis.asyncio as aioredis
 
 import quotagate
 from quotagate.testing import QuotagateProcess, ServerProcess, free_port
@@ -145,3 +148,40 @@ class Stopwatch:
         """Whole emission intervals of ``interval`` seconds in the block: how many units a
         limit can have regained while it ran."""
         return int(self.seconds // interval)
+
+
+#: Sent once per new connection, not per decision.
+_HANDSHAKE = {"HELLO", "CLIENT", "SELECT", "AUTH"}
+
+
+async def top_level_commands(url: str, work: Callable[[], Awaitable[None]]) -> list[str]:
+    """The commands clients sent to the Redis at ``url`` while ``work`` ran (MONITOR; what
+    scripts call inside, and connection handshakes, left out). Markers sent before and after
+    bound the window: no sleeping for MONITOR to start."""
+    client = aioredis.Redis.from_url(url)
+    seen: list[str] = []
+    marker = asyncio.Event()
+    try:
+        async with client.monitor() as monitor:
+
+            async def collect() -> None:
+                while True:
+                    entry = await monitor.next_command()
+                    name = entry["command"].split()[0].upper()
+                    if entry.get("client_type") != "lua" and name not in _HANDSHAKE:
+                        seen.append(name)
+                    if name == "ECHO":
+                        marker.set()
+
+            collector = asyncio.create_task(collect())
+            await client.execute_command("ECHO", "start")
+            await asyncio.wait_for(marker.wait(), 10)
+            marker.clear()
+            await work()
+            await client.execute_command("ECHO", "done")
+            await asyncio.wait_for(marker.wait(), 10)
+            collector.cancel()
+    finally:
+        await client.aclose()
+    start = seen.index("ECHO")
+    return seen[start + 1 : seen.index("ECHO", start + 1)]

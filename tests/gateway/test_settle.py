@@ -4,16 +4,13 @@ MONITOR) and one function call in memory (ARCHITECTURE: "a second call at most")
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
-from helpers import ALICE, NATURAL_LENGTH, base_config, completion_prompt, gateway_app, in_process
 
 import quotagate as qg
-from support import RedisServer
+from helpers import ALICE, NATURAL_LENGTH, base_config, completion_prompt, gateway_app, in_process
+from support import RedisServer, top_level_commands
 
 MODEL_TOKENS = """
 [tiers.free.models."big-model"]
@@ -21,36 +18,6 @@ tokens = "100/minute"
 """
 BODY = {"model": "big-model", "prompt": "Say hi", "max_tokens": 60}
 USED = completion_prompt("Say hi") + NATURAL_LENGTH
-
-
-async def _commands(url: str, work: Callable[[], Awaitable[None]]) -> list[str]:
-    """The commands clients sent while ``work`` ran, script internals excluded."""
-    client = aioredis.Redis.from_url(url)
-    seen: list[str] = []
-    marker = asyncio.Event()
-    try:
-        async with client.monitor() as monitor:
-
-            async def collect() -> None:
-                while True:
-                    entry = await monitor.next_command()
-                    name = entry["command"].split()[0].upper()
-                    if entry.get("client_type") != "lua":
-                        seen.append(name)
-                    if name == "ECHO":
-                        marker.set()
-
-            collector = asyncio.create_task(collect())
-            await client.execute_command("ECHO", "start")
-            await asyncio.wait_for(marker.wait(), 10)
-            marker.clear()
-            await work()
-            await client.execute_command("ECHO", "done")
-            await asyncio.wait_for(marker.wait(), 10)
-            collector.cancel()
-    finally:
-        await client.aclose()
-    return seen[seen.index("ECHO") + 1 : len(seen) - 1]
 
 
 @pytest.mark.redis
@@ -67,7 +34,7 @@ async def test_settling_tokens_model_tokens_and_a_lease_is_one_evalsha(
             response = await client.post("/v1/completions", json=BODY, headers=headers)
             assert response.status_code == 200, response.text
 
-        commands = await _commands(redis_server.url, one_request)
+        commands = await top_level_commands(redis_server.url, one_request)
         state = (await client.get("/v1/ratelimit", headers=headers)).json()
     # The decision (requests, tokens, model tokens, lease) and the settlement: nothing else,
     # no ZREM of its own for the lease, no call per token limit.

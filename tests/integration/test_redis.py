@@ -7,48 +7,15 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 import uvloop
 
 import quotagate as qg
-from support import RedisServer, python_env
+from support import RedisServer, python_env, top_level_commands
 
 pytestmark = pytest.mark.redis
-
-
-# Sent once per new connection, not per decision.
-_HANDSHAKE = {"HELLO", "CLIENT", "SELECT", "AUTH"}
-
-
-async def _top_level_commands(url: str, work: Callable[[], Awaitable[None]]) -> list[str]:
-    """Commands clients sent while ``work`` ran (MONITOR; script internals excluded)."""
-    client = aioredis.Redis.from_url(url)
-    seen: list[str] = []
-    marker_seen = asyncio.Event()
-    try:
-        async with client.monitor() as monitor:
-
-            async def collect() -> None:
-                while True:
-                    entry = await monitor.next_command()
-                    name = entry["command"].split()[0].upper()
-                    if entry.get("client_type") != "lua" and name not in _HANDSHAKE:
-                        seen.append(name)
-                    if name == "ECHO":
-                        marker_seen.set()
-
-            collector = asyncio.create_task(collect())
-            await asyncio.sleep(0.05)
-            await work()
-            await client.execute_command("ECHO", "done")  # a marker we wait for
-            await asyncio.wait_for(marker_seen.wait(), 10)
-            collector.cancel()
-    finally:
-        await client.aclose()
-    return seen[: seen.index("ECHO")]
 
 
 async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
@@ -67,7 +34,7 @@ async def test_one_evalsha_per_decision_whatever_the_number_of_limits(
                     acquire=qg.Acquire("{c}:conc", 100),
                 )
 
-        commands = await _top_level_commands(redis_server.url, work)
+        commands = await top_level_commands(redis_server.url, work)
     assert commands == ["EVALSHA"] * 20
 
 
