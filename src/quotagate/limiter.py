@@ -15,9 +15,8 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from ._types import Algorithm, Clock, Reason
 from .algorithms import Verdict
@@ -41,12 +40,12 @@ _REASONS: tuple[Reason, ...] = ("allowed", "limited", "too_large", "unavailable"
 assert len(_REASONS) == len(Verdict)
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
     """One key checked against one or more rates, at a cost (1 for a request, N for tokens).
 
     ``name`` says what the limit is (``requests``, ``tokens``, ...); it comes back on the
     ``LimitState`` of each rate. In ``RateLimiter.settle`` the cost is a signed charge.
+    An immutable named tuple, as decisions are: several are built for every request.
     """
 
     key: str
@@ -56,8 +55,7 @@ class Hit:
     name: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Acquire:
+class Acquire(NamedTuple):
     """Ask for a concurrency slot in the same decision: at most ``limit`` holders of ``key``,
     each lease expiring after ``ttl`` seconds unless released sooner. ``ttl=0`` only reads
     (how many slots are free) and takes none."""

@@ -10,6 +10,7 @@ anonymous tier, counted by client address (trusted proxies honoured); anything e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastapi.responses import Response
 from starlette.types import Scope
@@ -90,8 +91,7 @@ class Refusal:
         return error(401, self.code, self.message)
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(NamedTuple):
     """The engine's view of a request: what it is charged (``requests`` cost 1, ``tokens``
     the reservation) and the concurrency slot it holds."""
 
