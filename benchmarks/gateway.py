@@ -10,6 +10,11 @@ that answers at once):
                no run comes near: requests "10000000/minute", tokens "1000000000/minute",
                concurrency 1000; ``[backend] max_concurrency = 1000`` (above every load's
                connections), ``--log-level warning`` (no access log)
+    floor      ``benchmarks/gateway_floor.py`` under the same uvicorn (httptools, uvloop): a bare
+               ASGI app that reads the body, sends it upstream on quotagate's HTTP/1.1 pool and
+               answers with what came back; no identity, parsing, limits, headers or metrics.
+               The least any proxy on this stack can spend: quotagate's own work is what it
+               spends above this
     litellm    LiteLLM's proxy (``litellm[proxy]`` from PyPI, in its OWN venv, never in .venv;
                ``--litellm PATH`` names its ``litellm`` command or its venv's ``python``),
                configured by ``benchmarks/gateway_litellm_config.yaml``: one ``model_list`` entry
@@ -165,8 +170,8 @@ TIER_REQUESTS = "10000000/minute"
 TIER_TOKENS = "1000000000/minute"
 TIER_CONCURRENCY = 1000
 BACKEND_MAX_CONCURRENCY = 1000
-VARIANTS = ("direct", "quotagate", "litellm")
-PROXIES = ("quotagate", "litellm")
+VARIANTS = ("direct", "quotagate", "floor", "litellm")
+PROXIES = ("quotagate", "floor", "litellm")
 WARMUP_SECONDS = 1
 WARMUP_CONNECTIONS = 50
 CHECK_SECONDS = 1
@@ -530,6 +535,12 @@ def sse_events(body: str) -> int:
 def mock_argv(port: int) -> list[str]:
     argv = [sys.executable, "-m", "quotagate", "mock", "--port", str(port)]
     return [*argv, "--tokens-per-second", "0"]
+
+
+def floor_argv(python: str, port: int) -> list[str]:
+    argv = [python, "-m", "uvicorn", "gateway_floor:app", "--app-dir", str(ROOT / "benchmarks")]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--loop", "uvloop", "--http", "httptools"]
+    return [*argv, "--no-access-log", "--log-level", "warning"]
 
 
 def quotagate_argv(python: str, config: Path, port: int) -> list[str]:
@@ -1088,6 +1099,21 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             gateway.start()
             log(f"quotagate gateway: pid {gateway.pid}, port {gateway.port}, core 0", out)
             columns["quotagate"] = Column("quotagate", gateway.port, gateway, mock)
+
+        if "floor" in wanted:
+            floor = Server(
+                "floor",
+                functools.partial(floor_argv, args.quotagate_python),
+                "/health",
+                PROXY_CORE,
+                workdir / "floor.log",
+                workdir,
+                env | {"GATEWAY_FLOOR_UPSTREAM": f"http://127.0.0.1:{mock.port}/v1"},
+            )
+            servers.append(floor)
+            floor.start()
+            log(f"floor proxy: pid {floor.pid}, port {floor.port}, core 0", out)
+            columns["floor"] = Column("floor", floor.port, floor, mock)
 
         if "litellm" in wanted:
             started = start_litellm(args, mock, key, workdir, litellm, servers)
