@@ -11,6 +11,7 @@ storage call, until T has passed.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import os
 import time
@@ -97,6 +98,10 @@ class RateLimiter:
             else None
         )
         self._memory = self.storage if type(self.storage) is MemoryStorage else None
+        # Lease ids: unique among every limiter sharing a storage (a random prefix of this
+        # one's) without a system call per lease (os.urandom was one per request).
+        self._lease_prefix = os.urandom(8).hex() + "."
+        self._lease_serial = itertools.count()
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -225,7 +230,7 @@ class RateLimiter:
         if acquire is not None:
             if acquire.limit < 0 or not acquire.ttl >= 0:
                 raise ConfigError(f"bad concurrency limit or ttl in {acquire!r}")
-            lease_id = os.urandom(8).hex()
+            lease_id = self._lease_prefix + format(next(self._lease_serial), "x")
             keys.append(hash_tagged(acquire.key))
             args += (acquire.limit, round(acquire.ttl * _MICROS), lease_id)
         if self._memory is not None:  # no await needed: one fewer coroutine per decision
