@@ -41,7 +41,7 @@ class RedisServer(ServerProcess):
     """A throwaway ``redis-server`` bound to 127.0.0.1, ready once it answers PING;
     ``stop``/``start`` keep its port (another one only if that was taken meanwhile)."""
 
-    def __init__(self, *extra_args: str) -> None:
+    def __init__(self, *extra_args: str, ports_below: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -51,7 +51,13 @@ class RedisServer(ServerProcess):
         # Made by start() (a server never started leaves nothing), removed by close().
         self.dir = Path(tempfile.gettempdir()) / f"qg-redis-{uuid.uuid4().hex[:12]}"
         self.extra_args = extra_args
-        super().__init__([binary], name="redis-server", startup_timeout=10, port_retries=4)
+        super().__init__(
+            [binary],
+            name="redis-server",
+            startup_timeout=10,
+            port_retries=4,
+            ports_below=ports_below,
+        )
 
     @property
     def url(self) -> str:

@@ -73,12 +73,20 @@ class FakeClock:
 # --- ports ----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
+def free_port(below: int | None = None) -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it; another process may take it
-    before it is used, which ``ServerProcess(port_retries=...)`` survives)."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    before it is used, which ``ServerProcess(port_retries=...)`` survives).
+
+    ``below``: a port under this number (a Redis Cluster node's port must leave room for its
+    bus port, 10,000 higher: at most 55535).
+    """
+    for _ in range(1000):
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if below is None or port < below:
+            return port
+    raise RuntimeError(f"no free loopback port below {below}")
 
 
 def port_open(port: int, timeout: float = 0.2) -> bool:
@@ -194,6 +202,7 @@ class ServerProcess:
         argv: the command; ``{port}`` in an argument becomes the port.
         name: what it is called in errors and in the log file's name.
         port: the port it listens on; None picks a free one.
+        ports_below: free ports are picked under this number (see ``free_port``).
         env: the child's whole environment (as for ``subprocess.Popen``); None: ours.
         cwd: its working directory; None: ours.
         log: the file its output is appended to; None: a temporary file, removed by close().
@@ -213,6 +222,7 @@ class ServerProcess:
         *,
         name: str = "server",
         port: int | None = None,
+        ports_below: int | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None,
         log: Path | None = None,
@@ -224,7 +234,8 @@ class ServerProcess:
     ) -> None:
         self.argv = list(argv)
         self.name = name
-        self.port = free_port() if port is None else port
+        self.ports_below = ports_below
+        self.port = free_port(ports_below) if port is None else port
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
         self.startup_timeout = startup_timeout
@@ -277,7 +288,7 @@ class ServerProcess:
                 taken = "address already in use" in exc.output.lower()
                 if not taken or attempt == self.port_retries:
                     raise
-                self.port = free_port()
+                self.port = free_port(self.ports_below)
 
     def _spawn(self) -> None:
         with self.log.open("ab") as out:

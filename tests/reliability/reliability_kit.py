@@ -320,7 +320,8 @@ class RedisCluster:
     ``redis-cli --cluster create`` (no replicas), ready once every node says cluster_state:ok."""
 
     def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisServer() for _ in range(masters)]
+        # A node's cluster bus listens 10,000 ports above it: Redis refuses a port over 55535.
+        self.nodes = [RedisServer(ports_below=55536) for _ in range(masters)]
         for node in self.nodes:
             node.extra_args = (
                 "--cluster-enabled",

@@ -95,3 +95,8 @@ def test_a_port_given_by_the_caller_is_kept() -> None:
         server.restart()
         assert server.port == port
         assert http_status(port, "/") == 200
+
+
+def test_a_free_port_below_a_bound() -> None:
+    # A Redis Cluster node needs one at most 55535 (its bus port is 10,000 higher).
+    assert all(free_port(below=55536) < 55536 for _ in range(50))
