@@ -10,6 +10,9 @@ that answers at once):
                no run comes near: requests "10000000/minute", tokens "1000000000/minute",
                concurrency 1000; ``[backend] max_concurrency = 1000`` (above every load's
                connections), ``--log-level warning`` (no access log)
+    baseline   the same as quotagate, served by another checkout's quotagate
+               (``--baseline-python PATH``: that checkout's venv python; the column is
+               skipped without it): a before/after comparison interleaved in one run
     floor      ``benchmarks/gateway_floor.py`` under the same uvicorn (httptools, uvloop): a bare
                ASGI app that reads the body, sends it upstream on quotagate's HTTP/1.1 pool and
                answers with what came back; no identity, parsing, limits, headers or metrics.
@@ -170,8 +173,8 @@ TIER_REQUESTS = "10000000/minute"
 TIER_TOKENS = "1000000000/minute"
 TIER_CONCURRENCY = 1000
 BACKEND_MAX_CONCURRENCY = 1000
-VARIANTS = ("direct", "quotagate", "floor", "litellm")
-PROXIES = ("quotagate", "floor", "litellm")
+VARIANTS = ("direct", "quotagate", "baseline", "floor", "litellm")
+PROXIES = ("quotagate", "baseline", "floor", "litellm")
 WARMUP_SECONDS = 1
 WARMUP_CONNECTIONS = 50
 CHECK_SECONDS = 1
@@ -709,7 +712,12 @@ def summarize(
                 values.append(how(xv, yv))
         return statistics.median(values) if values else None
 
-    ratios: dict[str, dict[str, Any]] = {"share": {}, "added_ms": {}, "vs_litellm": {}}
+    ratios: dict[str, dict[str, Any]] = {
+        "share": {},
+        "added_ms": {},
+        "vs_litellm": {},
+        "vs_baseline": {},
+    }
     for load in loads:
         for proxy in PROXIES:
             ratios["share"][f"{proxy} {load}"] = paired(
@@ -725,6 +733,11 @@ def summarize(
             else:
                 factor = paired("litellm", "quotagate", load, metric, lambda lt, q: lt / q)
             ratios["vs_litellm"][f"{load} {metric}"] = factor
+        # This checkout's gateway over the baseline's, per round: CPU per request, req/s.
+        for metric in ("proxy_ms", "rps"):
+            ratios["vs_baseline"][f"{load} {metric}"] = paired(
+                "quotagate", "baseline", load, metric, lambda q, b: q / b
+            )
     return {
         "medians": medians,
         "ratios": ratios,
@@ -904,6 +917,16 @@ def render_table(report: dict[str, Any]) -> str:
                 f"{check['events_min']}-{check['events_max']} SSE events each (expected "
                 f"{check['expected_events']}), {check['done']} ending in [DONE], "
                 f"{_fmt(check['bytes_per_request'], 0)} bytes per request"
+            )
+
+    baseline = ratios["vs_baseline"]
+    if "baseline" in medians and any(v is not None for v in baseline.values()):
+        lines.append("")
+        lines.append("quotagate / baseline (medians of per-round ratios): CPU per request · req/s")
+        for load in loads:
+            lines.append(
+                f"  {load:<15}{_fmt(baseline.get(f'{load} proxy_ms'), 3)} · "
+                f"{_fmt(baseline.get(f'{load} rps'), 3)}"
             )
 
     versus = ratios["vs_litellm"]
@@ -1088,7 +1111,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             config.write_text(quotagate_config(mock.port, key))
             gateway = Server(
                 "quotagate",
-                functools.partial(quotagate_argv, args.quotagate_python, config),
+                functools.partial(quotagate_argv, sys.executable, config),
                 "/health",
                 PROXY_CORE,
                 workdir / "quotagate.log",
@@ -1100,10 +1123,27 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             log(f"quotagate gateway: pid {gateway.pid}, port {gateway.port}, core 0", out)
             columns["quotagate"] = Column("quotagate", gateway.port, gateway, mock)
 
+        if "baseline" in wanted and args.baseline_python:
+            config = workdir / "baseline.toml"
+            config.write_text(quotagate_config(mock.port, key))
+            baseline = Server(
+                "baseline",
+                functools.partial(quotagate_argv, args.baseline_python, config),
+                "/health",
+                PROXY_CORE,
+                workdir / "baseline.log",
+                workdir,
+                env,
+            )
+            servers.append(baseline)
+            baseline.start()
+            log(f"baseline gateway ({args.baseline_python}): pid {baseline.pid}, core 0", out)
+            columns["baseline"] = Column("baseline", baseline.port, baseline, mock)
+
         if "floor" in wanted:
             floor = Server(
                 "floor",
-                functools.partial(floor_argv, args.quotagate_python),
+                functools.partial(floor_argv, sys.executable),
                 "/health",
                 PROXY_CORE,
                 workdir / "floor.log",
@@ -1245,10 +1285,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk load")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--quotagate-python",
-        default=sys.executable,
-        help="the Python whose quotagate is measured (another checkout's venv: a before/after"
-        " comparison on the same harness); default: this one",
+        "--baseline-python",
+        help="another checkout's venv python: its quotagate is the baseline column (before/after"
+        " in one run)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 s per load, 1 round")
     parser.add_argument("--json", action="store_true", help="JSON on stdout, table on stderr")

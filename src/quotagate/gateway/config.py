@@ -29,7 +29,15 @@ from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
 from ..keys import prefix_problem
 from ..rates import parse_rates
-from ..storage import FallbackPolicy, Storage, mask_url, scheme_error, storage_from_url
+from ..storage import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT_MS,
+    FallbackPolicy,
+    Storage,
+    mask_url,
+    scheme_error,
+    storage_from_url,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -124,8 +132,8 @@ class StorageConfig(_Section):
     url: str = "memory://"
     fallback: FallbackPolicy = "memory"
     fallback_share: float = Field(1.0, gt=0, le=1)
-    timeout_ms: int = Field(100, gt=0)
-    prefix: str = "qg"
+    timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, gt=0)
+    prefix: str = DEFAULT_PREFIX
     overlimit_cache: bool = False
 
     @field_validator("url")

@@ -7,10 +7,12 @@ with ``storage_from_url``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError
 from .base import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT_MS,
     FIXED_WINDOW,
     GCRA,
     REDIS_SCHEMES,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from .redis import RedisStorage
 
 __all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_TIMEOUT_MS",
     "FALLBACK_POLICIES",
     "FIXED_WINDOW",
     "GCRA",
@@ -89,43 +93,52 @@ def storage_from_url(
     ``valkey(s)://`` and ``redis+cluster://`` (every scheme: ``SCHEMES``) are Redis, wrapped in
     a ``FallbackStorage`` with policy ``memory`` unless ``fallback`` (argument or ``?fallback=``
     query) says ``allow``, ``deny`` or ``none`` (no fallback: outages raise ``StorageError``).
-    Other query parameters of ours (``URL_PARAMS``): ``fallback_share``, ``timeout_ms``
-    (default 100) and ``prefix`` (default ``qg``).
+    Other query parameters of ours (``URL_PARAMS``): ``fallback_share``, ``timeout_ms`` and
+    ``prefix``; what neither they nor the arguments give is the storage's own default.
 
     Raises:
         ConfigError: unknown scheme or a bad parameter value; the message names it.
     """
     scheme = url_scheme(url)
     rest, params = split_query(url, URL_PARAMS)
-    if scheme in MemoryStorage.SCHEMES:
-        try:
-            max_keys = int(params.get("max_keys", 1_000_000))
-        except ValueError:
-            raise ConfigError(f"max_keys must be an integer, got {params['max_keys']!r}") from None
-        return MemoryStorage(max_keys=max_keys)
-    problem = scheme_error(url)
-    if problem is not None:
-        raise ConfigError(f"unsupported storage URL {mask_url(url)!r}: {problem}")
-    from .redis import RedisStorage
-
-    policy = fallback or params.get("fallback", "memory")
     try:
-        share = (
-            fallback_share
-            if fallback_share is not None
-            else float(params.get("fallback_share", 1.0))
-        )
-        call_timeout = timeout if timeout is not None else int(params.get("timeout_ms", 100)) / 1000
+        if scheme in MemoryStorage.SCHEMES:
+            if "max_keys" not in params:
+                return MemoryStorage()
+            return MemoryStorage(max_keys=_number(params, "max_keys", int))
+        problem = scheme_error(url)
+        if problem is not None:
+            raise ConfigError(f"unsupported storage URL {mask_url(url)!r}: {problem}")
+        from .redis import RedisStorage
+
+        # Only what the arguments or the URL give: the storages' own defaults stand otherwise.
+        redis_options: dict[str, Any] = {}
+        if prefix is not None or "prefix" in params:
+            redis_options["prefix"] = prefix if prefix is not None else params["prefix"]
+        if timeout is not None:
+            redis_options["timeout"] = timeout
+        elif "timeout_ms" in params:
+            redis_options["timeout"] = _number(params, "timeout_ms", int) / 1000
+        fallback_options: dict[str, Any] = {}
+        if fallback_share is not None:
+            fallback_options["share"] = fallback_share
+        elif "fallback_share" in params:
+            fallback_options["share"] = _number(params, "fallback_share", float)
     except ValueError as exc:
         raise ConfigError(f"bad storage URL parameter in {mask_url(url)!r}: {exc}") from None
-    primary = RedisStorage(
-        rest,
-        prefix=prefix if prefix is not None else params.get("prefix", "qg"),
-        timeout=call_timeout,
-    )
+    primary = RedisStorage(rest, **redis_options)
+    policy = fallback or params.get("fallback", "memory")
     if policy == "none":
         return primary
     if policy not in FALLBACK_POLICIES:
         choices = ", ".join((*FALLBACK_POLICIES, "none"))
         raise ConfigError(f"fallback must be one of {choices}, got {policy!r}")
-    return FallbackStorage(primary, policy=policy, share=share)
+    return FallbackStorage(primary, policy=policy, **fallback_options)
+
+
+def _number(params: dict[str, str], name: str, kind: type[int] | type[float]) -> Any:
+    """``params[name]`` as a number, or a ValueError that names the parameter."""
+    try:
+        return kind(params[name])
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {params[name]!r}") from None

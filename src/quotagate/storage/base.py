@@ -16,6 +16,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..decision import Lease
 
 __all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_TIMEOUT_MS",
     "FIXED_WINDOW",
     "GCRA",
     "REDIS_CLUSTER_SCHEMES",
@@ -27,6 +29,11 @@ __all__ = [
     "mask_url",
     "split_query",
 ]
+
+#: The first part of every Redis key, unless configured.
+DEFAULT_PREFIX = "qg"
+#: How long one Redis call may take before it counts as an outage, unless configured.
+DEFAULT_TIMEOUT_MS = 100
 
 #: Algorithm codes on the wire.
 GCRA = 1

@@ -29,7 +29,15 @@ from .._types import Clock
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
 from ..keys import prefix_problem, reset_pattern
-from .base import REDIS_CLUSTER_SCHEMES, REDIS_SCHEMES, Args, StorageMode, mask_url
+from .base import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT_MS,
+    REDIS_CLUSTER_SCHEMES,
+    REDIS_SCHEMES,
+    Args,
+    StorageMode,
+    mask_url,
+)
 from .pipeline import PipelinedConnection, pack_command
 
 __all__ = ["RedisStorage", "load_script"]
@@ -65,8 +73,8 @@ class RedisStorage:
         self,
         url: str = "redis://127.0.0.1:6379/0",
         *,
-        prefix: str = "qg",
-        timeout: float = 0.1,
+        prefix: str = DEFAULT_PREFIX,
+        timeout: float = DEFAULT_TIMEOUT_MS / 1000,
         max_connections: int = 64,
         client: aioredis.Redis | RedisCluster | None = None,
         clock: Clock | None = None,
