@@ -1106,39 +1106,25 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         if "direct" in wanted:
             columns["direct"] = Column("direct", mock.port, None, mock)
 
-        if "quotagate" in wanted:
-            config = workdir / "quotagate.toml"
+        gateways = {"quotagate": sys.executable, "baseline": args.baseline_python}
+        for name, python in gateways.items():
+            if name not in wanted or not python:
+                continue
+            config = workdir / f"{name}.toml"
             config.write_text(quotagate_config(mock.port, key))
             gateway = Server(
-                "quotagate",
-                functools.partial(quotagate_argv, sys.executable, config),
+                name,
+                functools.partial(quotagate_argv, python, config),
                 "/health",
                 PROXY_CORE,
-                workdir / "quotagate.log",
+                workdir / f"{name}.log",
                 workdir,
                 env,
             )
             servers.append(gateway)
             gateway.start()
-            log(f"quotagate gateway: pid {gateway.pid}, port {gateway.port}, core 0", out)
-            columns["quotagate"] = Column("quotagate", gateway.port, gateway, mock)
-
-        if "baseline" in wanted and args.baseline_python:
-            config = workdir / "baseline.toml"
-            config.write_text(quotagate_config(mock.port, key))
-            baseline = Server(
-                "baseline",
-                functools.partial(quotagate_argv, args.baseline_python, config),
-                "/health",
-                PROXY_CORE,
-                workdir / "baseline.log",
-                workdir,
-                env,
-            )
-            servers.append(baseline)
-            baseline.start()
-            log(f"baseline gateway ({args.baseline_python}): pid {baseline.pid}, core 0", out)
-            columns["baseline"] = Column("baseline", baseline.port, baseline, mock)
+            log(f"{name} gateway ({python}): pid {gateway.pid}, port {gateway.port}, core 0", out)
+            columns[name] = Column(name, gateway.port, gateway, mock)
 
         if "floor" in wanted:
             floor = Server(

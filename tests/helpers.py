@@ -30,6 +30,7 @@ from quotagate.gateway.tokens import prompt_tokens
 
 __all__ = [
     "ALICE",
+    "BAD_CONFIG",
     "BASE_CONFIG",
     "BOB",
     "CAROL",
@@ -56,6 +57,25 @@ UPSTREAM_URL = "http://upstream.test/v1"
 ALICE = "sk-alice-0001"  # free tier, a plain key in the config
 BOB = "sk-bob-0002"  # pro tier, configured by its SHA-256 only
 CAROL = "sk-carol-0003"  # free tier
+
+#: A config with four errors, each reported on its own line: storage.url, tiers.free.requests,
+#: tiers.free.concurrency, keys[1].tier.
+BAD_CONFIG = """
+[storage]
+url = "memcached://x"
+
+[tiers.free]
+requests = "sixty per minute"
+concurrency = -1
+
+[[keys]]
+key = "sk-a"
+tier = "free"
+
+[[keys]]
+key = "sk-b"
+tier = "platinum"
+"""
 
 #: Three tiers and three keys; ``{top}`` takes top-level settings, ``{extra}`` more tables.
 BASE_CONFIG = """

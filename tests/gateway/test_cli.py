@@ -14,7 +14,7 @@ import pytest
 import redis
 
 import quotagate as qg
-from helpers import config_from, in_process, limits_of, run_cli
+from helpers import BAD_CONFIG, config_from, in_process, limits_of, run_cli
 from quotagate.gateway.app import create_app
 from quotagate.identity import hash_api_key
 from quotagate.keys import key_client_id
@@ -37,23 +37,6 @@ key = "sk-dev-alice"
 tier = "free"
 """
 
-BAD = """
-[storage]
-url = "memcached://x"
-
-[tiers.free]
-requests = "sixty per minute"
-concurrency = -1
-
-[[keys]]
-key = "sk-a"
-tier = "free"
-
-[[keys]]
-key = "sk-b"
-tier = "platinum"
-"""
-
 
 def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
     path = tmp_path / "good.toml"
@@ -64,7 +47,7 @@ def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
 
 def test_check_config_exits_2_with_every_error_on_its_own_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(BAD, "utf-8")
+    path.write_text(BAD_CONFIG, "utf-8")
     result = run_cli("check-config", str(path))
     assert result.returncode == 2
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
@@ -208,7 +191,7 @@ def test_serve_workers_with_memory_storage_warns_limits_are_per_process(tmp_path
 
 def test_serve_with_a_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(BAD, "utf-8")
+    path.write_text(BAD_CONFIG, "utf-8")
     result = run_cli("serve", "--config", str(path), "--port", str(free_port()))
     assert result.returncode == 2
     assert "tiers.free.requests: " in result.stderr

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
+from helpers import BAD_CONFIG
 from quotagate.cli import main
 from quotagate.errors import ConfigError
 from quotagate.gateway import server
@@ -41,24 +42,6 @@ key = "sk-dev-alice"
 tier = "free"
 """
 
-#: Four errors, each on its own line: storage.url, tiers.free.requests, tiers.free.concurrency,
-#: keys[1].tier.
-BAD = """
-[storage]
-url = "memcached://x"
-
-[tiers.free]
-requests = "sixty per minute"
-concurrency = -1
-
-[[keys]]
-key = "sk-a"
-tier = "free"
-
-[[keys]]
-key = "sk-b"
-tier = "platinum"
-"""
 
 REDIS = '[storage]\nurl = "redis://127.0.0.1:1/0"\nprefix = "flags"\n'
 
@@ -252,7 +235,7 @@ def test_an_unknown_log_level_is_a_usage_error_listing_the_levels(runs: Runs) ->
 def test_serve_with_a_bad_config_exits_2_with_each_error_on_its_own_line(
     runs: Runs, tmp_path: Path
 ) -> None:
-    path = write(tmp_path, BAD)
+    path = write(tmp_path, BAD_CONFIG)
     result = cli("serve", "--config", str(path), "--port", "9000")
     assert result.exit_code == 2
     assert result.stderr.splitlines() == config_error_lines(path)
@@ -312,7 +295,7 @@ def test_check_config_reads_the_file_alone_not_the_environment(
 
 
 def test_check_config_exits_2_with_each_error_on_its_own_line(tmp_path: Path) -> None:
-    path = write(tmp_path, BAD)
+    path = write(tmp_path, BAD_CONFIG)
     result = cli("check-config", str(path))
     assert result.exit_code == 2
     assert result.stderr.splitlines() == config_error_lines(path)
@@ -449,7 +432,7 @@ def test_reset_of_memory_storage_says_to_restart_the_gateway(
 def test_reset_with_a_bad_config_exits_2_with_each_error(
     resets: list[str | None], tmp_path: Path
 ) -> None:
-    path = write(tmp_path, BAD)
+    path = write(tmp_path, BAD_CONFIG)
     result = cli("reset", "--config", str(path), "--yes")
     assert result.exit_code == 2
     assert result.stderr.splitlines() == config_error_lines(path)
