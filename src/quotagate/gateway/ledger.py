@@ -102,17 +102,19 @@ class Ledger:
         tier = admission.caller.tier.name
         delta = charged - admission.reserved
         charges = [_recharged(hit, delta) for hit in admission.limits.tokens] if delta else []
-        await self._settle(admission, charges, f"settling {delta:+d} tokens")
+        await self._settle(admission, charges, "settling %+d tokens", delta)
         self.metrics.tokens(tier, "charged", charged)
         self.metrics.tokens(tier, "refunded", -delta)
 
-    async def _settle(self, admission: Admission, charges: list[Hit], what: str) -> None:
+    async def _settle(
+        self, admission: Admission, charges: list[Hit], what: str, *args: object
+    ) -> None:
         try:
             await self.limiter.settle(charges, admission.decision.lease)
         except StorageError as exc:
             logger.error(
-                "quotagate: storage error while %s (a held slot expires at its deadline): %s",
-                what,
+                f"quotagate: storage error while {what} (a held slot expires at its deadline): %s",
+                *args,
                 exc,
             )
 
