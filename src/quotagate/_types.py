@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-__all__ = ["ASGIApp", "Algorithm", "Clock", "Message", "Reason", "Receive", "Scope", "Send"]
+__all__ = [
+    "LOG_LEVELS",
+    "ASGIApp",
+    "Algorithm",
+    "Clock",
+    "LogLevel",
+    "Message",
+    "Reason",
+    "Receive",
+    "Scope",
+    "Send",
+]
 
 #: The current time in seconds: ``time.time`` in production, a ``FakeClock`` in tests.
 Clock = Callable[[], float]
@@ -24,3 +35,7 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: How much the ``quotagate`` logger says; the command line offers the same names.
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)

@@ -15,8 +15,8 @@ from typing import Any
 import click
 
 from . import __version__
+from ._types import LOG_LEVELS
 from .errors import ConfigError, StorageError
-from .gateway.config import LOG_LEVELS
 from .identity import hash_api_key
 
 __all__ = ["main"]

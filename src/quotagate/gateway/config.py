@@ -13,7 +13,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from .._types import LogLevel
 from ..errors import ConfigError
 from ..identity import TrustedProxies, hash_api_key
 from ..keys import prefix_problem
@@ -41,11 +42,9 @@ from ..storage import (
 
 __all__ = [
     "DEFAULT_CONFIG",
-    "LOG_LEVELS",
     "BackendConfig",
     "GatewayConfig",
     "KeyConfig",
-    "LogLevel",
     "TierConfig",
     "config_digest",
     "configured_storage",
@@ -53,8 +52,6 @@ __all__ = [
     "load_config",
 ]
 
-LogLevel = Literal["critical", "error", "warning", "info", "debug"]
-LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 #: Only what the models do not default: every other field (server, storage, backend, health,
 #: ...) is left to its model, so a default is written once.

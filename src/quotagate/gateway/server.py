@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from .._types import LogLevel
 from ..storage import FallbackStorage, RedisStorage, mask_url
-from .config import GatewayConfig, LogLevel, configured_storage, env_name, load_config
+from .config import GatewayConfig, configured_storage, env_name, load_config
 
 __all__ = [
     "CONFIG_ENV",
