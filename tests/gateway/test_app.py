@@ -92,6 +92,7 @@ async def test_health_reports_status_storage_and_version(
         "status": "ok",
         "storage": "redis" if isinstance(storage, qg.RedisStorage) else "memory",
         "version": qg.__version__,
+        "backends": {"default": {"replicas": 1, "healthy": 1, "in_flight": 0, "queued": 0}},
     }
 
 
@@ -269,7 +270,12 @@ async def test_health_says_fallback_while_redis_is_unreachable(tmp_path: Path) -
             "/v1/completions", json={"prompt": "x"}, headers={"X-API-Key": ALICE}
         )
         metrics = metric_samples((await client.get("/metrics")).text)
-    assert health.json() == {"status": "ok", "storage": "fallback", "version": qg.__version__}
+    assert health.json() == {
+        "status": "ok",
+        "storage": "fallback",
+        "version": qg.__version__,
+        "backends": {"default": {"replicas": 1, "healthy": 1, "in_flight": 0, "queued": 0}},
+    }
     assert answer.status_code == 200
     assert answer.headers["x-ratelimit-remaining-requests"] == "2"  # still limited, in memory
     assert sample(metrics, "quotagate_storage_mode", mode="fallback") == 1

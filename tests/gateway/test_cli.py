@@ -121,7 +121,12 @@ def test_serve_with_no_config_runs_the_embedded_default() -> None:
     assert answer.headers["x-ratelimit-limit-requests"]
     assert answer.headers["x-ratelimit-remaining-requests"]
     assert answer.headers["ratelimit-policy"]
-    assert health == {"status": "ok", "storage": "memory", "version": qg.__version__}
+    assert health == {
+        "status": "ok",
+        "storage": "memory",
+        "version": qg.__version__,
+        "backends": {"default": {"replicas": 1, "healthy": 1, "in_flight": 0, "queued": 0}},
+    }
     start_line = next(line for line in log.splitlines() if f"quotagate {qg.__version__}" in line)
     assert "memory" in start_line
     assert "mock" in start_line

@@ -65,21 +65,22 @@ async def test_the_gate_serves_higher_priority_first_fifo_within_a_priority(
 ) -> None:
     app = gateway_app(config_from(tmp_path, CAPPED.format(timeout=10_000)))
     gateway: Gateway = app.state.gateway
-    gate = gateway.gate
+    gate = gateway.fleet.pools["default"].gate
     order: list[str] = []
 
     async def wait(name: str, priority: int) -> None:
-        assert await gate.acquire(priority, 10.0)
+        assert await gate.acquire(priority, 10.0) is replica
         order.append(name)
 
-    assert await gate.acquire(1, 0.0)  # the one slot is taken
+    replica = await gate.acquire(1, 0.0)  # the one slot is taken
+    assert replica is not None
     tasks = []
     for name, priority in [("free-1", 1), ("free-2", 1), ("free-3", 1), ("pro-1", 10)]:
         tasks.append(asyncio.create_task(wait(name, priority)))
         queued = len(tasks)
         await until(lambda queued=queued: gate.queued == queued)
     for expected in range(1, 5):
-        gate.release()
+        gate.release(replica)
         await until(lambda e=expected: len(order) == e)
     await asyncio.gather(*tasks)
     assert order == ["pro-1", "free-1", "free-2", "free-3"]
@@ -100,7 +101,7 @@ async def test_pro_requests_overtake_a_queue_of_free_ones(tmp_path: Path) -> Non
     app = gateway_app(
         config_from(tmp_path, CAPPED.format(timeout=10_000)), backend=upstream.backend()
     )
-    gate = app.state.gateway.gate
+    gate = app.state.gateway.fleet.pools["default"].gate
     async with in_process(app) as client:
 
         def send(prompt: str, key: str) -> asyncio.Task[httpx.Response]:
@@ -157,7 +158,7 @@ async def test_a_queued_request_served_within_the_timeout_succeeds(tmp_path: Pat
     app = gateway_app(
         config_from(tmp_path, CAPPED.format(timeout=10_000)), backend=upstream.backend()
     )
-    gate = app.state.gateway.gate
+    gate = app.state.gateway.fleet.pools["default"].gate
     async with in_process(app) as client:
         busy = asyncio.create_task(
             client.post("/v1/completions", json={"prompt": "a"}, headers={"X-API-Key": ALICE})
@@ -176,7 +177,7 @@ async def test_a_queued_request_served_within_the_timeout_succeeds(tmp_path: Pat
 async def test_rejected_requests_do_not_take_a_backend_slot(tmp_path: Path) -> None:
     """A 429 never reaches the gate: the backend's capacity is for admitted requests."""
     app = gateway_app(base_config(tmp_path))
-    gate = app.state.gateway.gate
+    gate = app.state.gateway.fleet.pools["default"].gate
     async with in_process(app) as client:
         for _ in range(4):
             await client.post("/v1/completions", json={"prompt": "x"}, headers={"X-API-Key": ALICE})

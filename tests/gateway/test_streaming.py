@@ -279,7 +279,7 @@ async def test_a_client_that_disconnects_mid_stream_pays_for_what_was_generated(
     assert prompt + seen <= charged < prompt + NATURAL_LENGTH
     assert charged < prompt + 100  # far below the reservation
     assert state["requests"]["remaining"] == 99
-    assert gateway.gate.in_flight == 0
+    assert gateway.fleet.pools["default"].gate.in_flight == 0
     assert sample(metrics, "quotagate_in_flight", tier="pro") == 0
 
 

@@ -1,26 +1,29 @@
 """``quotagate serve``: an OpenAI-compatible gateway that rate limits in front of a model server.
 
 Per request, one call per step: identify the caller (API key or anonymous IP: its tier) ->
-read the bounded JSON body -> validate it -> cost it (prompt estimate + output cap, times n) ->
-decide: ONE storage call checks requests, tokens and a concurrency lease, all or nothing ->
-gate: a slot of the whole backend, ordered by tier priority -> the backend -> settle the tokens
-on the real usage and release the lease, in one more call. Every step that can fail answers
-with a precise status and a JSON error; nothing is left reserved or held.
+read the bounded JSON body -> validate it -> route its model to a backend -> cost it (prompt
+estimate + output cap, times n) -> decide: ONE storage call checks requests, tokens and a
+concurrency lease, all or nothing -> gate: a slot on one of the backend's replicas, queued by
+tier priority -> the replica (another one if it could not be reached) -> settle the tokens on
+the real usage and release the lease, in one more call. Every step that can fail answers with a
+precise status and a JSON error; nothing is left reserved or held.
 
 The steps live beside this module: ``callers`` (tiers, identify, the limits of a request),
-``body``, ``tokens`` (cost), ``ledger`` (reserve / settle / undo), ``gate``, ``backends``,
-``relay`` (streams and usage) and ``responses`` (the error shape).
+``body``, ``tokens`` (cost), ``ledger`` (reserve / settle / undo), ``fleet`` (routing, replicas,
+health) and its ``gate``, ``backends``, ``relay`` (streams and usage) and ``responses`` (the
+error shape).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -38,7 +41,7 @@ from ..http import (
 )
 from ..keys import HEALTH, client_state_key
 from ..limiter import Hit, RateLimiter
-from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics
+from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics, ReplicaState
 from ..rates import parse_rates
 from ..storage import FallbackStorage, Storage, mask_url
 from .backends import Backend, Route, UpstreamError, UpstreamRejected, backend_from_config
@@ -46,7 +49,7 @@ from .body import read_json
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
-from .gate import BackendGate
+from .fleet import BackendPool, BackendUnavailable, Fleet, Replica
 from .ledger import Admission, Ledger
 from .relay import SseRelay, answer_tokens, usage_total
 from .reload import reloaded_config
@@ -57,6 +60,8 @@ from .tokens import request_cost
 __all__ = ["Gateway", "create_app"]
 
 logger = logging.getLogger("quotagate")
+
+_T = TypeVar("_T")
 
 
 class Gateway:
@@ -78,17 +83,29 @@ class Gateway:
             storage if storage is not None else configured_storage(config),
             overlimit_cache=config.storage.overlimit_cache,
         )
-        self.backend: Backend = backend or backend_from_config(config.backend)
-        self.gate = BackendGate(config.backend.max_concurrency)
+        # ``backend``: the one model server of a ``[backend]`` table, given ready-made (tests).
+        self.fleet = Fleet(
+            config.fleet, backend_from_config if backend is None else lambda *_: backend
+        )
         self.metrics = PrometheusMetrics()
+        self.metrics.replicas = self._replica_states
+        self.metrics.queues = lambda: [(n, p.gate.queued) for n, p in self.fleet.pools.items()]
         self.ledger = Ledger(self.limiter, self.metrics)
-        self.lease_ttl = config.backend.timeout_s + 30
+        self._probes: set[asyncio.Future[Any]] = set()
 
     def _apply(self, config: GatewayConfig) -> None:
         """Take the parts of ``config`` that change without a restart."""
         self.config = config
         self.callers = Callers(config)
         self.health_rates = parse_rates(config.health.requests)
+        # A lease outlives the longest request a backend allows, so only a crash expires it.
+        self.lease_ttl = max(spec.timeout_s for spec in config.fleet) + 30
+
+    def _replica_states(self) -> list[ReplicaState]:
+        return [
+            ReplicaState(pool.name, r.label, r.in_flight, r.serving)
+            for pool, r in self.fleet.replicas()
+        ]
 
     @property
     def tiers(self) -> dict[str, Tier]:
@@ -100,16 +117,22 @@ class Gateway:
         if self.config_path is None:
             logger.warning("quotagate: nothing to reload: running the built-in default config")
             return False
-        new = reloaded_config(self.config_path, self.overrides, self.config)
+        old = self.config
+        new = reloaded_config(self.config_path, self.overrides, old)
         if new is None:
             return False
         self._apply(new)
+        if new.fleet != old.fleet:
+            probes = self.fleet.reload(new.fleet)
+            self._probes.add(probes)
+            probes.add_done_callback(self._probes.discard)
         logger.setLevel(new.log_level.upper())
         logger.info(
-            "quotagate: reloaded %s: %d tiers, %d keys",
+            "quotagate: reloaded %s: %d tiers, %d keys, backends %s",
             self.config_path,
             len(self.callers.tiers),
             len(self.callers.keys),
+            self.fleet.describe(),
         )
         return True
 
@@ -117,12 +140,12 @@ class Gateway:
 
     async def start(self) -> None:
         await self.limiter.start()
-        await self.backend.start()
+        await self.fleet.start()
         logger.info("%s", self.describe())
 
     async def aclose(self) -> None:
         await self.ledger.drain()
-        await self.backend.aclose()
+        await self.fleet.aclose()
         await self.limiter.aclose()
 
     def describe(self) -> str:
@@ -134,11 +157,10 @@ class Gateway:
             where += f" (Redis {version})"
         if storage.mode == "fallback":
             where += " [fallback: Redis unreachable]"
-        backend = self.backend.kind + (f" {self.backend.url}" if self.backend.url else "")
         tiers = ", ".join(tier.describe() for tier in self.callers.tiers.values())
         return (
             f"quotagate {__version__} · config {self.config_path or 'built-in default'} · "
-            f"storage {where} · backend {backend} · tiers {tiers}"
+            f"storage {where} · {self.fleet.describe()} · tiers {tiers}"
         )
 
     # -- the inference pipeline ---------------------------------------------------------------
@@ -172,9 +194,17 @@ class Gateway:
         if problem is not None:
             param, message = problem
             return error(400, "invalid_request", f"{param}: {message}", param=param)
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        target = self.fleet.route(model)
+        if target is None:
+            return error(
+                404,
+                "model_not_found",
+                f"No backend serves the model {model!r}: GET /v1/models lists those served here.",
+                param="model",
+            )
         tier = caller.tier
         cost = request_cost(route, body, tier.default_max_tokens)
-        model = body.get("model") if isinstance(body.get("model"), str) else None
         plan = limits(tier, caller.client, model, cost.reserved, self.lease_ttl)
 
         decision = await self.ledger.reserve(plan, shadow=tier.shadow)
@@ -188,24 +218,33 @@ class Gateway:
         self.metrics.tokens(tier.name, "reserved", cost.reserved)
         admission = Admission(caller, plan, cost.reserved, cost.prompt, decision)
 
-        overloaded = await self._gate(admission, headers)
-        if overloaded is not None:
-            return overloaded
+        pool = target.pool
+        replica = await self._gate(admission, headers, pool)
+        if not isinstance(replica, Replica):
+            return replica
         upstream_body = None if cost.capped else raw  # changed: serialised again
+        renamed = target.upstream_model != model  # an alias: the upstream's own name goes on
+        if renamed:
+            body["model"] = target.upstream_model
+            upstream_body = None
         if body.get("stream"):
-            return await self._stream(route, body, upstream_body, admission, headers)
-        try:
-            answer, parsed = await self.backend.complete(route, body, upstream_body)
-        except (UpstreamError, UpstreamRejected) as exc:
-            await self._finish(admission, charged=0)
-            return upstream_response(exc, headers)
-        except BaseException:
-            await self._finish(admission, charged=0)
-            raise
+            alias = model if renamed else None
+            return await self._stream(
+                route, body, upstream_body, admission, headers, pool, replica, alias
+            )
+        sent = await self._send(
+            admission, headers, pool, replica, lambda b: b.complete(route, body, upstream_body)
+        )
+        if isinstance(sent, Response):
+            return sent
+        replica, (answer, parsed) = sent
         charged = usage_total(parsed.get("usage"))
         if charged is None:
             charged = cost.prompt + answer_tokens(parsed)
-        await self._finish(admission, charged=charged)
+        await self._finish(admission, pool, replica, charged=charged)
+        if renamed:  # the client sees its own name back
+            parsed["model"] = model
+            answer = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
         length = (b"content-length", str(len(answer)).encode())
         return RawResponse(200, [*headers, JSON_TYPE, length], answer)
 
@@ -225,17 +264,33 @@ class Gateway:
         headers += openai_headers(decision) + retry_after_ms(decision)
         return RawResponse(status, headers, body)
 
-    async def _gate(self, admission: Admission, headers: Headers) -> Response | None:
-        """A slot of the backend within the queue timeout, or the 503 (all given back)."""
+    async def _gate(
+        self,
+        admission: Admission,
+        headers: Headers,
+        pool: BackendPool,
+        tried: tuple[Replica, ...] = (),
+    ) -> Replica | Response:
+        """A slot on a healthy replica within the queue timeout, or the 503 (all given back)."""
         tier = admission.caller.tier
         try:
-            admitted = await self.gate.acquire(
-                tier.priority, self.config.backend.queue_timeout_ms / 1000
+            replica = await pool.acquire(tier.priority, tried)
+        except BackendUnavailable:
+            await self.ledger.undo(admission)
+            self.metrics.rejection(tier.name, "backend")
+            wait = pool.retry_after()
+            return error(
+                503,
+                "backend_unavailable",
+                f"No replica of the backend {pool.name!r} is reachable. "
+                f"Try again in {wait} seconds.",
+                [*headers, (b"retry-after", str(wait).encode())],
+                retry_after=wait,
             )
         except asyncio.CancelledError:  # the request went away while queued: give back
             self.ledger.background(self.ledger.undo(admission))
             raise
-        if not admitted:
+        if replica is None:
             await self.ledger.undo(admission)
             self.metrics.rejection(tier.name, "backend")
             return error(
@@ -246,7 +301,52 @@ class Gateway:
                 retry_after=1,
             )
         self.metrics.in_flight(tier.name, 1)
-        return None
+        return replica
+
+    async def _send(
+        self,
+        admission: Admission,
+        headers: Headers,
+        pool: BackendPool,
+        replica: Replica,
+        call: Callable[[Backend], Awaitable[_T]],
+    ) -> tuple[Replica, _T] | Response:
+        """``call`` on the replica; one that could not be reached (so never started the
+        request) passes it to another healthy replica, each tried at most once. A failure's
+        response comes back with everything the request held given back."""
+        tried: tuple[Replica, ...] = ()
+        while True:
+            sent = time.perf_counter()
+            try:
+                result = await call(replica.backend)
+            except UpstreamRejected as exc:
+                self.metrics.upstream(pool.name, replica.label, "rejected")
+                pool.succeeded(replica)
+                await self._finish(admission, pool, replica, charged=0)
+                return upstream_response(exc, headers)
+            except UpstreamError as exc:
+                self.metrics.upstream(pool.name, replica.label, exc.outcome)
+                pool.failed(replica, exc)
+                elsewhere = pool.checks_health or pool.gate.healthy((*tried, replica))
+                if not exc.unsent or not elsewhere:  # started, or nowhere else to go: as it was
+                    await self._finish(admission, pool, replica, charged=0)
+                    return upstream_response(exc, headers)
+                logger.debug("quotagate: backend %s: %s; failing over", pool.name, exc.message)
+                self.metrics.failover(pool.name, replica.label)
+                self._release(admission, pool, replica)
+                tried += (replica,)
+                next_replica = await self._gate(admission, headers, pool, tried)
+                if not isinstance(next_replica, Replica):
+                    return next_replica
+                replica = next_replica
+                continue
+            except BaseException:
+                await self._finish(admission, pool, replica, charged=0)
+                raise
+            self.metrics.first_byte(pool.name, replica.label, time.perf_counter() - sent)
+            self.metrics.upstream(pool.name, replica.label, "ok")
+            pool.succeeded(replica)
+            return replica, result
 
     def _fallback_allows(self) -> bool:
         storage = self.limiter.storage
@@ -256,17 +356,22 @@ class Gateway:
             and storage.policy == "allow"
         )
 
+    def _release(self, admission: Admission, pool: BackendPool, replica: Replica) -> None:
+        pool.release(replica)
+        self.metrics.in_flight(admission.caller.tier.name, -1)
+
     async def _finish(
         self,
         admission: Admission,
+        pool: BackendPool,
+        replica: Replica,
         *,
         charged: int,
         upstream: AsyncGenerator[bytes, None] | None = None,
     ) -> None:
-        """Give the backend slot back, then settle (see ``ledger``); a stream's upstream is
+        """Give the replica's slot back, then settle (see ``ledger``); a stream's upstream is
         closed first, so the model server stops generating."""
-        self.gate.release()
-        self.metrics.in_flight(admission.caller.tier.name, -1)
+        self._release(admission, pool, replica)
         await self.ledger.settle(
             admission, charged, None if upstream is None else lambda: _close(upstream)
         )
@@ -278,7 +383,11 @@ class Gateway:
         raw: bytes | None,
         admission: Admission,
         headers: Headers,
+        pool: BackendPool,
+        replica: Replica,
+        client_model: str | None,
     ) -> Response:
+        """``client_model``: the alias the client sent, put back in every event."""
         options = body.get("stream_options")
         client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         if not client_wants_usage:
@@ -287,18 +396,21 @@ class Gateway:
                 "include_usage": True,
             }
             raw = None
-        events = self.backend.stream(route, body, raw)
-        try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = b""
-        except (UpstreamError, UpstreamRejected) as exc:
-            await self._finish(admission, charged=0)
-            return upstream_response(exc, headers)
-        except BaseException:
-            await self._finish(admission, charged=0)
-            raise
+
+        async def open_stream(backend: Backend) -> tuple[AsyncGenerator[bytes, None], bytes]:
+            events = backend.stream(route, body, raw)
+            try:
+                return events, await anext(events)
+            except StopAsyncIteration:
+                return events, b""
+
+        sent = await self._send(admission, headers, pool, replica, open_stream)
+        if isinstance(sent, Response):
+            return sent
+        replica, (events, first) = sent
         relay = SseRelay(admission.prompt, client_wants_usage)
+        if client_model is not None:
+            relay.rename(str(body["model"]), client_model)
 
         async def body_iterator() -> AsyncIterator[bytes]:
             # The events of one upstream read go out in one write, not one write each.
@@ -311,9 +423,13 @@ class Gateway:
                 if out := relay.flush():
                     yield b"".join(out)
             except UpstreamError as exc:
+                self.metrics.upstream(pool.name, replica.label, exc.outcome)
+                pool.failed(replica, exc)
                 yield stream_error_event(exc)
             finally:
-                await self._finish(admission, charged=relay.charged(), upstream=events)
+                await self._finish(
+                    admission, pool, replica, charged=relay.charged(), upstream=events
+                )
 
         response = StreamingResponse(body_iterator(), media_type="text/event-stream")
         response.raw_headers.extend(headers)
@@ -333,8 +449,15 @@ class Gateway:
             status, headers, body = rejection(decision, {"limit": "health"})
             return RawResponse(status, headers + retry_after_ms(decision), body)
         self.metrics.request("none", "health", 200)
+        backends = self.fleet.state()
+        degraded = any(state["healthy"] == 0 for state in backends.values())
         response = JSONResponse(
-            {"status": "ok", "storage": self.limiter.storage.mode, "version": __version__}
+            {
+                "status": "degraded" if degraded else "ok",
+                "storage": self.limiter.storage.mode,
+                "version": __version__,
+                "backends": backends,
+            }
         )
         response.raw_headers.extend(rate_limit_headers(decision))
         return response
@@ -360,7 +483,7 @@ class Gateway:
 
     async def models(self) -> Response:
         try:
-            data = await self.backend.models()
+            data = await self.fleet.models()
         except UpstreamError as exc:
             return error(exc.status, exc.error, exc.message)
         return JSONResponse({"object": "list", "data": data})

@@ -43,6 +43,7 @@ from ..storage import (
 __all__ = [
     "DEFAULT_CONFIG",
     "BackendConfig",
+    "FleetBackendConfig",
     "GatewayConfig",
     "KeyConfig",
     "TierConfig",
@@ -94,6 +95,12 @@ def _cidrs(value: list[str]) -> list[str]:
     return value
 
 
+def _http_url(url: str) -> str:
+    if not re.match(r"^https?://[^/]", url):
+        raise ValueError("expected an http:// or https:// URL")
+    return url
+
+
 def _existing_file(path: str | None) -> str | None:
     if path is not None and not Path(path).is_file():
         raise ValueError("no such file")
@@ -101,6 +108,7 @@ def _existing_file(path: str | None) -> str | None:
 
 
 RateText = Annotated[str, AfterValidator(_rate_text)]
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
 class _Section(BaseModel):
@@ -150,9 +158,10 @@ class StorageConfig(_Section):
         return prefix
 
 
-class BackendConfig(_Section):
+class _BackendFields(_Section):
+    """What one model server (or each replica of one) is reached with and how hard."""
+
     kind: Literal["mock", "openai"] = "mock"
-    url: str | None = None
     api_key_env: str | None = None
     max_concurrency: int = Field(64, ge=1)
     queue_timeout_ms: int = Field(2000, ge=0)
@@ -160,17 +169,59 @@ class BackendConfig(_Section):
     timeout_s: float = Field(600, gt=0)
     connect_timeout_s: float = Field(5, gt=0)
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str | None) -> str | None:
-        if url is not None and not re.match(r"^https?://[^/]", url):
-            raise ValueError("expected an http:// or https:// URL")
-        return url
+
+class BackendConfig(_BackendFields):
+    """The single ``[backend]`` table: one model server, every model, no health checks."""
+
+    url: HttpUrl | None = None
 
     @model_validator(mode="after")
     def _url_for_openai(self) -> BackendConfig:
         if self.kind == "openai" and not self.url:
             raise ValueError('url: required when kind = "openai" (got None)')
+        return self
+
+    def as_fleet(self) -> FleetBackendConfig:
+        """This table as the fleet's one backend: any model, one replica, never marked down."""
+        return FleetBackendConfig(
+            name=LEGACY_BACKEND,
+            urls=[self.url] if self.url else [],
+            models=[CATCH_ALL],
+            health_interval_s=0,
+            **self.model_dump(exclude={"url"}),
+        )
+
+
+#: The ``models`` entry of the backend that serves every model no other backend lists.
+CATCH_ALL = "*"
+#: The name the single ``[backend]`` table goes by in ``/health``, logs and metrics.
+LEGACY_BACKEND = "default"
+
+
+class FleetBackendConfig(_BackendFields):
+    """One ``[[backends]]`` entry: replicas of the same models behind one queue."""
+
+    name: str = Field(min_length=1)
+    urls: list[HttpUrl] = []
+    models: list[Annotated[str, Field(min_length=1)]] | None = None
+    aliases: dict[str, Annotated[str, Field(min_length=1)]] = {}
+    health_interval_s: float = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _urls_for_kind(self) -> FleetBackendConfig:
+        if self.kind == "openai" and not self.urls:
+            raise ValueError('urls: required when kind = "openai" (got [])')
+        if self.kind == "mock" and self.urls:
+            raise ValueError(f'urls: not allowed for kind = "mock" (got {self.urls!r})')
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError(f"urls: a replica listed twice (got {self.urls!r})")
+        if self.models is not None and CATCH_ALL in self.models and len(self.models) > 1:
+            raise ValueError(f'models: "*" stands alone (got {self.models!r})')
+        for alias, target in self.aliases.items():
+            if self.models is not None and alias in self.models:
+                raise ValueError(
+                    f"aliases.{alias}: the name of a model this backend serves (got {target!r})"
+                )
         return self
 
 
@@ -218,12 +269,18 @@ class GatewayConfig(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
     backend: BackendConfig = BackendConfig()
+    backends: list[FleetBackendConfig] = []
     health: HealthConfig = HealthConfig()
     anonymous: AnonymousConfig | None = None
     tiers: dict[str, TierConfig] = {}
     keys: list[KeyConfig] = []
     shadow: bool = False
     log_level: LogLevel = "info"
+
+    @property
+    def fleet(self) -> list[FleetBackendConfig]:
+        """The backends requests are routed to: ``[[backends]]``, or the ``[backend]`` table."""
+        return list(self.backends) or [self.backend.as_fleet()]
 
 
 # QUOTAGATE_<SECTION>_<FIELD> for every scalar of these sections, plus a few short aliases.
@@ -291,13 +348,18 @@ def load_config(
             raise ConfigError(f"config: no such file (got {str(path)!r})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config: not valid TOML: {exc} (got {str(path)!r})") from None
+    problems: list[str] = []
+    if "backend" in data and "backends" in data:  # the file's own tables, before env and flags
+        problems.append(
+            "backends: give one [backend] table or [[backends]] entries, not both "
+            "(got both; move the [backend] table into [[backends]] with a name)"
+        )
     for layer in (_env_overrides(os.environ if environ is None else environ), overrides or {}):
         for section, values in layer.items():
             target = data if section == "" else data.setdefault(section, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"{section}: expected a table (got {target!r})")
             target.update(values)
-    problems: list[str] = []
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -332,6 +394,7 @@ def _reference_problems(data: Mapping[str, Any]) -> list[str]:
                     f"keys[{i}]: the same key as keys[{digests[secret.lower()]}] (got a duplicate)"
                 )
             digests.setdefault(secret.lower(), i)
+    problems += _fleet_problems(data.get("backends"))
     anonymous = data.get("anonymous")
     if isinstance(anonymous, dict):
         tier = anonymous.get("tier", "anonymous")
@@ -339,6 +402,50 @@ def _reference_problems(data: Mapping[str, Any]) -> list[str]:
             problems.append(
                 f"anonymous.tier: unknown tier, expected one of {sorted(tiers)} (got {tier!r})"
             )
+    return problems
+
+
+def _fleet_problems(raw: Any) -> list[str]:
+    """Across ``[[backends]]``: names once, each model and alias served by one backend, one
+    catch-all."""
+    problems = []
+    names: dict[str, int] = {}
+    served: dict[str, str] = {}  # a model or alias -> where it is first served
+    catch_all: int | None = None
+    for i, backend in enumerate(raw if isinstance(raw, list) else []):
+        if not isinstance(backend, dict):
+            continue
+        name = backend.get("name")
+        if isinstance(name, str):
+            if name in names:
+                problems.append(
+                    f"backends[{i}].name: the same name as backends[{names[name]}] (got {name!r})"
+                )
+            names.setdefault(name, i)
+        models = backend.get("models")
+        for j, model in enumerate(models if isinstance(models, list) else []):
+            if not isinstance(model, str):
+                continue
+            if model == CATCH_ALL:
+                if catch_all is not None:
+                    problems.append(
+                        f'backends[{i}].models[{j}]: "*" is already the catch-all of '
+                        f"backends[{catch_all}] (got {model!r})"
+                    )
+                catch_all = i if catch_all is None else catch_all
+                continue
+            where = f"backends[{i}].models[{j}]"
+            if model in served:
+                problems.append(f"{where}: also served by {served[model]} (got {model!r})")
+            served.setdefault(model, where)
+        aliases = backend.get("aliases")
+        for alias in aliases if isinstance(aliases, dict) else {}:
+            where = f"backends[{i}].aliases.{alias}"
+            if alias in served and not served[alias].startswith(f"backends[{i}].models"):
+                problems.append(
+                    f"{where}: collides with the model or alias of {served[alias]} (got {alias!r})"
+                )
+            served.setdefault(alias, where)
     return problems
 
 

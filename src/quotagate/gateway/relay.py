@@ -9,6 +9,8 @@ stream cut short before its usage chunk.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from typing import Any
 
 from .tokens import count_tokens
@@ -38,6 +40,13 @@ class SseRelay:
         self._buffer = b""
         self._uncounted: list[bytes] = []
         self._uncounted_bytes = 0
+        self._renamed: Callable[[bytes], bytes] | None = None
+
+    def rename(self, upstream: str, client: str) -> None:
+        """Put the client's model name (an alias) back where events name the upstream's."""
+        field = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(upstream).encode()))
+        replacement = rb"\1" + json.dumps(client).encode().replace(b"\\", b"\\\\")
+        self._renamed = lambda event: field.sub(replacement, event)
 
     def charged(self) -> int:
         """Tokens to charge: the server's usage, else the prompt estimate plus what was seen."""
@@ -50,13 +59,16 @@ class SseRelay:
         """The complete events in ``chunk`` (and what was buffered), to send on."""
         self._buffer += chunk.replace(b"\r\n", b"\n")
         *events, self._buffer = self._buffer.split(b"\n\n")
-        return [out for event in events if (out := self._event(event)) is not None]
+        out = [sent for event in events if (sent := self._event(event)) is not None]
+        return out if self._renamed is None else [self._renamed(event) for event in out]
 
     def flush(self) -> list[bytes]:
         """The last event, when the stream ended without its blank line."""
         rest, self._buffer = self._buffer, b""
         out = self._event(rest) if rest.strip() else None
-        return [out] if out is not None else []
+        if out is None:
+            return []
+        return [out if self._renamed is None else self._renamed(out)]
 
     def _event(self, event: bytes) -> bytes | None:
         if event.startswith(b"data:") and b"\n" not in event:  # the common one-line event

@@ -1,9 +1,10 @@
 """``kill -HUP``: the config file read again, applied only where no restart is needed.
 
-Keys, tiers, anonymous access, the health limit, shadow mode, trusted proxies, the body limit and
-the log level change at once, for the requests that follow. What the running process is built
-on (storage, backend, the listening socket and its bounds) needs a restart: kept, with a
-warning naming it. A file that does not validate changes nothing.
+Keys, tiers, anonymous access, the health limit, shadow mode, trusted proxies, the body limit,
+the log level and the whole ``[[backends]]`` fleet (see ``fleet``) change at once, for the
+requests that follow. What the running process is built on (storage, the single ``[backend]``
+table, the listening socket and its bounds) needs a restart: kept, with a warning naming it.
+A file that does not validate changes nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def reloaded_config(
         for name in RESTART_SERVER_FIELDS
         if getattr(new.server, name) != getattr(old.server, name)
     ]
-    kept += [name for name in _RESTART_SECTIONS if getattr(new, name) != getattr(old, name)]
+    # The single [backend] is built on at start; [[backends]] (or a switch to them) reload.
+    restart = [n for n in _RESTART_SECTIONS if n != "backend" or not (new.backends or old.backends)]
+    kept += [name for name in restart if getattr(new, name) != getattr(old, name)]
     if kept:
         logger.warning(
             "quotagate: %s changed, which needs a restart: the running value is kept",
@@ -57,6 +60,4 @@ def reloaded_config(
     server = new.server.model_copy(
         update={name: getattr(old.server, name) for name in RESTART_SERVER_FIELDS}
     )
-    return new.model_copy(
-        update={"server": server, **{name: getattr(old, name) for name in _RESTART_SECTIONS}}
-    )
+    return new.model_copy(update={"server": server, **{n: getattr(old, n) for n in restart}})

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 from ...errors import QuotagateError
 
 if TYPE_CHECKING:
-    from ..config import BackendConfig
+    from ..config import FleetBackendConfig
 
 __all__ = [
     "MOCK_MODEL",
@@ -28,13 +28,31 @@ MOCK_MODEL = "quotagate-mock"
 
 
 class UpstreamError(QuotagateError):
-    """The model server failed: down (502), timed out (504) or answered 5xx / garbage (502)."""
+    """The model server failed: down (502), timed out (504) or answered 5xx / garbage (502).
 
-    def __init__(self, status: int, error: str, message: str) -> None:
+    ``unsent``: the server cannot have started the request (the connection was refused, timed
+    out connecting, or was an idle one found closed), so another replica may take it without
+    generating twice.
+    """
+
+    def __init__(self, status: int, error: str, message: str, *, unsent: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
+        self.unsent = unsent
+
+    @property
+    def outcome(self) -> str:
+        """``unavailable`` (not reached), ``timeout`` or ``error`` (5xx, garbage, cut off)."""
+        if self.unsent:
+            return "unavailable"
+        return "timeout" if self.error == "upstream_timeout" else "error"
+
+    @property
+    def replica_fault(self) -> bool:
+        """Whether this counts against the replica's health: a slow answer does not."""
+        return self.outcome != "timeout"
 
 
 class UpstreamRejected(QuotagateError):
@@ -86,17 +104,18 @@ class Backend(Protocol):
         ...
 
 
-def backend_from_config(config: BackendConfig) -> Backend:
-    """The backend a ``[backend]`` table describes."""
+def backend_from_config(config: FleetBackendConfig, url: str | None) -> Backend:
+    """The client for one replica (``url``) of a backend entry; the mock has no URL."""
     from .mock import MockBackend
     from .openai import OpenAIBackend
 
     if config.kind == "mock":
         return MockBackend(config.mock_tokens_per_second)
     return OpenAIBackend.from_env(
-        config.url or "",
+        url or "",
         config.api_key_env,
         timeout=config.timeout_s,
         connect_timeout=config.connect_timeout_s,
-        max_connections=config.max_concurrency * 2,
+        # The gate holds a replica to max_concurrency; the pool leaves room for a reload's rise.
+        max_connections=max(256, config.max_concurrency * 2),
     )

@@ -279,10 +279,12 @@ class Http1Pool:
                 raise UpstreamError(
                     504, "upstream_timeout", f"the model server at {self.url} timed out"
                 ) from None
-            except UpstreamError:
+            except UpstreamError as exc:
                 self._put(conn)
-                if attempt == 1 and conn.reused and not conn.received:
-                    continue
+                if conn.reused and not conn.received:  # an idle connection found closed
+                    if attempt == 1:
+                        continue
+                    exc.unsent = True
                 raise
             except BaseException:
                 conn._fail(UpstreamError(502, "upstream_error", "cancelled"))
@@ -322,10 +324,14 @@ class Http1Pool:
                     504,
                     "upstream_timeout",
                     f"connecting to the model server at {self.url} timed out",
+                    unsent=True,
                 ) from None
             if isinstance(exc, OSError):
                 raise UpstreamError(
-                    502, "upstream_unavailable", f"cannot connect to the model server at {self.url}"
+                    502,
+                    "upstream_unavailable",
+                    f"cannot connect to the model server at {self.url}",
+                    unsent=True,
                 ) from None
             raise
         fresh.counted = True

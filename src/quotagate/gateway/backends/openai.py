@@ -205,10 +205,13 @@ class _HttpxClient:
 
 
 def _upstream_error(exc: httpx.HTTPError, url: str) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectTimeout):
+        message = f"connecting to the model server at {url} timed out"
+        return UpstreamError(504, "upstream_timeout", message, unsent=True)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamError(504, "upstream_timeout", f"the model server at {url} timed out")
     if isinstance(exc, httpx.ConnectError):
         return UpstreamError(
-            502, "upstream_unavailable", f"cannot connect to the model server at {url}"
+            502, "upstream_unavailable", f"cannot connect to the model server at {url}", unsent=True
         )
     return UpstreamError(502, "upstream_error", f"the model server at {url} failed: {exc!r}")
