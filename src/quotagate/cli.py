@@ -86,8 +86,13 @@ def check_config(path: str) -> None:
     except ConfigError as exc:
         _fail_config(exc)
     tiers = ", ".join(config.tiers) or "none"
+    backends = (
+        "backends " + ", ".join(f"{b.name} ({b.kind})" for b in config.backends)
+        if config.backends
+        else f"backend {config.backend.kind}"
+    )
     click.echo(
-        f"{path}: OK · storage {config.storage.url.split('@')[-1]} · backend {config.backend.kind}"
+        f"{path}: OK · storage {config.storage.url.split('@')[-1]} · {backends}"
         f" · tiers {tiers} · {len(config.keys)} keys"
     )
 
@@ -176,13 +181,35 @@ def keys_hash(key: str) -> None:
 @click.option(
     "--tokens-per-second", type=float, default=0.0, show_default=True, help="0 = instant."
 )
-def mock(host: str, port: int, tokens_per_second: float) -> None:
-    """Serve the mock model alone, as an OpenAI-compatible model server (no limits)."""
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    help="A model name it lists and serves (repeat for more; default quotagate-mock).",
+)
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Waited before each answer.",
+)
+def mock(
+    host: str, port: int, tokens_per_second: float, models: tuple[str, ...], latency_ms: float
+) -> None:
+    """Serve the mock model alone, as an OpenAI-compatible model server (no limits).
+
+    Several on their own ports, each with its --model names, stand in for a fleet of replicas.
+    """
     import uvicorn
 
+    from .gateway.backends import MOCK_MODEL
     from .gateway.backends.mock import create_mock_app
 
-    uvicorn.run(create_mock_app(tokens_per_second), host=host, port=port, log_level="warning")
+    app = create_mock_app(
+        tokens_per_second, models=models or (MOCK_MODEL,), latency_s=latency_ms / 1000
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 from .tools.bench import bench_command  # noqa: E402

@@ -67,8 +67,11 @@ class MockBackend:
     kind = "mock"
     url = None
 
-    def __init__(self, tokens_per_second: float = 0.0) -> None:
+    def __init__(
+        self, tokens_per_second: float = 0.0, models: tuple[str, ...] = (MOCK_MODEL,)
+    ) -> None:
         self.tokens_per_second = tokens_per_second
+        self.model_names = models
 
     async def start(self) -> None:
         return None
@@ -77,7 +80,10 @@ class MockBackend:
         return None
 
     async def models(self) -> list[dict[str, Any]]:
-        return [{"id": MOCK_MODEL, "object": "model", "created": 0, "owned_by": "quotagate"}]
+        return [
+            {"id": name, "object": "model", "created": 0, "owned_by": "quotagate"}
+            for name in self.model_names
+        ]
 
     def _plan(self, route: Route, body: dict[str, Any]) -> tuple[int, int, str, int]:
         cap = output_cap(body)
@@ -189,15 +195,26 @@ class MockBackend:
         yield b"data: [DONE]\n\n"
 
 
-def create_mock_app(tokens_per_second: float = 0.0) -> FastAPI:
+def create_mock_app(
+    tokens_per_second: float = 0.0,
+    *,
+    models: tuple[str, ...] = (MOCK_MODEL,),
+    latency_s: float = 0.0,
+) -> FastAPI:
     """The mock model served standalone: a small OpenAI-compatible server (no limits).
 
-    Stands in for vLLM or llama.cpp in tests and benchmarks: ``quotagate mock --port 9000``.
+    Stands in for vLLM or llama.cpp in tests and benchmarks: ``quotagate mock --port 9000``;
+    several of them, each with ``--model`` names and a ``--latency-ms``, are a fleet of
+    replicas. ``GET /stats`` counts the completions each one received.
     """
-    backend = MockBackend(tokens_per_second)
+    backend = MockBackend(tokens_per_second, models)
     app = FastAPI(title="quotagate mock model")
+    received = {"completions": 0}
 
     async def answer(request: Request, route: Route) -> Response:
+        received["completions"] += 1
+        if latency_s > 0:
+            await asyncio.sleep(latency_s)
         try:
             body = await request.json()
         except ValueError:
@@ -219,7 +236,11 @@ def create_mock_app(tokens_per_second: float = 0.0) -> FastAPI:
         return await answer(request, "completions")
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def listed() -> dict[str, Any]:
         return {"object": "list", "data": await backend.models()}
+
+    @app.get("/stats")
+    async def stats() -> dict[str, int]:
+        return dict(received)
 
     return app

@@ -36,12 +36,14 @@ def gather_starting_state(gateway: GatewayUnderTest, model: str | None) -> dict[
             f"GET {client.base_url}{HEALTH} answered {status}, not the gateway's "
             f'{{"status": "ok", ...}}: is this a quotagate gateway?'
         )
+    status, models = client.json("/v1/models")
+    data = models.get("data") if status == 200 and isinstance(models, dict) else None
+    listing = [entry for entry in data if isinstance(entry, dict)] if isinstance(data, list) else []
     if model is None:
-        status, models = client.json("/v1/models")
-        data = models.get("data") if status == 200 and isinstance(models, dict) else None
-        first = data[0] if isinstance(data, list) and data else None
-        listed = first.get("id") if isinstance(first, dict) else None
+        listed = listing[0].get("id") if listing else None
         model = listed if isinstance(listed, str) else MOCK_MODEL
+    # A fleet lists each model with the backend that serves it: the backend under test.
+    serving = next((e.get("owned_by") for e in listing if e.get("id") == model), None)
     for info in gateway.keys:
         status, state = client.json("/v1/ratelimit", info.secret)
         if status == 401:
@@ -64,6 +66,22 @@ def gather_starting_state(gateway: GatewayUnderTest, model: str | None) -> dict[
             storage["redis_version"] = redis_version(redis)
         url = config.backend.url
         backend = {"kind": config.backend.kind, "url": mask_url(url) if url else None}
+        if config.backends:  # a fleet: every backend, and the one under test (by --model)
+            backend = {
+                "kind": "fleet",
+                "url": None,
+                "under_test": serving,
+                "backends": [
+                    {
+                        "name": b.name,
+                        "kind": b.kind,
+                        "urls": [mask_url(u) for u in b.urls],
+                        "models": b.models,
+                        "aliases": b.aliases,
+                    }
+                    for b in config.backends
+                ],
+            }
         config_path = gateway.config_path
         config_record = {
             "path": config_path or "built-in default",
@@ -117,6 +135,9 @@ def starting_state_lines(environment: dict[str, Any]) -> list[str]:
         if backend["kind"]
         else "unknown (no --config)"
     )
+    if backend["kind"] == "fleet":
+        names = ", ".join(f"{b['name']} ({b['kind']})" for b in backend["backends"])
+        backend_text = f"fleet: {names}; {environment['model']} served by {backend['under_test']}"
     config = environment["config"]
     if config["path"] is None:
         config_text = "unknown (no --config)"
