@@ -143,11 +143,12 @@ def gateway_app(
     *,
     clock: qg.FakeClock | None = None,
     backend: Any = None,
+    backends: Any = None,
 ) -> FastAPI:
     """The gateway app on ``storage`` (memory on ``clock`` by default)."""
     if storage is None:
         storage = qg.MemoryStorage(clock=clock or qg.FakeClock())
-    return create_app(config, storage=storage, backend=backend)
+    return create_app(config, storage=storage, backend=backend, backends=backends)
 
 
 @asynccontextmanager

@@ -49,7 +49,7 @@ from .body import read_json
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
-from .fleet import BackendPool, BackendUnavailable, Fleet, Replica
+from .fleet import BackendFactory, BackendPool, BackendUnavailable, Fleet, Replica
 from .ledger import Admission, Ledger
 from .relay import SseRelay, answer_tokens, usage_total
 from .reload import reloaded_config
@@ -72,6 +72,7 @@ class Gateway:
         config: GatewayConfig,
         *,
         backend: Backend | None = None,
+        backends: BackendFactory | None = None,
         storage: Storage | None = None,
         config_path: str | None = None,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -83,10 +84,10 @@ class Gateway:
             storage if storage is not None else configured_storage(config),
             overlimit_cache=config.storage.overlimit_cache,
         )
-        # ``backend``: the one model server of a ``[backend]`` table, given ready-made (tests).
-        self.fleet = Fleet(
-            config.fleet, backend_from_config if backend is None else lambda *_: backend
-        )
+        # Given ready-made (tests, embedding): ``backend``, every replica's client (one, for a
+        # ``[backend]`` table); ``backends``, what builds a replica's client from its entry and URL.
+        make = backends or backend_from_config
+        self.fleet = Fleet(config.fleet, make if backend is None else lambda *_: backend)
         self.metrics = PrometheusMetrics()
         self.metrics.replicas = self._replica_states
         self.metrics.queues = lambda: [(n, p.gate.queued) for n, p in self.fleet.pools.items()]
@@ -505,6 +506,7 @@ def create_app(
     config: GatewayConfig | None = None,
     *,
     backend: Backend | None = None,
+    backends: BackendFactory | None = None,
     storage: Storage | None = None,
     config_path: str | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -516,6 +518,7 @@ def create_app(
     gateway = Gateway(
         config or load_config(),
         backend=backend,
+        backends=backends,
         storage=storage,
         config_path=config_path,
         overrides=overrides,

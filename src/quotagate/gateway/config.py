@@ -449,7 +449,7 @@ def _fleet_problems(raw: Any) -> list[str]:
     return problems
 
 
-_SUBPATH = re.compile(r"^[\w\[\]]+(?:\.[\w\[\]]+)*: ")
+_SUBPATH = re.compile(r"^[\w\[\]*-]+(?:\.[\w\[\]*-]+)*: ")
 
 
 def _describe(error: Mapping[str, Any]) -> str:

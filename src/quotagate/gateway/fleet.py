@@ -22,7 +22,7 @@ from .backends import Backend, UpstreamError
 from .config import CATCH_ALL, LEGACY_BACKEND, FleetBackendConfig
 from .gate import BackendUnavailable, Replica, ReplicaGate
 
-__all__ = ["BackendPool", "BackendUnavailable", "Fleet", "Replica", "Target"]
+__all__ = ["BackendFactory", "BackendPool", "BackendUnavailable", "Fleet", "Replica", "Target"]
 
 logger = logging.getLogger("quotagate")
 
