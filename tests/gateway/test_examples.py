@@ -1,4 +1,4 @@
-"""``examples/gateway.toml`` is the README's worked example, and it is a valid config."""
+"""``examples/gateway.toml`` and ``examples/fleet.toml``: the README's examples, valid configs."""
 
 from __future__ import annotations
 
@@ -29,3 +29,25 @@ def test_the_readme_shows_the_example_file_as_it_is() -> None:
     at = readme.index("Worked example: vLLM on the same host")
     start = readme.index("```toml\n", at) + len("```toml\n")
     assert readme[start : readme.index("```", start)] == config
+
+
+FLEET = ROOT / "examples" / "fleet.toml"
+
+
+def test_the_fleet_example_passes_check_config_and_is_the_readmes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "quotagate", "check-config", str(FLEET)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "backends big (openai), small (openai), local (mock)" in done.stdout
+    readme = (ROOT / "README.md").read_text("utf-8")
+    example = FLEET.read_text("utf-8")
+    config = example[example.index("[[backends]]") :]
+    at = readme.index("### A fleet of model servers")
+    start = readme.index("```toml\n", at) + len("```toml\n")
+    assert readme[start : readme.index("```", start)] == config
+    for command in (line.removeprefix("#   ") for line in example.splitlines()[3:7]):
+        assert command in readme[at:start]  # the commands that start it, as the file says
