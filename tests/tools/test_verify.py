@@ -278,3 +278,37 @@ def test_the_recorded_command_masks_keys_and_url_passwords() -> None:
         "quotagate verify --key 'sk-…3456' '--key=sk-…7654' "
         "--url 'http://ops:***@gw.internal:8000' --config gateway.toml"
     )
+
+
+def test_a_fleet_gateway_is_verified_on_the_backend_of_its_model(tmp_path: Path) -> None:
+    """``--model`` picks the backend under test; the record names the fleet and that backend."""
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        """
+[[backends]]
+name = "first"
+kind = "mock"
+models = ["model-a"]
+
+[[backends]]
+name = "second"
+kind = "mock"
+models = ["model-b"]
+
+[tiers.free]
+requests = "5/minute"
+tokens = "100000/minute"
+""",
+        "utf-8",
+    )
+    report_path = tmp_path / "evidence.json"
+    result = cli(
+        "verify", "--config", str(config), "--model", "model-b", "--report", str(report_path)
+    )
+    assert result.exit_code == 0, result.output
+    assert "fleet: first (mock), second (mock); model-b served by second" in result.stdout
+    env = _report(report_path)["environment"]
+    assert env["model"] == "model-b"
+    assert env["backend"]["kind"] == "fleet"
+    assert env["backend"]["under_test"] == "second"
+    assert [b["name"] for b in env["backend"]["backends"]] == ["first", "second"]

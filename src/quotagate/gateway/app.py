@@ -146,6 +146,8 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.ledger.drain()
+        for probes in list(self._probes):  # a reload's first probes, still running
+            probes.cancel()
         await self.fleet.aclose()
         await self.limiter.aclose()
 

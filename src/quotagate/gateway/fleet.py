@@ -261,6 +261,7 @@ class BackendPool:
         self.closed = True
         if self._probing is not None:
             self._probing.cancel()
+            await asyncio.gather(self._probing, return_exceptions=True)
         for replica in [*self.replicas, *self.retiring]:
             await replica.backend.aclose()
         if self._closing:
