@@ -1,8 +1,8 @@
 """What the quotagate gateway costs in front of a model server, and how it compares to LiteLLM.
 
-One run measures up to three columns against the same upstream, quotagate's mock model served
-alone (``python -m quotagate mock --port P --tokens-per-second 0``: an OpenAI-compatible server
-that answers at once):
+One run measures up to six columns against quotagate's mock model served alone (``python -m
+quotagate mock --port P --tokens-per-second 0``: an OpenAI-compatible server that answers at
+once): every column but fleet against the same one, fleet against four more of it:
 
     direct     the upstream itself
     quotagate  ``python -m quotagate serve --config FILE --port P2``: ``[backend] kind = "openai"``
@@ -10,6 +10,21 @@ that answers at once):
                no run comes near: requests "10000000/minute", tokens "1000000000/minute",
                concurrency 1000; ``[backend] max_concurrency = 1000`` (above every load's
                connections), ``--log-level warning`` (no access log)
+    fleet      the same gateway, storage, tier, key and limits as quotagate, with a fleet
+               (issue 13) in place of ``[backend]``: two ``[[backends]]``, ``big`` with
+               ``models = ["quotagate-mock"]`` and ``small`` with ``models =
+               ["quotagate-mock-small"]``, each ``kind = "openai"`` with ``urls`` = two
+               replicas: four more standalone mocks (``python -m quotagate mock --port Pn
+               --tokens-per-second 0 --model NAME``, NAME its backend's one model), on the single
+               mock's core; ``max_concurrency = 1000`` per replica (no load queues),
+               ``queue_timeout_ms = 30000``, ``health_interval_s = 5`` (the default: every
+               replica probed with ``GET /v1/models`` each 5 s, as in production; those 4
+               probes per 5 s also run while other columns are measured). The load is the same
+               request as every column's (model ``quotagate-mock``): all of it goes to ``big``,
+               spread over its two replicas (least in flight, ties in turn); ``small`` answers
+               one completion of the start-up check and nothing else, so that both columns
+               proxy the same requests and differ only by the fleet. Its mock CPU is big's two
+               replicas summed
     baseline   the same as quotagate, served by another checkout's quotagate
                (``--baseline-python PATH``: that checkout's venv python; the column is
                skipped without it): a before/after comparison interleaved in one run
@@ -58,29 +73,34 @@ script), then ``benchmarks/gateway_wrk_check.lua`` runs each kind for 1 s at one
 with a ``response()`` function that sees every answer's body: every answer a 2xx, as many SSE
 events per stream as the mock itself sends, every stream ending in ``data: [DONE]``, and wrk's
 bytes per counted request. Every measured run's bytes per request is then compared with that
-check's (a stream counted before its end would show fewer bytes).
+check's (a stream counted before its end would show fewer bytes). The fleet's check also asks
+each replica's ``GET /stats`` (``{"completions": n}``, what it received): both replicas of
+``big`` must have received some of the wrk check's requests, and one completion for
+``quotagate-mock-small`` must be answered, by ``small``'s replicas alone. The same counts,
+read before the first round and after the last, give what each replica received during the
+measured fleet runs: printed at the end beside wrk's count, every replica of ``big`` above 0.
 
 Method (``--layout``), with ``taskset``:
 
-    split      (default) quotagate (or LiteLLM) alone on core 0; the mock model server, wrk
-               and this script on core 1. ``direct`` uses the same layout (the mock on core 1
-               beside wrk, core 0 idle), so the columns differ only by the proxy. In production
-               the model server is on a GPU host of its own and the gateway's CPU is the
-               gateway's: this layout measures what the proxy itself costs. Its ceiling: core 1
-               carries the model server AND the load generator, so where they use all of it
-               the proxied req/s is what core 1 allows, not what the proxy could carry; the
-               table prints how much of core 1 they used.
-    shared     the mock and every proxy on core 0, wrk and this script on core 1: a proxy and
+    split      (default) quotagate (or LiteLLM) alone on core 0; the mock model server (and
+               the fleet's four), wrk and this script on core 1. ``direct`` uses the same
+               layout (the mock on core 1 beside wrk, core 0 idle), so the columns differ only
+               by the proxy. In production the model server is on a GPU host of its own and
+               the gateway's CPU is the gateway's: this layout measures what the proxy itself
+               costs. Its ceiling: core 1 carries the model server AND the load generator, so
+               where they use all of it the proxied req/s is what core 1 allows, not what the
+               proxy could carry; the table prints how much of core 1 they used.
+    shared     the mocks and every proxy on core 0, wrk and this script on core 1: a proxy and
                its upstream fight for one core (every proxied request costs the upstream's work
                plus the proxy's on the same core).
 
 CPU per request: every measurement reads utime + stime (``/proc/PID/stat``) of the proxy and of
-the mock before and after the run, and divides each delta by the requests wrk completed: the
-gateway's own CPU per request beside the mock's CPU per request for producing it (in the same
-run), and their ratio. wrk's CPU comes from this script's ``RUSAGE_CHILDREN``. Each core's use
-is reported twice: by our processes pinned to it (their CPU / wall time) and in all
-(``/proc/stat`` busy time / wall time), so other jobs on a shared machine show as the
-difference.
+the mock (for fleet: big's two replicas) before and after the run, and divides each delta by
+the requests wrk completed: the gateway's own CPU per request beside the mock's CPU per request
+for producing it (in the same run), and their ratio. wrk's CPU comes from this script's
+``RUSAGE_CHILDREN``. Each core's use is reported twice: by our processes pinned to it (their
+CPU / wall time) and in all (``/proc/stat`` busy time / wall time), so other jobs on a shared
+machine show as the difference.
 
 Servers start once, on free loopback ports, each waited for until it answers, checked, warmed
 up (1 s of each kind at 50 connections) and stopped by pid at the end (TERM, then KILL;
@@ -92,17 +112,21 @@ SAME round, then the median over rounds is reported:
     ratio        quotagate req/s / direct req/s
     +p50, +p99   quotagate - direct at one connection (ms)
     gw/mock      quotagate's CPU per request / the mock's, in the same run
+    fleet/qg     fleet's CPU per request / quotagate's (and req/s likewise): what the fleet
+                 costs the gateway over one backend, printed per load beside both CPU figures
     vs litellm   for every figure, how many times better quotagate is (req/s: quotagate /
                  litellm; latency and CPU per request: litellm / quotagate)
 
 Targets (issue 11): the gateway's CPU per completion at most the mock's, per stream not above
 the mock's, and not growing from 10 to 50 connections (within 5%); kept from before: under 1 ms
 added at p50 (completion, one connection), at least 60% of the direct req/s (completion, 10 and
-50 connections), and beating LiteLLM's proxy on every figure.
+50 connections), and beating LiteLLM's proxy on every figure. Issue 13: the gateway's CPU per
+completion with the fleet at most 10% above the single backend's (fleet/qg CPU <= 1.10,
+completion, 10 and 50 connections), the fleet's load reaching every replica of ``big``.
 
 Run:  .venv/bin/python benchmarks/gateway.py [--duration 10] [--rounds 3] [--quick] [--json]
           [--litellm /tmp/litellm-venv/bin/litellm] [--layout split|shared]
-          [--variants direct,quotagate,litellm] [--connections 1,10,50]
+          [--variants direct,quotagate,fleet,litellm] [--connections 1,10,50]
 
 Set up LiteLLM once, outside the project's venv::
 
@@ -111,7 +135,7 @@ Set up LiteLLM once, outside the project's venv::
 
 (``httptools`` so that LiteLLM's uvicorn parses HTTP with the same C parser as quotagate's and
 the mock's, which get it from ``uvicorn[standard]``; the table says which parser it used.)
-``--quick`` is a smoke run: 2 s per load, 1 round (about 40 s without LiteLLM). ``--json``
+``--quick`` is a smoke run: 2 s per load, 1 round (about 80 s without LiteLLM). ``--json``
 prints the results as JSON on stdout (the table then goes to stderr). Needs ``wrk`` and
 ``taskset`` on PATH and two cores. This folder holds ``http.py``, which shadows the stdlib
 ``http`` package for this script, so it imports nothing that needs it (no httpx, no urllib):
@@ -173,8 +197,14 @@ TIER_REQUESTS = "10000000/minute"
 TIER_TOKENS = "1000000000/minute"
 TIER_CONCURRENCY = 1000
 BACKEND_MAX_CONCURRENCY = 1000
-VARIANTS = ("direct", "quotagate", "baseline", "floor", "litellm")
-PROXIES = ("quotagate", "baseline", "floor", "litellm")
+# The fleet column: two [[backends]] of two replicas each; the load asks for MODEL (backend
+# "big"), the other backend's model only in the start-up check.
+FLEET_BACKENDS = {"big": MODEL, "small": "quotagate-mock-small"}  # backend name -> its model
+FLEET_REPLICAS = 2
+FLEET_HEALTH_INTERVAL_S = 5  # FleetBackendConfig's default: probing runs as in production
+TARGET_FLEET_CPU = 1.10  # the fleet's CPU per completion at most this times the single backend's
+VARIANTS = ("direct", "quotagate", "fleet", "baseline", "floor", "litellm")
+PROXIES = ("quotagate", "fleet", "baseline", "floor", "litellm")
 WARMUP_SECONDS = 1
 WARMUP_CONNECTIONS = 50
 CHECK_SECONDS = 1
@@ -252,12 +282,14 @@ class Column:
     name: str
     port: int
     proxy: Server | None  # None for direct
-    mock: Server
+    mocks: tuple[Server, ...]  # the upstreams this column's load goes to (the fleet's "big")
+    standby: tuple[Server, ...] = ()  # upstreams the proxy has that the load never asks for
 
     @property
     def servers(self) -> list[Server]:
-        """Every process this column's requests go through."""
-        return [self.mock] if self.proxy is None else [self.mock, self.proxy]
+        """Every process this column depends on, the proxy last."""
+        upstreams = [*self.mocks, *self.standby]
+        return upstreams if self.proxy is None else [*upstreams, self.proxy]
 
 
 # --- CPU accounting ----------------------------------------------------------------------------
@@ -327,7 +359,7 @@ def cpu_figures(
 
     figures: dict[str, float | None] = {
         "proxy_ms": per_request(spent[column.proxy.name]) if column.proxy else None,
-        "mock_ms": per_request(spent[column.mock.name]),
+        "mock_ms": per_request(sum(spent[mock.name] for mock in column.mocks)),
         "wrk_ms": per_request(wrk),
     }
     for core in CORES:
@@ -510,14 +542,19 @@ async def iter_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> As
         yield await reader.read()
 
 
-def one_request(port: int, key: str, kind: str) -> tuple[int, str]:
-    """One chat completion of ``kind``: its status and (de-chunked) body."""
+def one_request(port: int, key: str, kind: str, model: str = MODEL) -> tuple[int, str]:
+    """One chat completion of ``kind`` (for ``model``): its status and (de-chunked) body."""
+    return exchange(port, render_request(port, key, {**BODIES[kind], "model": model}))
+
+
+def exchange(port: int, request: bytes) -> tuple[int, str]:
+    """One HTTP/1.1 request sent as it is: the answer's status and (de-chunked) body."""
 
     async def go() -> tuple[int, str]:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             async with asyncio.timeout(30):
-                writer.write(render_request(port, key, BODIES[kind]))
+                writer.write(request)
                 status, headers = await read_head(reader)
                 body = b"".join([chunk async for chunk in iter_body(reader, headers)])
         finally:
@@ -525,6 +562,15 @@ def one_request(port: int, key: str, kind: str) -> tuple[int, str]:
         return status, body.decode("utf-8", "replace")
 
     return asyncio.run(go())
+
+
+def completions_received(mock: Server) -> int:
+    """How many completions a standalone mock has received so far (its ``GET /stats``)."""
+    request = f"GET /stats HTTP/1.1\r\nHost: 127.0.0.1:{mock.port}\r\nConnection: close\r\n\r\n"
+    status, body = exchange(mock.port, request.encode())
+    if status != 200:
+        raise RuntimeError(f"{mock.name}: GET /stats answered {status} {body[:300]!r}")
+    return int(json.loads(body)["completions"])
 
 
 def sse_events(body: str) -> int:
@@ -535,9 +581,10 @@ def sse_events(body: str) -> int:
 # --- the columns -------------------------------------------------------------------------------
 
 
-def mock_argv(port: int) -> list[str]:
+def mock_argv(port: int, model: str | None = None) -> list[str]:
+    """The standalone mock; ``model``: the one model it lists and serves (its default else)."""
     argv = [sys.executable, "-m", "quotagate", "mock", "--port", str(port)]
-    return [*argv, "--tokens-per-second", "0"]
+    return [*argv, "--tokens-per-second", "0", *(["--model", model] if model else [])]
 
 
 def floor_argv(python: str, port: int) -> list[str]:
@@ -556,6 +603,39 @@ def litellm_argv(command: list[str], port: int) -> list[str]:
 
 
 def quotagate_config(upstream_port: int, key: str) -> str:
+    """The single ``[backend]`` config: one model server, every model."""
+    backend = f"""\
+[backend]
+kind = "openai"
+url = "http://127.0.0.1:{upstream_port}/v1"
+max_concurrency = {BACKEND_MAX_CONCURRENCY}
+queue_timeout_ms = 30000
+"""
+    return gateway_config(backend, key)
+
+
+def fleet_config(replica_ports: dict[str, Sequence[int]], key: str) -> str:
+    """The fleet config: one ``[[backends]]`` per entry of ``FLEET_BACKENDS``, serving its one
+    model from the replicas on ``replica_ports[name]``; everything else as ``quotagate_config``."""
+    backends = ""
+    for name, model in FLEET_BACKENDS.items():
+        urls = ", ".join(f'"http://127.0.0.1:{port}/v1"' for port in replica_ports[name])
+        backends += f"""\
+[[backends]]
+name = "{name}"
+kind = "openai"
+urls = [{urls}]
+models = ["{model}"]
+max_concurrency = {BACKEND_MAX_CONCURRENCY}
+queue_timeout_ms = 30000
+health_interval_s = {FLEET_HEALTH_INTERVAL_S}
+
+"""
+    return gateway_config(backends.rstrip() + "\n", key)
+
+
+def gateway_config(backends: str, key: str) -> str:
+    """A quotagate config around its backend tables: memory storage, one key in one tier."""
     return f"""\
 log_level = "warning"
 
@@ -565,12 +645,7 @@ host = "127.0.0.1"
 [storage]
 url = "memory://"
 
-[backend]
-kind = "openai"
-url = "http://127.0.0.1:{upstream_port}/v1"
-max_concurrency = {BACKEND_MAX_CONCURRENCY}
-queue_timeout_ms = 30000
-
+{backends}
 [health]
 requests = "{TIER_REQUESTS}"
 
@@ -667,7 +742,10 @@ MEDIAN_METRICS = (
 
 
 def summarize(
-    measurements: Sequence[Measurement], loads: Sequence[str], mock_core: int
+    measurements: Sequence[Measurement],
+    loads: Sequence[str],
+    mock_core: int,
+    fleet_received: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Medians per column and load; paired ratios and differences per round, then medians."""
     by: dict[tuple[str, str], list[Measurement]] = {}
@@ -717,6 +795,7 @@ def summarize(
         "added_ms": {},
         "vs_litellm": {},
         "vs_baseline": {},
+        "fleet_vs_quotagate": {},
     }
     for load in loads:
         for proxy in PROXIES:
@@ -738,11 +817,15 @@ def summarize(
             ratios["vs_baseline"][f"{load} {metric}"] = paired(
                 "quotagate", "baseline", load, metric, lambda q, b: q / b
             )
+            # The fleet's gateway over the single backend's, per round: CPU per request, req/s.
+            ratios["fleet_vs_quotagate"][f"{load} {metric}"] = paired(
+                "fleet", "quotagate", load, metric, lambda f, q: f / q
+            )
     return {
         "medians": medians,
         "ratios": ratios,
         "ceilings": ceilings(medians, loads, mock_core),
-        "targets": targets(medians, ratios),
+        "targets": targets(medians, ratios, fleet_received),
     }
 
 
@@ -775,8 +858,14 @@ def ceilings(
     return found
 
 
-def targets(medians: dict[str, Any], ratios: dict[str, Any]) -> dict[str, bool | None]:
-    """Each target of the docstring: True, False, or None when its figures were not measured."""
+def targets(
+    medians: dict[str, Any], ratios: dict[str, Any], fleet_received: dict[str, int] | None = None
+) -> dict[str, bool | None]:
+    """Each target of the docstring: True, False, or None when its figures were not measured.
+
+    ``fleet_received``: the completions each of the fleet's replicas received during the
+    measured runs (None when the fleet column did not run).
+    """
     gateway = medians.get("quotagate", {})
 
     def all_of(checks: list[bool | None]) -> bool | None:
@@ -794,6 +883,10 @@ def targets(medians: dict[str, Any], ratios: dict[str, Any]) -> dict[str, bool |
     added = ratios["added_ms"].get(f"quotagate {load_name('completion', LATENCY_CONNECTIONS)} p50")
     shares = [ratios["share"].get(f"quotagate {load_name('completion', c)}") for c in (10, 50)]
     versus = list(ratios["vs_litellm"].values())
+    fleet_cpu = [
+        ratios["fleet_vs_quotagate"].get(f"{load_name('completion', c)} proxy_ms") for c in (10, 50)
+    ]
+    big = [n for name, n in (fleet_received or {}).items() if name.startswith("fleet-big-")]
     return {
         "cpu_per_completion_at_most_mock": cpu_at_most_mock("completion"),
         "cpu_per_stream_at_most_mock": cpu_at_most_mock("stream"),
@@ -802,6 +895,14 @@ def targets(medians: dict[str, Any], ratios: dict[str, Any]) -> dict[str, bool |
         "share_at_least_60pct": all_of([None if s is None else s >= TARGET_SHARE for s in shares]),
         "beats_litellm_on_every_figure": all_of(
             [None if v is None else v > 1 for v in versus] if "litellm" in medians else []
+        ),
+        "fleet_cpu_within_10pct": all_of(
+            [None if v is None else v <= TARGET_FLEET_CPU for v in fleet_cpu]
+            if "fleet" in medians
+            else []
+        ),
+        "fleet_load_on_every_big_replica": (
+            None if fleet_received is None else len(big) == FLEET_REPLICAS and min(big) > 0
         ),
     }
 
@@ -819,13 +920,49 @@ def _statuses_text(entry: dict[str, Any]) -> str:
 def layout_text(layout: str) -> str:
     if layout == "split":
         return (
-            f"layout split: the proxy alone on core {PROXY_CORE}; the mock model server, wrk "
-            f"and this script on core {LOAD_CORE} (direct too)"
+            f"layout split: the proxy alone on core {PROXY_CORE}; the mock model server (and "
+            f"the fleet's), wrk and this script on core {LOAD_CORE} (direct too)"
         )
     return (
-        f"layout shared: the mock and the proxy on core {PROXY_CORE}; wrk and this script on "
+        f"layout shared: the mocks and the proxy on core {PROXY_CORE}; wrk and this script on "
         f"core {LOAD_CORE}"
     )
+
+
+def fleet_lines(
+    fleet: dict[str, Any], medians: dict[str, Any], ratios: dict[str, Any], loads: Sequence[str]
+) -> list[str]:
+    """The fleet beside the single backend, load by load, and what each replica received."""
+    single = medians.get("quotagate", {})
+    lines = [
+        f"fleet ({len(FLEET_BACKENDS)} [[backends]] x {FLEET_REPLICAS} replicas) vs quotagate "
+        "(one [backend]): the gateway's CPU ms per request (medians over rounds), and "
+        "fleet/quotagate (CPU per request, req/s) taken per round, then the median:",
+        f"  {'load':<15}{'fleet ms':>9}{'quotagate ms':>14}{'fleet/qg cpu':>14}"
+        f"{'fleet/qg req/s':>16}",
+    ]
+    for load in loads:
+        lines.append(
+            f"  {load:<15}{_fmt(medians['fleet'].get(load, {}).get('proxy_ms'), 3):>9}"
+            f"{_fmt(single.get(load, {}).get('proxy_ms'), 3):>14}"
+            f"{_fmt(ratios.get(f'{load} proxy_ms'), 3):>14}"
+            f"{_fmt(ratios.get(f'{load} rps'), 3):>16}"
+        )
+    measured = fleet.get("measured")
+    if measured is None:
+        return lines
+    lines.append(
+        "completions each replica received during the measured fleet runs (its GET /stats; "
+        f"wrk counted {fleet.get('wrk_counted', 0):,} whole answers):"
+    )
+    total = sum(measured.values()) or 1
+    for backend, replicas in fleet.get("ports", {}).items():
+        parts = [
+            f"{name} :{port} {measured.get(name, 0):,} ({measured.get(name, 0) / total:.1%})"
+            for name, port in replicas.items()
+        ]
+        lines.append(f"  {backend:<6}{FLEET_BACKENDS[backend]:<22}" + " · ".join(parts))
+    return lines
 
 
 def render_table(report: dict[str, Any]) -> str:
@@ -929,6 +1066,10 @@ def render_table(report: dict[str, Any]) -> str:
                 f"{_fmt(baseline.get(f'{load} rps'), 3)}"
             )
 
+    if "fleet" in medians:
+        lines.append("")
+        lines.extend(fleet_lines(setup["fleet"], medians, ratios["fleet_vs_quotagate"], loads))
+
     versus = ratios["vs_litellm"]
     if "litellm" in medians and any(v is not None for v in versus.values()):
         lines.append("")
@@ -966,6 +1107,11 @@ def render_table(report: dict[str, Any]) -> str:
         f"{verdict(goals['added_p50_c1_under_1ms'])} · req/s ≥ {TARGET_SHARE:.0%} of direct "
         f"(completion c10, c50): {verdict(goals['share_at_least_60pct'])} · beats LiteLLM on "
         f"every figure: {verdict(goals['beats_litellm_on_every_figure'])}"
+    )
+    lines.append(
+        f"         fleet CPU ≤ {TARGET_FLEET_CPU:.0%} of quotagate's (completion c10, c50): "
+        f"{verdict(goals['fleet_cpu_within_10pct'])} · the fleet's load on every replica of big: "
+        f"{verdict(goals['fleet_load_on_every_big_replica'])}"
     )
     for note in report["notes"]:
         lines.append(f"note: {note}")
@@ -1082,6 +1228,51 @@ def check_column(
     return checks, None
 
 
+def start_fleet_mocks(
+    core: int, workdir: Path, env: dict[str, str], servers: list[Server], out: TextIO
+) -> dict[str, list[Server]]:
+    """The fleet's replicas: ``FLEET_REPLICAS`` standalone mocks per backend, each serving that
+    backend's one model, on ``core`` (where the single mock is)."""
+    replicas: dict[str, list[Server]] = {}
+    for backend, model in FLEET_BACKENDS.items():
+        for i in range(1, FLEET_REPLICAS + 1):
+            name = f"fleet-{backend}-{i}"
+            mock = Server(
+                name,
+                functools.partial(mock_argv, model=model),
+                "/v1/models",
+                core,
+                workdir / f"{name}.log",
+                workdir,
+                env,
+            )
+            servers.append(mock)
+            mock.start()
+            log(
+                f"fleet replica {name} ({model}): pid {mock.pid}, port {mock.port}, core {core}",
+                out,
+            )
+            replicas.setdefault(backend, []).append(mock)
+    return replicas
+
+
+def check_fleet(column: Column, key: str) -> tuple[dict[str, Any], str | None]:
+    """After ``check_column``: both replicas of "big" received some of its requests, and one
+    completion for the other backend's model went to that backend (and only that one)."""
+    big = {m.name: completions_received(m) for m in column.mocks}
+    if min(big.values()) == 0:
+        return {"big": big}, f"fleet: the start-up check's requests were not spread: {big}"
+    small_model = FLEET_BACKENDS["small"]
+    status, body = one_request(column.port, key, "completion", small_model)
+    small = {m.name: completions_received(m) for m in column.standby}
+    found = {"big": big, "small": small, "small_status": status}
+    if status != 200 or json.loads(body).get("model") != small_model:
+        return found, f"fleet: a completion for {small_model} answered {status} {body[:300]!r}"
+    if sum(small.values()) != 1 or {m.name: completions_received(m) for m in column.mocks} != big:
+        return found, f"fleet: one completion for {small_model} reached {small} and big {big}"
+    return found, None
+
+
 def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     key = "sk-bench-" + secrets.token_hex(12)
     notes: list[str] = []
@@ -1095,6 +1286,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
     mock_core = LOAD_CORE if args.layout == "split" else PROXY_CORE
     plan = [(kind, c) for kind in KINDS for c in args.connections]
     logs: dict[str, str] = {}
+    fleet: dict[str, Any] = {}  # the fleet column's replicas and what each received
     try:
         env = child_env()
         mock = Server(
@@ -1104,14 +1296,29 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         mock.start()
         log(f"mock upstream: pid {mock.pid}, port {mock.port}, core {mock.core}", out)
         if "direct" in wanted:
-            columns["direct"] = Column("direct", mock.port, None, mock)
+            columns["direct"] = Column("direct", mock.port, None, (mock,))
 
-        gateways = {"quotagate": sys.executable, "baseline": args.baseline_python}
+        gateways = {
+            "quotagate": sys.executable,
+            "fleet": sys.executable,
+            "baseline": args.baseline_python,
+        }
         for name, python in gateways.items():
             if name not in wanted or not python:
                 continue
+            mocks: tuple[Server, ...] = (mock,)
+            standby: tuple[Server, ...] = ()
+            if name == "fleet":
+                replicas = start_fleet_mocks(mock_core, workdir, env, servers, out)
+                fleet["ports"] = {
+                    backend: {m.name: m.port for m in ms} for backend, ms in replicas.items()
+                }
+                text = fleet_config({b: [m.port for m in ms] for b, ms in replicas.items()}, key)
+                mocks, standby = tuple(replicas["big"]), tuple(replicas["small"])
+            else:
+                text = quotagate_config(mock.port, key)
             config = workdir / f"{name}.toml"
-            config.write_text(quotagate_config(mock.port, key))
+            config.write_text(text)
             gateway = Server(
                 name,
                 functools.partial(quotagate_argv, python, config),
@@ -1124,7 +1331,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             servers.append(gateway)
             gateway.start()
             log(f"{name} gateway ({python}): pid {gateway.pid}, port {gateway.port}, core 0", out)
-            columns[name] = Column(name, gateway.port, gateway, mock)
+            columns[name] = Column(name, gateway.port, gateway, mocks, standby)
 
         if "floor" in wanted:
             floor = Server(
@@ -1139,13 +1346,13 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             servers.append(floor)
             floor.start()
             log(f"floor proxy: pid {floor.pid}, port {floor.port}, core 0", out)
-            columns["floor"] = Column("floor", floor.port, floor, mock)
+            columns["floor"] = Column("floor", floor.port, floor, (mock,))
 
         if "litellm" in wanted:
             started = start_litellm(args, mock, key, workdir, litellm, servers)
             if isinstance(started, Server):
                 log(f"litellm proxy: pid {started.pid}, port {started.port}, core 0", out)
-                columns["litellm"] = Column("litellm", started.port, started, mock)
+                columns["litellm"] = Column("litellm", started.port, started, (mock,))
             else:
                 log(started, out)
                 notes.append(started)
@@ -1156,6 +1363,8 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         for name, column in list(columns.items()):
             try:
                 checks[name], problem = check_column(column, key, expected_events)
+                if problem is None and name == "fleet":
+                    fleet["check"], problem = check_fleet(column, key)
             except (RuntimeError, OSError, EOFError, ValueError) as exc:  # no answer, no wrk line
                 problem = f"{type(exc).__name__}: {exc}"
             if problem is None:
@@ -1174,6 +1383,10 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 if warm.bad:
                     notes.append(f"{name} {kind} warm-up: {warm.statuses} {warm.errors}")
 
+        fleet_column = columns.get("fleet")
+        received: dict[str, int] = {}
+        if fleet_column is not None:  # what each replica receives from here on is the load's
+            received = {m.name: completions_received(m) for m in fleet_column.servers[:-1]}
         order = [v for v in VARIANTS if v in columns]
         for r in range(args.rounds):
             rotated = order[r % len(order) :] + order[: r % len(order)]
@@ -1209,6 +1422,11 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                         f"{_statuses_text({'statuses': result.statuses, 'errors': result.errors})}",
                         out,
                     )
+        if fleet_column is not None:
+            fleet["measured"] = {
+                m.name: completions_received(m) - received[m.name]
+                for m in fleet_column.servers[:-1]
+            }
     finally:
         for server in reversed(servers):
             server.stop()
@@ -1226,6 +1444,12 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         for m in measurements
         if m.result.count == 0
     ]
+    measured = fleet.get("measured")
+    if measured is not None:
+        fleet["wrk_counted"] = sum(m.result.count for m in measurements if m.variant == "fleet")
+        idle = {n: c for n, c in measured.items() if c and n.startswith("fleet-small-")}
+        if idle:
+            notes.append(f"fleet: the load asks for {MODEL} only, yet small received {idle}")
     loads = [load_name(kind, c) for kind, c in plan]
     return {
         "setup": {
@@ -1245,12 +1469,17 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 "concurrency": TIER_CONCURRENCY,
                 "backend_max_concurrency": BACKEND_MAX_CONCURRENCY,
             },
+            "fleet": {
+                "backends": FLEET_BACKENDS,
+                "health_interval_s": FLEET_HEALTH_INTERVAL_S,
+                **fleet,
+            },
         },
         "checks": checks,
         "measurements": [
             {**asdict(m), "load": m.load, "result": asdict(m.result)} for m in measurements
         ],
-        "summary": summarize(measurements, loads, mock_core),
+        "summary": summarize(measurements, loads, mock_core, measured),
         "loadavg_end": tuple(round(x, 2) for x in os.getloadavg()),
         "notes": notes,
         "server_logs": logs,
@@ -1266,7 +1495,8 @@ def _version(package: str) -> str | None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="quotagate gateway vs direct vs LiteLLM proxy, in front of the mock model."
+        description="quotagate gateway (one backend, and a fleet) vs direct vs LiteLLM proxy, "
+        "in front of the mock model."
     )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk load")
     parser.add_argument("--rounds", type=int, default=3)
