@@ -41,7 +41,9 @@ from ..storage import (
 )
 
 __all__ = [
+    "CATCH_ALL",
     "DEFAULT_CONFIG",
+    "LEGACY_BACKEND",
     "BackendConfig",
     "FleetBackendConfig",
     "GatewayConfig",
