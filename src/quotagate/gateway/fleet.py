@@ -99,9 +99,9 @@ class BackendPool:
         return f"{self.name} ({self.spec.kind}, {replicas}: {', '.join(names) or '?'})"
 
     async def listing(self) -> list[dict[str, Any]]:
-        """``GET /v1/models`` entries. A backend that is never probed (the single ``[backend]``
-        table) and lists no models of its own is asked now, and its answer passed on as it is."""
-        if not self.checks_health and self.spec.models in (None, [CATCH_ALL]) and self.replicas:
+        """``GET /v1/models`` entries. A catch-all that is never probed (the single ``[backend]``
+        table) has no list of its own: it is asked now, and its answer passed on as it is."""
+        if self.catch_all and not self.checks_health and self.replicas:
             return await self.replicas[0].backend.models()
         names = self.models() + list(self.spec.aliases)
         return [{"id": n, "object": "model", "created": 0, "owned_by": self.name} for n in names]
