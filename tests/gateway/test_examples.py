@@ -10,13 +10,17 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
 
 
-def test_the_worked_example_passes_check_config() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "quotagate", "check-config", str(EXAMPLE)],
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "quotagate", "check-config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_the_worked_example_passes_check_config() -> None:
+    done = check_config(EXAMPLE)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{EXAMPLE}: OK · storage redis://redis.internal:6379/0")
     assert "backend openai · tiers free, pro · 1 keys" in done.stdout
@@ -35,12 +39,7 @@ FLEET = ROOT / "examples" / "fleet.toml"
 
 
 def test_the_fleet_example_passes_check_config_and_is_the_readmes() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "quotagate", "check-config", str(FLEET)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = check_config(FLEET)
     assert done.returncode == 0, done.stderr
     assert "backends big (openai), small (openai), local (mock)" in done.stdout
     readme = (ROOT / "README.md").read_text("utf-8")

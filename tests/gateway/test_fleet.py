@@ -140,15 +140,20 @@ def chat(model: str, **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
+async def ask(
+    client: httpx.AsyncClient, model: str = "llama-3-70b", key: str = BOB, **extra: Any
+) -> httpx.Response:
+    """A chat completion for ``model`` with ``key``."""
+    return await client.post(
+        "/v1/chat/completions", json=chat(model, **extra), headers={"X-API-Key": key}
+    )
+
+
 async def test_the_model_picks_the_backend(tmp_path: Path) -> None:
     replicas = Replicas(A, B)
     async with in_process(app_of(tmp_path, replicas)) as client:
-        big = await client.post(
-            "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": ALICE}
-        )
-        small = await client.post(
-            "/v1/chat/completions", json=chat("quotagate-mock"), headers={"X-API-Key": ALICE}
-        )
+        big = await ask(client, "llama-3-70b", key=ALICE)
+        small = await ask(client, "quotagate-mock", key=ALICE)
     assert big.status_code == small.status_code == 200
     assert big.json()["model"] == "llama-3-70b"
     assert small.json()["model"] == "quotagate-mock"
@@ -161,13 +166,9 @@ async def test_an_alias_is_sent_upstream_by_its_model_name_and_answered_by_the_a
 ) -> None:
     replicas = Replicas(A, B)
     async with in_process(app_of(tmp_path, replicas)) as client:
-        plain = await client.post(
-            "/v1/chat/completions", json=chat("gpt-4o-mini"), headers={"X-API-Key": ALICE}
-        )
-        streamed = await client.post(
-            "/v1/chat/completions",
-            json=chat("gpt-4o-mini", stream=True, stream_options={"include_usage": True}),
-            headers={"X-API-Key": ALICE},
+        plain = await ask(client, "gpt-4o-mini", key=ALICE)
+        streamed = await ask(
+            client, "gpt-4o-mini", stream=True, stream_options={"include_usage": True}, key=ALICE
         )
     assert plain.status_code == streamed.status_code == 200
     assert plain.json()["model"] == "gpt-4o-mini"
@@ -184,9 +185,7 @@ async def test_per_model_tier_limits_count_the_name_the_client_sent(tmp_path: Pa
     async with in_process(app_of(tmp_path, Replicas(A, B))) as client:
 
         async def status(model: str) -> int:
-            response = await client.post(
-                "/v1/chat/completions", json=chat(model), headers={"X-API-Key": ALICE}
-            )
+            response = await ask(client, model, key=ALICE)
             return response.status_code
 
         aliased = [await status("gpt-4o-mini") for _ in range(3)]
@@ -199,9 +198,7 @@ async def test_a_model_no_backend_serves_is_404_and_costs_nothing(tmp_path: Path
     replicas = Replicas(A, B)
     async with in_process(app_of(tmp_path, replicas)) as client:
         before = await limits_of(client, ALICE)
-        response = await client.post(
-            "/v1/chat/completions", json=chat("gpt-5"), headers={"X-API-Key": ALICE}
-        )
+        response = await ask(client, "gpt-5", key=ALICE)
         after = await limits_of(client, ALICE)
     assert response.status_code == 404
     body = response.json()
@@ -228,9 +225,7 @@ health_interval_s = 3600
 """
     async with in_process(app_of(tmp_path, replicas, fleet_text(more=more))) as client:
         listed = (await client.get("/v1/models")).json()["data"]
-        served = await client.post(
-            "/v1/chat/completions", json=chat("phi-3"), headers={"X-API-Key": ALICE}
-        )
+        served = await ask(client, "phi-3", key=ALICE)
     assert [(m["id"], m["owned_by"]) for m in listed] == [
         ("llama-3-70b", "big"),
         ("gpt-4o-mini", "big"),
@@ -253,12 +248,8 @@ models = ["*"]
 health_interval_s = 3600
 """
     async with in_process(app_of(tmp_path, replicas, fleet_text(more=more))) as client:
-        other = await client.post(
-            "/v1/chat/completions", json=chat("anything-else"), headers={"X-API-Key": ALICE}
-        )
-        listed = await client.post(
-            "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": ALICE}
-        )
+        other = await ask(client, "anything-else", key=ALICE)
+        listed = await ask(client, "llama-3-70b", key=ALICE)
     assert other.status_code == listed.status_code == 200
     assert [b["model"] for b in replicas[C].bodies] == ["anything-else"]
     assert [b["model"] for r in (replicas[A], replicas[B]) for b in r.bodies] == ["llama-3-70b"]
@@ -270,20 +261,14 @@ async def test_requests_go_to_the_replica_with_fewest_in_flight_ties_in_turn(
     replicas = Replicas(A, B)
     app = app_of(tmp_path, replicas)
     async with in_process(app) as client:
-
-        async def send() -> httpx.Response:
-            return await client.post(
-                "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-            )
-
         for _ in range(4):  # one at a time: every choice is a tie
-            assert (await send()).status_code == 200
+            assert (await ask(client)).status_code == 200
         assert [len(replicas[A].bodies), len(replicas[B].bodies)] == [2, 2]
         replicas[A].hold = replicas[B].hold = True
-        held = [asyncio.create_task(send())]
+        held = [asyncio.create_task(ask(client))]
         await async_wait_until(lambda: replicas[A].waiting + replicas[B].waiting == 1, 10, "held")
         busy = A if replicas[A].waiting else B
-        held.append(asyncio.create_task(send()))
+        held.append(asyncio.create_task(ask(client)))
         await async_wait_until(lambda: replicas[A].waiting + replicas[B].waiting == 2, 10, "both")
         idle_got_it = replicas[A if busy == B else B].waiting == 1
         for r in replicas.values():
@@ -332,12 +317,7 @@ async def test_a_request_that_could_not_reach_a_replica_is_served_by_another_onc
     app = app_of(tmp_path, replicas)
     async with in_process(app) as client:
         replicas[A].refuse = True
-        responses = [
-            await client.post(
-                "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-            )
-            for _ in range(2)
-        ]
+        responses = [await ask(client) for _ in range(2)]
         metrics = metric_samples((await client.get("/metrics")).text)
     assert [r.status_code for r in responses] == [200, 200]
     assert len(replicas[B].bodies) == 2  # each served exactly once
@@ -369,9 +349,7 @@ async def test_a_request_the_replica_may_have_started_is_never_sent_again(
     async with in_process(app) as client:
         replicas[A].status = replicas[B].status = 500
         before = await limits_of(client, BOB)
-        failed = await client.post(
-            "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-        )
+        failed = await ask(client)
         after = await limits_of(client, BOB)
     assert failed.status_code == 502
     assert failed.json()["error"] == "upstream_error"
@@ -387,23 +365,16 @@ async def test_three_failures_in_a_row_mark_a_replica_down_and_a_probe_brings_it
     pool = app.state.gateway.fleet.pools["big"]
     caplog.set_level(logging.INFO, logger="quotagate")
     async with in_process(app) as client:
-
-        async def send() -> int:
-            response = await client.post(
-                "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-            )
-            return response.status_code
-
         replicas[A].refuse = True
-        statuses = [await send() for _ in range(8)]
+        statuses = [(await ask(client)).status_code for _ in range(8)]
         down = [r.label for r in pool.replicas if not r.up]
         tried_while_down = len(replicas[B].bodies)
-        statuses += [await send() for _ in range(4)]
+        statuses += [(await ask(client)).status_code for _ in range(4)]
         served_while_down = len(replicas[B].bodies) - tried_while_down
         replicas[A].refuse = False
         await pool.probe_all()
         up = all(r.up for r in pool.replicas)
-        statuses += [await send() for _ in range(4)]
+        statuses += [(await ask(client)).status_code for _ in range(4)]
     assert statuses == [200] * 16  # every one served: failover, then the healthy replica
     assert down == ["a.test:8001"]
     assert served_while_down == 4  # B took them all: nothing went to A while down
@@ -426,16 +397,9 @@ async def test_no_healthy_replica_is_503_backend_unavailable_and_gives_all_back(
     async with in_process(app) as client:
         before = await limits_of(client, BOB)
         replicas[A].refuse = replicas[B].refuse = True
-        unavailable = [
-            await client.post(
-                "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-            )
-            for _ in range(4)
-        ]
+        unavailable = [await ask(client) for _ in range(4)]
         after = await limits_of(client, BOB)
-        other = await client.post(
-            "/v1/chat/completions", json=chat("quotagate-mock"), headers={"X-API-Key": BOB}
-        )
+        other = await ask(client, "quotagate-mock")
         health = (await client.get("/health")).json()
     for response in unavailable:
         assert response.status_code == 503
@@ -455,14 +419,7 @@ async def test_health_counts_requests_in_flight_and_queued_per_backend(tmp_path:
     app = app_of(tmp_path, replicas, fleet_text(concurrency=1))
     async with in_process(app) as client:
         replicas[A].hold = replicas[B].hold = True
-        tasks = [
-            asyncio.create_task(
-                client.post(
-                    "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-                )
-            )
-            for _ in range(3)
-        ]
+        tasks = [asyncio.create_task(ask(client)) for _ in range(3)]
         await async_wait_until(
             lambda: app.state.gateway.fleet.pools["big"].gate.queued == 1, 10, "one queued"
         )
@@ -485,9 +442,7 @@ async def test_time_to_first_byte_is_a_histogram_per_replica(tmp_path: Path) -> 
     replicas = Replicas(A, B)
     async with in_process(app_of(tmp_path, replicas)) as client:
         for _ in range(2):
-            await client.post(
-                "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-            )
+            await ask(client)
         metrics = metric_samples((await client.get("/metrics")).text)
     counts = [
         sample(metrics, "quotagate_upstream_first_byte_seconds_count", backend="big", replica=r)
@@ -506,20 +461,14 @@ async def test_reload_adds_and_removes_replicas_without_dropping_a_request(
     gateway: Gateway = app.state.gateway
     pool = gateway.fleet.pools["big"]
     async with in_process(app) as client:
-
-        async def send() -> httpx.Response:
-            return await client.post(
-                "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-            )
-
         replicas[A].hold = replicas[B].hold = True
-        held = [asyncio.create_task(send()), asyncio.create_task(send())]
+        held = [asyncio.create_task(ask(client)), asyncio.create_task(ask(client))]
         await async_wait_until(lambda: replicas[A].waiting == replicas[B].waiting == 1, 10, "held")
         replicas[B].hold = False
         replicas[B].release.set()
         (tmp_path / "gateway.toml").write_text(fleet_text(urls=[B, C]), "utf-8")
         assert gateway.reload()
-        after = [await send() for _ in range(4)]
+        after = [await ask(client) for _ in range(4)]
         retiring = [r.label for r in pool.retiring]
         replicas[A].release.set()
         first = await asyncio.gather(*held)
@@ -542,17 +491,11 @@ async def test_reload_removing_a_backend_answers_model_not_found_for_its_models(
     gateway: Gateway = app.state.gateway
     small_only = text[text.index('[[backends]]\nname = "small"') :]
     async with in_process(app) as client:
-        before = await client.post(
-            "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-        )
+        before = await ask(client)
         (tmp_path / "gateway.toml").write_text(small_only, "utf-8")
         assert gateway.reload()
-        gone = await client.post(
-            "/v1/chat/completions", json=chat("gpt-4o-mini"), headers={"X-API-Key": BOB}
-        )
-        kept = await client.post(
-            "/v1/chat/completions", json=chat("quotagate-mock"), headers={"X-API-Key": BOB}
-        )
+        gone = await ask(client, "gpt-4o-mini")
+        kept = await ask(client, "quotagate-mock")
         listed = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
     assert before.status_code == 200
     assert gone.status_code == 404
@@ -568,14 +511,7 @@ async def test_reload_changes_a_backends_concurrency_and_queue_in_place(tmp_path
     pool = gateway.fleet.pools["big"]
     async with in_process(app) as client:
         replicas[A].hold = replicas[B].hold = True
-        tasks = [
-            asyncio.create_task(
-                client.post(
-                    "/v1/chat/completions", json=chat("llama-3-70b"), headers={"X-API-Key": BOB}
-                )
-            )
-            for _ in range(3)
-        ]
+        tasks = [asyncio.create_task(ask(client)) for _ in range(3)]
         await until(lambda: pool.gate.queued == 1)
         (tmp_path / "gateway.toml").write_text(fleet_text(concurrency=2), "utf-8")
         assert gateway.reload()
