@@ -522,3 +522,13 @@ async def test_reload_changes_a_backends_concurrency_and_queue_in_place(tmp_path
         assert [t.status_code for t in await asyncio.gather(*tasks)] == [200] * 3
     assert in_flight == 3
     assert [r.max_concurrency for r in pool.replicas] == [2, 2]
+
+
+async def test_without_a_catch_all_a_request_must_name_its_model(tmp_path: Path) -> None:
+    async with in_process(app_of(tmp_path, Replicas(A, B))) as client:
+        response = await client.post(
+            "/v1/completions", json={"prompt": "hi"}, headers={"X-API-Key": BOB}
+        )
+    assert response.status_code == 404
+    assert response.json()["error"] == "model_not_found"
+    assert response.json()["message"].startswith("model: required to choose a backend")

@@ -200,10 +200,13 @@ class Gateway:
         model = body.get("model") if isinstance(body.get("model"), str) else None
         target = self.fleet.route(model)
         if target is None:
+            served = "GET /v1/models lists those served here"
             return error(
                 404,
                 "model_not_found",
-                f"No backend serves the model {model!r}: GET /v1/models lists those served here.",
+                f"No backend serves the model {model!r}: {served}."
+                if model is not None
+                else f"model: required to choose a backend; {served}.",
                 param="model",
             )
         tier = caller.tier
