@@ -132,11 +132,13 @@ class BackendPool:
 
     def failed(self, replica: Replica, exc: UpstreamError) -> None:
         """Count a failure against the replica; the third in a row marks it down."""
-        if not self.checks_health or not exc.replica_fault or replica.retired:
-            return
+        if self.checks_health and exc.replica_fault and not replica.retired:
+            self._count_failure(replica, "failures", exc.message)
+
+    def _count_failure(self, replica: Replica, what: str, reason: str) -> None:
         replica.failures += 1
         if replica.up and replica.failures >= DOWN_AFTER:
-            self._down(replica, f"{replica.failures} failures in a row, the last: {exc.message}")
+            self._down(replica, f"{replica.failures} {what} in a row, the last: {reason}")
 
     def _down(self, replica: Replica, reason: str) -> None:
         replica.up = False
@@ -168,10 +170,8 @@ class BackendPool:
             reason = exc.message if isinstance(exc, UpstreamError) else f"no answer in {bound:g} s"
             if first and replica.up:
                 self._down(replica, f"its first probe failed: {reason}")
-            elif replica.up:
-                replica.failures += 1
-                if replica.failures >= DOWN_AFTER:
-                    self._down(replica, f"{replica.failures} failed probes, the last: {reason}")
+            else:
+                self._count_failure(replica, "failed probes", reason)
             return
         names = [e["id"] for e in listed if isinstance(e, dict) and isinstance(e.get("id"), str)]
         changed = names != replica.models
