@@ -244,6 +244,7 @@ class Gateway:
         if isinstance(sent, Response):
             return sent
         replica, (answer, parsed) = sent
+        self.metrics.upstream(pool.name, replica.label, "ok")
         charged = usage_total(parsed.get("usage"))
         if charged is None:
             charged = cost.prompt + answer_tokens(parsed)
@@ -319,7 +320,8 @@ class Gateway:
     ) -> tuple[Replica, _T] | Response:
         """``call`` on the replica; one that could not be reached (so never started the
         request) passes it to another healthy replica, each tried at most once. A failure's
-        response comes back with everything the request held given back."""
+        response comes back with everything the request held given back. The outcome of a
+        call that succeeds is the caller's to count (a stream can still fail)."""
         tried: tuple[Replica, ...] = ()
         while True:
             sent = time.perf_counter()
@@ -350,7 +352,6 @@ class Gateway:
                 await self._finish(admission, pool, replica, charged=0)
                 raise
             self.metrics.first_byte(pool.name, replica.label, time.perf_counter() - sent)
-            self.metrics.upstream(pool.name, replica.label, "ok")
             pool.succeeded(replica)
             return replica, result
 
@@ -420,6 +421,7 @@ class Gateway:
 
         async def body_iterator() -> AsyncIterator[bytes]:
             # The events of one upstream read go out in one write, not one write each.
+            outcome = "ok"  # a client that leaves mid-stream is no fault of the replica's
             try:
                 if out := relay.feed(first):
                     yield b"".join(out)
@@ -429,10 +431,11 @@ class Gateway:
                 if out := relay.flush():
                     yield b"".join(out)
             except UpstreamError as exc:
-                self.metrics.upstream(pool.name, replica.label, exc.outcome)
+                outcome = exc.outcome
                 pool.failed(replica, exc)
                 yield stream_error_event(exc)
             finally:
+                self.metrics.upstream(pool.name, replica.label, outcome)
                 await self._finish(
                     admission, pool, replica, charged=relay.charged(), upstream=events
                 )

@@ -38,7 +38,6 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        self.reused = False
         self.counted = False  # against the pool's size (set once connected)
         self._parser = httptools.HttpResponseParser(self)
         self._reset()
@@ -161,6 +160,19 @@ class _Connection(asyncio.Protocol):
         return data
 
 
+def _write(conn: _Connection, message: bytes) -> bool:
+    """Write the request; False when the connection turned out closed (nothing was sent)."""
+    transport = conn.transport
+    if conn.closed or transport is None or transport.is_closing():
+        return False
+    try:
+        transport.write(message)
+    except (RuntimeError, OSError):  # uvloop: "unable to perform operation on ... closed"
+        conn._fail(UpstreamError(502, "upstream_unavailable", "closed before the request"))
+        return False
+    return True
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -258,8 +270,10 @@ class Http1Pool:
     async def request(self, method: str, path: str, body: bytes | None = None) -> Http1Response:
         """Send a request and wait for the response's headers.
 
-        A request on a kept-alive connection that the server had closed meanwhile (it got
-        no byte of answer) is sent once more on a fresh connection: the server never read it.
+        A kept-alive connection found closed before the request could be written on it is
+        replaced by a fresh one. Once written, a request is never sent again: a server that
+        then closes without answering may have started it (a model server would generate
+        twice), so that is an ``UpstreamError`` for the caller.
         """
         head = f"{method} {self.base_path}{path} HTTP/1.1\r\n".encode("latin-1") + self._head_tail
         if body is not None:
@@ -268,8 +282,16 @@ class Http1Pool:
         for attempt in (1, 2):
             conn = await self._get()
             conn._reset()
-            assert conn.transport is not None
-            conn.transport.write(message)
+            if not _write(conn, message):  # closed under us: nothing was sent
+                self._put(conn)
+                if attempt == 1:
+                    continue
+                raise UpstreamError(
+                    502,
+                    "upstream_unavailable",
+                    f"the model server at {self.url} closed the connection before the request",
+                    unsent=True,
+                )
             try:
                 while not conn.headers_done:
                     await conn.wait()
@@ -279,12 +301,8 @@ class Http1Pool:
                 raise UpstreamError(
                     504, "upstream_timeout", f"the model server at {self.url} timed out"
                 ) from None
-            except UpstreamError as exc:
+            except UpstreamError:
                 self._put(conn)
-                if conn.reused and not conn.received:  # an idle connection found closed
-                    if attempt == 1:
-                        continue
-                    exc.unsent = True
                 raise
             except BaseException:
                 conn._fail(UpstreamError(502, "upstream_error", "cancelled"))
@@ -340,8 +358,7 @@ class Http1Pool:
     def _take_idle(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
-            if not conn.closed:
-                conn.reused = True
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
 
