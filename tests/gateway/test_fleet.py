@@ -532,3 +532,26 @@ async def test_without_a_catch_all_a_request_must_name_its_model(tmp_path: Path)
     assert response.status_code == 404
     assert response.json()["error"] == "model_not_found"
     assert response.json()["message"].startswith("model: required to choose a backend")
+
+
+async def test_a_single_backend_table_reloaded_into_a_fleet_takes_the_fleet(
+    tmp_path: Path,
+) -> None:
+    """``[backend]`` itself needs a restart; replacing it by ``[[backends]]`` is a fleet change,
+    applied by the reload like any other."""
+    replicas = Replicas(A, B)
+    app = app_of(
+        tmp_path, replicas, '[backend]\nkind = "mock"\n' + FLEET[FLEET.index("[tiers.free]") :]
+    )
+    gateway: Gateway = app.state.gateway
+    async with in_process(app) as client:
+        before = await ask(client, "anything")  # the single backend serves every model
+        (tmp_path / "gateway.toml").write_text(fleet_text(), "utf-8")
+        assert gateway.reload()
+        after = await ask(client, "anything")
+        routed = await ask(client)
+    assert before.status_code == 200
+    assert after.status_code == 404
+    assert routed.status_code == 200
+    assert len(replicas[A].bodies) + len(replicas[B].bodies) == 1
+    assert list(gateway.fleet.pools) == ["big", "small"]

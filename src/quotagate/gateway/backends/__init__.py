@@ -31,8 +31,8 @@ class UpstreamError(QuotagateError):
     """The model server failed: down (502), timed out (504) or answered 5xx / garbage (502).
 
     ``unsent``: the server cannot have started the request (the connection was refused, timed
-    out connecting, or was an idle one found closed), so another replica may take it without
-    generating twice.
+    out connecting, or was found closed before the request was written on it), so another
+    replica may take it without generating twice.
     """
 
     def __init__(self, status: int, error: str, message: str, *, unsent: bool = False) -> None:
