@@ -1,8 +1,10 @@
 """Rates: ``"60/minute; 1000/day"`` -> ``(Rate(60, 60.0), Rate(1000, 86400.0))``.
 
 Accepted forms: ``60/minute``, ``60 per minute``, ``10/second``, ``100/5 minutes``, ``2/hours``;
-units second, minute, hour, day, week (singular or plural); several separated by ``;`` or
-``,``. Parsing is cached: the hot path passes the same strings again and again.
+units second, minute, hour, day, week, month, year (singular or plural, as ``limits`` and
+slowapi take them: a month is 30 days, a year 12 months) and the short forms s, sec, min, h,
+hr, d; several separated by ``;`` or ``,``. Parsing is cached: the hot path passes the same
+strings again and again.
 """
 
 from __future__ import annotations
@@ -19,20 +21,32 @@ __all__ = ["Rate", "RateLike", "as_rates", "parse_rate", "parse_rates"]
 
 _MICROS = 1_000_000
 
+_DAY = 86400
+_MONTH = 30 * _DAY  # as ``limits`` counts them, so a slowapi "5/month" means the same here
 _UNIT_SECONDS: dict[str, int] = {}
-# Whole words only, as in `limits`: "60 per min" is a typo worth an error, not a guess.
+# Whole words and a few unambiguous short forms; "m" (minute or month?) is refused.
 for _names, _seconds in (
-    (("second", "seconds"), 1),
-    (("minute", "minutes"), 60),
-    (("hour", "hours"), 3600),
-    (("day", "days"), 86400),
-    (("week", "weeks"), 7 * 86400),
+    (("second", "seconds", "s", "sec", "secs"), 1),
+    (("minute", "minutes", "min", "mins"), 60),
+    (("hour", "hours", "h", "hr", "hrs"), 3600),
+    (("day", "days", "d"), _DAY),
+    (("week", "weeks"), 7 * _DAY),
+    (("month", "months"), _MONTH),
+    (("year", "years"), 12 * _MONTH),
 ):
     for _name in _names:
         _UNIT_SECONDS[_name] = _seconds
 
 # Largest unit first, for rendering a period back to words.
-_UNIT_NAMES = (("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
+_UNIT_NAMES = (
+    ("year", 12 * _MONTH),
+    ("month", _MONTH),
+    ("week", 7 * _DAY),
+    ("day", _DAY),
+    ("hour", 3600),
+    ("minute", 60),
+    ("second", 1),
+)
 
 _RATE_RE = re.compile(
     r"^\s*(?P<amount>\d+)\s*(?:/|\bper\b)\s*(?P<multiple>\d+)?\s*(?P<unit>[a-z]+)\s*$",
@@ -113,7 +127,7 @@ def parse_rate(text: str) -> Rate:
     if seconds is None:
         raise ConfigError(
             f"unknown time unit {match['unit']!r} in {text.strip()!r} "
-            "(use second, minute, hour, day or week)"
+            "(use second, minute, hour, day, week, month or year, or s, min, h, d)"
         )
     multiple = int(match["multiple"]) if match["multiple"] else 1
     amount = int(match["amount"])

@@ -17,6 +17,17 @@ import quotagate as qg
         ("3/hours", 3, 3600.0),
         (" 7 / MINUTE ", 7, 60.0),
         ("2/2 weeks", 2, 14 * 86400.0),
+        ("10/s", 10, 1.0),
+        ("10/sec", 10, 1.0),
+        ("60/min", 60, 60.0),
+        ("60 per min", 60, 60.0),
+        ("60/h", 60, 3600.0),
+        ("60/hr", 60, 3600.0),
+        ("1000/d", 1000, 86400.0),
+        ("5/month", 5, 30 * 86400.0),  # as limits and slowapi count a month
+        ("5/2 months", 5, 60 * 86400.0),
+        ("100/year", 100, 360 * 86400.0),
+        ("100 per years", 100, 360 * 86400.0),
     ],
 )
 def test_parse_one(text: str, amount: int, period: float) -> None:
@@ -33,7 +44,17 @@ def test_parse_several(separator: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["60 per min utes", "sixty/minute", "60/fortnight", "", ";", "0/minute", "-1/minute", "60"],
+    [
+        "60 per min utes",
+        "sixty/minute",
+        "60/fortnight",
+        "60/m",  # minute or month? refused, not guessed
+        "",
+        ";",
+        "0/minute",
+        "-1/minute",
+        "60",
+    ],
 )
 def test_bad_text_raises_config_error_naming_it(text: str) -> None:
     with pytest.raises(qg.ConfigError) as info:
@@ -47,10 +68,14 @@ def test_unknown_unit_message_lists_units() -> None:
 
 
 def test_rate_renders_back() -> None:
-    assert [str(r) for r in qg.parse_rates("60/minute; 100/5 minutes; 90/90 seconds")] == [
+    text = "60/minute; 100/5 minutes; 90/90 seconds; 10/s; 5/month; 1/year"
+    assert [str(r) for r in qg.parse_rates(text)] == [
         "60/minute",
         "100/5 minutes",
         "90/90 seconds",
+        "10/second",
+        "5/month",
+        "1/year",
     ]
 
 
