@@ -26,6 +26,7 @@ from .keys import family
 
 __all__ = [
     "EXPOSED_HEADERS",
+    "NO_RETRY",
     "Headers",
     "format_duration",
     "openai_headers",
@@ -47,6 +48,10 @@ _OPENAI_NAMES = {
     )
     for group in ("requests", "tokens")
 }
+
+#: On an answer that waiting cannot change (a request too large for its limit, an unknown key,
+#: a model nobody serves): the ``openai`` SDKs obey it and do not retry.
+NO_RETRY = (b"x-should-retry", b"false")
 
 #: The response headers of the rate-limit contract: what CORS lets a page's code read.
 EXPOSED_HEADERS = (
@@ -110,7 +115,8 @@ def rejection_parts(
     """Status, rate-limit headers and body (unencoded) for a request the decision rejected.
 
     ``limited`` -> 429 with Retry-After and the seed's body; ``too_large`` -> 429
-    ``request_too_large`` without Retry-After (waiting cannot help); ``unavailable`` (storage
+    ``request_too_large`` without Retry-After and with ``x-should-retry: false`` (waiting
+    cannot help); ``unavailable`` (storage
     down, fallback ``deny``) -> 503 with Retry-After. ``extra`` fields are added to the body.
     """
     headers = rate_limit_headers(decision)
@@ -121,6 +127,7 @@ def rejection_parts(
             "error": "request_too_large",
             "message": f"This request costs more than {what}: it can never pass. Make it smaller.",
         }
+        headers.append(NO_RETRY)
         status = 429
     else:
         seconds = retry_after_seconds(decision.retry_after)

@@ -32,6 +32,7 @@ from .. import __version__
 from .._asgi import RawResponse
 from ..decision import Decision
 from ..http import (
+    NO_RETRY,
     Headers,
     openai_headers,
     rate_limit_headers,
@@ -207,6 +208,7 @@ class Gateway:
                 f"No backend serves the model {model!r}: {served}."
                 if model is not None
                 else f"model: required to choose a backend; {served}.",
+                [NO_RETRY],
                 param="model",
             )
         tier = caller.tier

@@ -15,6 +15,7 @@ from typing import NamedTuple
 from fastapi.responses import Response
 from starlette.types import Scope
 
+from ..http import NO_RETRY
 from ..identity import TrustedProxies, bearer_or_header_key, hash_api_key, mask_key
 from ..keys import (
     CONCURRENCY,
@@ -88,7 +89,7 @@ class Refusal:
     client: str
 
     def response(self) -> Response:
-        return error(401, self.code, self.message)
+        return error(401, self.code, self.message, [NO_RETRY])  # a key does not get better
 
 
 class Limits(NamedTuple):
