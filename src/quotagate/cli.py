@@ -93,7 +93,7 @@ def check_config(path: str) -> None:
     )
     click.echo(
         f"{path}: OK · storage {config.storage.url.split('@')[-1]} · {backends}"
-        f" · tiers {tiers} · {len(config.keys)} keys"
+        f" · tiers {tiers} · {len(config.keys)} key{'' if len(config.keys) == 1 else 's'}"
     )
 
 

@@ -158,4 +158,4 @@ def test_sighup_reloads_a_running_gateway(tmp_path: Path) -> None:
     assert before.status_code == 401
     assert after.status_code == 200, after.text
     assert alive
-    assert f"quotagate: reloaded {path}: 2 tiers, 1 keys" in log
+    assert f"quotagate: reloaded {path}: 2 tiers, 1 key, backend mock" in log

@@ -130,10 +130,11 @@ class Gateway:
             probes.add_done_callback(self._probes.discard)
         logger.setLevel(new.log_level.upper())
         logger.info(
-            "quotagate: reloaded %s: %d tiers, %d keys, backends %s",
+            "quotagate: reloaded %s: %d tiers, %d key%s, %s",
             self.config_path,
             len(self.callers.tiers),
             len(self.callers.keys),
+            "" if len(self.callers.keys) == 1 else "s",
             self.fleet.describe(),
         )
         return True
