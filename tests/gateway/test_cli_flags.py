@@ -271,7 +271,7 @@ def test_check_config_ok_summarises_the_file(tmp_path: Path) -> None:
     result = cli("check-config", str(path))
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{path}: OK · storage memory:// · backend mock · tiers anonymous, free · 1 keys\n"
+        f"{path}: OK · storage memory:// · backend mock · tiers anonymous, free · 1 key\n"
     )
 
 
