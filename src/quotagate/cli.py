@@ -43,7 +43,7 @@ def serve(
 ) -> None:
     """Run the OpenAI-compatible rate-limiting gateway."""
     from .gateway import server
-    from .gateway.config import load_config
+    from .gateway.config import DEV_KEY, is_loopback, load_config
 
     overrides = _flag_overrides(host, port, log_level)
     try:
@@ -53,6 +53,13 @@ def serve(
     warning = server.check_workers(config, workers)
     if warning:
         click.secho(warning, fg="yellow", err=True)
+    if config_path is None and not is_loopback(config.server.host):
+        click.secho(
+            f"the built-in default's development key {DEV_KEY} is off: {config.server.host} "
+            "can be reached from other machines (give --config with keys of your own)",
+            fg="yellow",
+            err=True,
+        )
     server.run(config, config_path=config_path, overrides=overrides, workers=workers)
 
 

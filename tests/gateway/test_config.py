@@ -11,7 +11,7 @@ import pytest
 
 import quotagate as qg
 from helpers import config_from, run_cli
-from quotagate.gateway.config import GatewayConfig, load_config
+from quotagate.gateway.config import DEV_KEY, GatewayConfig, load_config
 from quotagate.storage import SCHEMES
 
 # The issue's example, verbatim (comments and all).
@@ -116,6 +116,11 @@ tokens = "400000/minute"
 concurrency = 16
 priority = 10
 default_max_tokens = 4096
+
+[[keys]]
+key = "sk-dev-alice"
+tier = "free"
+name = "dev"
 """
 
 
@@ -315,3 +320,19 @@ def test_a_prefix_with_a_hash_tag_brace_is_refused_by_the_config(tmp_path: Path)
     assert str(info.value) == (
         "storage.prefix: a key prefix cannot hold a hash tag brace (got 'q{g}')"
     )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "127.0.0.2"])
+def test_the_default_has_its_development_key_on_loopback(host: str) -> None:
+    config = load_config(None, environ={}, overrides={"server": {"host": host}})
+    assert [(k.key, k.tier) for k in config.keys] == [(DEV_KEY, "free")]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "gateway.internal"])
+def test_the_default_has_no_development_key_where_others_can_reach_it(host: str) -> None:
+    assert load_config(None, environ={}, overrides={"server": {"host": host}}).keys == []
+    assert load_config(None, environ={"QUOTAGATE_HOST": host}).keys == []
+
+
+def test_a_config_file_never_gets_the_development_key(tmp_path: Path) -> None:
+    assert config_from(tmp_path, '[tiers.free]\nrequests = "1/minute"\n').keys == []

@@ -8,6 +8,7 @@ storage, the mock model) is used so that ``quotagate serve`` runs with no set-up
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -43,6 +44,7 @@ from ..storage import (
 __all__ = [
     "CATCH_ALL",
     "DEFAULT_CONFIG",
+    "DEV_KEY",
     "LEGACY_BACKEND",
     "BackendConfig",
     "FleetBackendConfig",
@@ -52,13 +54,19 @@ __all__ = [
     "config_digest",
     "configured_storage",
     "env_name",
+    "is_loopback",
     "load_config",
 ]
 
 
+#: The built-in default's one key, so the README's SDK examples run against ``scripts/serve``
+#: as written. It is there only while the gateway listens on a loopback address: on a host
+#: others can reach, ``load_config`` leaves it out (a key everyone knows is no key).
+DEV_KEY = "sk-dev-alice"
+
 #: Only what the models do not default: every other field (server, storage, backend, health,
 #: ...) is left to its model, so a default is written once.
-DEFAULT_CONFIG = """
+DEFAULT_CONFIG = f"""
 [anonymous]                # callers without a key are served, as the tier below
 
 [tiers.anonymous]
@@ -78,6 +86,11 @@ tokens = "400000/minute"
 concurrency = 16
 priority = 10
 default_max_tokens = 4096
+
+[[keys]]                   # for development on this machine only (see DEV_KEY)
+key = "{DEV_KEY}"
+tier = "free"
+name = "dev"
 """
 
 
@@ -369,7 +382,19 @@ def load_config(
     problems += _reference_problems(data)
     if problems:
         raise ConfigError("\n".join(problems))
+    if path is None and not is_loopback(config.server.host):
+        config = config.model_copy(update={"keys": [k for k in config.keys if k.key != DEV_KEY]})
     return config
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach ``host`` (``127.0.0.1``, ``::1``, ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _reference_problems(data: Mapping[str, Any]) -> list[str]:
