@@ -19,6 +19,14 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+def readme_toml_block(after: str) -> tuple[str, str]:
+    """The README's first TOML block after the text ``after``, and the README up to it."""
+    readme = (ROOT / "README.md").read_text("utf-8")
+    at = readme.index(after)
+    start = readme.index("```toml\n", at) + len("```toml\n")
+    return readme[start : readme.index("```", start)], readme[at:start]
+
+
 def test_the_worked_example_passes_check_config() -> None:
     done = check_config(EXAMPLE)
     assert done.returncode == 0, done.stderr
@@ -28,12 +36,9 @@ def test_the_worked_example_passes_check_config() -> None:
 
 
 def test_the_readme_shows_the_example_file_as_it_is() -> None:
-    readme = (ROOT / "README.md").read_text("utf-8")
     example = EXAMPLE.read_text("utf-8")
-    config = example[example.index("[server]") :]
-    at = readme.index("Worked example: vLLM on the same host")
-    start = readme.index("```toml\n", at) + len("```toml\n")
-    assert readme[start : readme.index("```", start)] == config
+    shown, _ = readme_toml_block("Worked example: vLLM on the same host")
+    assert shown == example[example.index("[server]") :]
 
 
 FLEET = ROOT / "examples" / "fleet.toml"
@@ -43,11 +48,8 @@ def test_the_fleet_example_passes_check_config_and_is_the_readmes() -> None:
     done = check_config(FLEET)
     assert done.returncode == 0, done.stderr
     assert "backends big (openai), small (openai), local (mock)" in done.stdout
-    readme = (ROOT / "README.md").read_text("utf-8")
     example = FLEET.read_text("utf-8")
-    config = example[example.index("[[backends]]") :]
-    at = readme.index("### A fleet of model servers")
-    start = readme.index("```toml\n", at) + len("```toml\n")
-    assert readme[start : readme.index("```", start)] == config
+    shown, before = readme_toml_block("### A fleet of model servers")
+    assert shown == example[example.index("[[backends]]") :]
     for command in (line.removeprefix("#   ") for line in example.splitlines()[3:7]):
-        assert command in readme[at:start]  # the commands that start it, as the file says
+        assert command in before  # the commands that start it, as the file says

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_fleet import A, B, Replicas, app_of
+from fleet_fakes import A, B, Replicas, app_of
 
 from helpers import ALICE, base_config, gateway_app, metric_samples, sample
 
