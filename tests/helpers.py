@@ -40,6 +40,8 @@ __all__ = [
     "chat_prompt",
     "completion_prompt",
     "config_from",
+    "error_code",
+    "error_of",
     "gateway_app",
     "in_process",
     "limits_of",
@@ -253,6 +255,26 @@ async def mock_answer(path: str, body: dict[str, Any]) -> httpx.Response:
         yield answer
 
     return httpx.Response(200, headers={"content-type": "application/json"}, content=content())
+
+
+def error_of(body: Any) -> dict[str, Any]:
+    """The error object of a gateway error body, checked to be OpenAI's shape:
+    ``{"error": {"message", "type", "code", "param", ...}}``."""
+    assert isinstance(body, dict), body
+    assert list(body) == ["error"], body
+    error = body["error"]
+    assert isinstance(error, dict), body
+    assert {"message", "type", "code", "param"} <= set(error), body
+    assert isinstance(error["message"], str), body
+    assert isinstance(error["code"], str), body
+    return error
+
+
+def error_code(body: Any) -> str | None:
+    """The ``code`` of a gateway error body (OpenAI's shape), None for a body that is no error."""
+    if not (isinstance(body, dict) and "error" in body):
+        return None
+    return str(error_of(body)["code"])
 
 
 def sse_events(text: str) -> list[str]:

@@ -41,7 +41,7 @@ from fleet_kit import (
     start_all,
 )
 
-from helpers import mock_text
+from helpers import error_code, error_of, mock_text
 from quotagate.testing import async_wait_until, free_port
 
 BIG = "llama-3-70b"
@@ -219,7 +219,7 @@ async def test_every_replica_of_a_backend_down_is_a_503_and_a_restart_brings_it_
     served_by = [await a1.received(client), await a2.received(client)]
     health_again = await health_of(client, gateway)
 
-    assert [(r.status, r.body["error"]) for r in refused] == [(503, "backend_unavailable")] * 10
+    assert [(r.status, error_code(r.body)) for r in refused] == [(503, "backend_unavailable")] * 10
     # Retry-After: until the next probe (at most one interval away, and never below 1 s).
     assert [(r.headers.get("retry-after"), r.body.get("retry_after")) for r in refused] == [
         ("1", 1)
@@ -328,8 +328,8 @@ async def test_a_reload_removes_a_backend_and_adds_an_alias(
     finally:
         reader.cancel()
 
-    assert (alias_before.status, alias_before.body["error"]) == (404, "model_not_found")
-    assert (small_after.status, small_after.body["error"]) == (404, "model_not_found")
+    assert (alias_before.status, error_code(alias_before.body)) == (404, "model_not_found")
+    assert (small_after.status, error_code(small_after.body)) == (404, "model_not_found")
     assert alias_after.ok, alias_after.describe()
     assert alias_after.body["model"] == ALIAS
     assert {entry["id"]: entry["owned_by"] for entry in listed} == {BIG: "big", ALIAS: "big"}
@@ -418,7 +418,7 @@ async def test_a_request_a_killed_replica_had_received_is_not_sent_to_another(
 
     assert [r.status for r in warm] == [200, 200]
     assert on_b == 2, "the request A had received was generated again on B"
-    assert sorted((r.status, r.body.get("error")) for r in results) == [
+    assert sorted((r.status, error_code(r.body)) for r in results) == [
         (200, None),
         (502, "upstream_error"),
     ]
@@ -454,7 +454,7 @@ async def test_a_request_whose_kept_alive_connection_closes_after_sending_is_not
 
     assert warm.ok
     assert on_a == 2, "the request the replica had received was sent to it again"
-    assert (result.status, result.body.get("error")) == (502, "upstream_error")
+    assert (result.status, error_code(result.body)) == (502, "upstream_error")
     assert after["tokens"] == before["tokens"]
 
 
@@ -471,7 +471,7 @@ async def test_a_replica_that_closes_every_connection_gets_502s_never_a_500(
         gateway = await asyncio.to_thread(serve, config)
         answers = await ask_many(100, 2, lambda i: ask(client, gateway, BIG))
         on_b = await b.received(client)
-    outcomes = Counter((answer.status, answer.body.get("error")) for answer in answers)
+    outcomes = Counter((answer.status, error_code(answer.body)) for answer in answers)
 
     assert set(outcomes) <= {(200, None), (502, "upstream_error")}, outcomes
     assert outcomes[(200, None)] == on_b
@@ -582,9 +582,9 @@ async def test_v1_models_lists_each_model_and_alias_once_and_an_unknown_model_is
     }
     for answer in unknown:
         assert answer.status == 404
-        assert answer.body["error"] == "model_not_found"
+        assert error_code(answer.body) == "model_not_found"
         assert answer.body["param"] == "model"
-        assert "no-such-model" in answer.body["message"]
+        assert "no-such-model" in error_of(answer.body)["message"]
     assert after_unknown == before, "a request for an unknown model was charged"
     assert [answer.describe() for answer in served if not answer.ok] == []
     assert after_served["requests"] == before["requests"] - 2  # what a charge looks like here

@@ -16,6 +16,7 @@ from helpers import (
     chat_prompt,
     completion_prompt,
     config_from,
+    error_code,
     gateway_app,
     in_process,
     limits_of,
@@ -106,10 +107,14 @@ async def test_health_has_its_own_limit_per_client(tmp_path: Path) -> None:
     assert statuses == [200, 200]
     assert over.status_code == 429
     assert over.json() == {
-        "error": "rate_limit_exceeded",
-        "message": "Too many requests. Try again in 30 seconds.",
-        "retry_after": 30,
-        "limit": "health",
+        "error": {
+            "message": "Too many requests. Try again in 30 seconds.",
+            "type": "requests",
+            "code": "rate_limit_exceeded",
+            "param": None,
+            "retry_after": 30,
+            "limit": "health",
+        }
     }
     assert over.headers["retry-after"] == "30"
     assert other.status_code == 200  # another client
@@ -174,7 +179,7 @@ async def test_an_unknown_key_is_401_invalid_api_key(
         anonymous = await limits_of(client)
     assert response.status_code == 401
     assert response.headers["content-type"] == "application/json"
-    assert response.json()["error"] == "invalid_api_key"
+    assert error_code(response.json()) == "invalid_api_key"
     assert anonymous["requests"]["remaining"] == 5  # not served as anonymous either
 
 

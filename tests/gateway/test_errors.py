@@ -20,6 +20,8 @@ from helpers import (
     RecordingUpstream,
     base_config,
     config_from,
+    error_code,
+    error_of,
     gateway_app,
     in_process,
     limits_of,
@@ -54,7 +56,7 @@ async def test_malformed_json_is_400(tmp_path: Path, raw: bytes) -> None:
             COMPLETIONS, content=raw, headers={"X-API-Key": BOB, "content-type": "application/json"}
         )
     body = _assert_json_error(response, {400})
-    assert body["error"]
+    assert error_code(body)
 
 
 @pytest.mark.parametrize("backend", ["mock", "openai"])
@@ -341,8 +343,8 @@ async def test_unknown_paths_and_methods_answer_in_the_gateway_error_shape(
         missing = await c.get("/v1/nothing-here")
         wrong_method = await c.get(CHAT)
     body = _assert_json_error(missing, {404})
-    assert body["error"] == "not_found"
-    assert "/v1/nothing-here" in body["message"]
+    assert error_code(body) == "not_found"
+    assert "/v1/nothing-here" in error_of(body)["message"]
     body = _assert_json_error(wrong_method, {405})
-    assert body["error"] == "method_not_allowed"
+    assert error_code(body) == "method_not_allowed"
     assert wrong_method.headers["allow"] == "POST"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from quotagate.gateway.config import config_digest, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
@@ -53,3 +56,10 @@ def test_the_fleet_example_passes_check_config_and_is_the_readmes() -> None:
     assert shown == example[example.index("[[backends]]") :]
     for command in (line.removeprefix("#   ") for line in example.splitlines()[3:7]):
         assert command in before  # the commands that start it, as the file says
+
+
+def test_the_readme_verify_sample_shows_the_built_in_default_digest_a_run_shows() -> None:
+    digest = config_digest(load_config(None, environ={}))
+    readme = (ROOT / "README.md").read_text("utf-8")
+    shown = re.findall(r"digest[\" :(]+([0-9a-f]{16})", readme)
+    assert shown == [digest, digest]  # the verify sample's text and its evidence record

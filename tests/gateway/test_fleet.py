@@ -19,6 +19,8 @@ from fleet_fakes import FLEET, A, B, C, Replicas, app_of, ask, fleet_text
 from helpers import (
     ALICE,
     BOB,
+    error_code,
+    error_of,
     in_process,
     limits_of,
     metric_samples,
@@ -83,9 +85,9 @@ async def test_a_model_no_backend_serves_is_404_and_costs_nothing(tmp_path: Path
         after = await limits_of(client, ALICE)
     assert response.status_code == 404
     body = response.json()
-    assert body["error"] == "model_not_found"
-    assert body["param"] == "model"
-    assert "'gpt-5'" in body["message"]
+    assert error_code(body) == "model_not_found"
+    assert error_of(body)["param"] == "model"
+    assert "'gpt-5'" in error_of(body)["message"]
     assert after == before
     assert not any(r.bodies for r in replicas.values())
 
@@ -233,7 +235,7 @@ async def test_a_request_the_replica_may_have_started_is_never_sent_again(
         failed = await ask(client)
         after = await limits_of(client, BOB)
     assert failed.status_code == 502
-    assert failed.json()["error"] == "upstream_error"
+    assert error_code(failed.json()) == "upstream_error"
     assert len(replicas[A].bodies) + len(replicas[B].bodies) == 1
     assert after["tokens"] == before["tokens"]
 
@@ -284,9 +286,9 @@ async def test_no_healthy_replica_is_503_backend_unavailable_and_gives_all_back(
         health = (await client.get("/health")).json()
     for response in unavailable:
         assert response.status_code == 503
-        assert response.json()["error"] == "backend_unavailable"
+        assert error_code(response.json()) == "backend_unavailable"
         assert int(response.headers["retry-after"]) >= 1
-        assert response.json()["retry_after"] == int(response.headers["retry-after"])
+        assert error_of(response.json())["retry_after"] == int(response.headers["retry-after"])
     assert after["requests"] == before["requests"]
     assert after["tokens"] == before["tokens"]
     assert other.status_code == 200
@@ -380,7 +382,7 @@ async def test_reload_removing_a_backend_answers_model_not_found_for_its_models(
         listed = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
     assert before.status_code == 200
     assert gone.status_code == 404
-    assert gone.json()["error"] == "model_not_found"
+    assert error_code(gone.json()) == "model_not_found"
     assert kept.status_code == 200
     assert listed == ["quotagate-mock"]
 
@@ -411,8 +413,8 @@ async def test_without_a_catch_all_a_request_must_name_its_model(tmp_path: Path)
             "/v1/completions", json={"prompt": "hi"}, headers={"X-API-Key": BOB}
         )
     assert response.status_code == 404
-    assert response.json()["error"] == "model_not_found"
-    assert response.json()["message"].startswith("model: required to choose a backend")
+    assert error_code(response.json()) == "model_not_found"
+    assert error_of(response.json())["message"].startswith("model: required to choose a backend")
 
 
 async def test_a_single_backend_table_reloaded_into_a_fleet_takes_the_fleet(

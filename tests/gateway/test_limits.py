@@ -25,6 +25,8 @@ from helpers import (
     chat_prompt,
     completion_prompt,
     config_from,
+    error_code,
+    error_of,
     gateway_app,
     in_process,
     limits_of,
@@ -42,16 +44,21 @@ def _complete(**extra: Any) -> dict[str, Any]:
 
 
 def _assert_seed_429(response: httpx.Response, limit: str) -> int:
-    """The seed's 429 body plus ``limit``, Retry-After and retry-after-ms; returns the seconds."""
+    """The seed's 429 in OpenAI's shape (with ``limit``), Retry-After and retry-after-ms;
+    returns the seconds."""
     assert response.status_code == 429, response.text
     assert response.headers["content-type"] == "application/json"
     seconds = int(response.headers["retry-after"])
     assert seconds >= 1
     assert response.json() == {
-        "error": "rate_limit_exceeded",
-        "message": f"Too many requests. Try again in {seconds} seconds.",
-        "retry_after": seconds,
-        "limit": limit,
+        "error": {
+            "message": f"Too many requests. Try again in {seconds} seconds.",
+            "type": "tokens" if limit == "tokens" else "requests",
+            "code": "rate_limit_exceeded",
+            "param": None,
+            "retry_after": seconds,
+            "limit": limit,
+        }
     }
     millis = response.headers["retry-after-ms"]
     assert millis.isdigit()
@@ -165,9 +172,9 @@ async def test_a_request_larger_than_the_whole_capacity_is_request_too_large(
         state = await limits_of(client, ALICE)
     assert response.status_code == 429
     body = response.json()
-    assert body["error"] == "request_too_large"
-    assert body["limit"] == "tokens"
-    assert body["message"]
+    assert error_code(body) == "request_too_large"
+    assert error_of(body)["limit"] == "tokens"
+    assert error_of(body)["message"]
     assert "retry-after" not in response.headers
     assert "retry-after-ms" not in response.headers
     assert state["requests"]["remaining"] == 3
@@ -185,7 +192,7 @@ async def test_too_large_counts_n_times_the_cap(tmp_path: Path) -> None:
         )
     assert fits.status_code == 200
     assert response.status_code == 429  # (2 + 210) * 3 = 636 > 600
-    assert response.json()["error"] == "request_too_large"
+    assert error_code(response.json()) == "request_too_large"
 
 
 # -- the output cap and reconciliation --------------------------------------------------------
@@ -333,7 +340,7 @@ async def test_a_per_model_token_limit_reserves_and_settles(
     assert [first.status_code, second.status_code] == [200, 200]
     _assert_seed_429(third, "tokens")  # 100 - 52 = 48 < 62
     assert too_big.status_code == 429
-    assert too_big.json()["error"] == "request_too_large"
+    assert error_code(too_big.json()) == "request_too_large"
     assert state["requests"]["remaining"] == 1  # neither rejection cost a tier request
     assert state["tokens"]["remaining"] == FREE_TOKENS - 2 * (P + NATURAL_LENGTH)
 

@@ -21,6 +21,7 @@ from helpers import (
     NATURAL_LENGTH,
     chat_prompt,
     completion_prompt,
+    error_code,
     mock_text,
 )
 from quotagate.testing import wait_until
@@ -193,12 +194,22 @@ def test_a_429_raises_rate_limit_error_with_our_headers(slow_gateway: Gateway) -
     assert headers["x-ratelimit-remaining-requests"] == "0"
     assert re.fullmatch(r"\d+h\d+m\d+s", headers["x-ratelimit-reset-requests"])
     assert headers["ratelimit-policy"]
+    message = f"Too many requests. Try again in {seconds} seconds."
     assert exc.response.json() == {
-        "error": "rate_limit_exceeded",
-        "message": f"Too many requests. Try again in {seconds} seconds.",
-        "retry_after": seconds,
-        "limit": "requests",
+        "error": {
+            "message": message,
+            "type": "requests",
+            "code": "rate_limit_exceeded",
+            "param": None,
+            "retry_after": seconds,
+            "limit": "requests",
+        }
     }
+    # What the SDK makes of it: our message and code, not just "Error code: 429".
+    assert exc.code == "rate_limit_exceeded"
+    assert exc.type == "requests"
+    assert message in str(exc)
+    assert exc.body == exc.response.json()["error"]
 
 
 def test_unknown_key_raises_authentication_error(gateway: Gateway) -> None:
@@ -207,7 +218,16 @@ def test_unknown_key_raises_authentication_error(gateway: Gateway) -> None:
         pytest.raises(openai.AuthenticationError) as info,
     ):
         client.completions.create(model="quotagate-mock", prompt="x")
-    assert info.value.response.json()["error"] == "invalid_api_key"
+    assert error_code(info.value.response.json()) == "invalid_api_key"
+    assert info.value.code == "invalid_api_key"
+    assert "API key" in str(info.value)
+
+
+def test_a_bad_field_raises_bad_request_naming_it(gateway: Gateway) -> None:
+    with gateway.client(KEYS[7]) as client, pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="quotagate-mock", prompt="x", max_tokens=-1)
+    assert (info.value.code, info.value.param) == ("invalid_request", "max_tokens")
+    assert "max_tokens" in str(info.value)
 
 
 def test_a_client_gone_mid_stream_pays_for_what_was_generated(slow_gateway: Gateway) -> None:

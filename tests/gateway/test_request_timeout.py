@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from helpers import metric_samples, sample
+from helpers import error_code, metric_samples, sample
 from support import QuotagateProcess
 
 TIMEOUT_S = 1.0
@@ -131,7 +131,7 @@ def in_flight(gateway: QuotagateProcess) -> float:
 
 
 def is_timeout_answer(status: int, body: dict[str, Any]) -> bool:
-    return status == 408 and body["error"] == "request_timeout" and "1 seconds" in str(body)
+    return status == 408 and error_code(body) == "request_timeout" and "1 seconds" in str(body)
 
 
 async def test_a_head_not_finished_in_time_gets_408_and_the_connection_closes(

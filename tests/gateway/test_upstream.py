@@ -20,6 +20,8 @@ from helpers import (
     base_config,
     chat_prompt,
     completion_prompt,
+    error_code,
+    error_of,
     gateway_app,
     in_process,
     limits_of,
@@ -110,8 +112,8 @@ async def test_upstream_down_is_502_refunded_released(
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert body["error"] == "upstream_unavailable"
-    assert body["message"]
+    assert error_code(body) == "upstream_unavailable"
+    assert error_of(body)["message"]
     _assert_refunded_and_released(state)
 
 
@@ -126,7 +128,7 @@ async def test_upstream_timing_out_is_504_refunded_released(
     response, state = await _after_failure(tmp_path, storage, backend, stream=stream)
     assert response.status_code == 504
     assert response.headers["content-type"] == "application/json"
-    assert response.json()["error"] == "upstream_timeout"
+    assert error_code(response.json()) == "upstream_timeout"
     _assert_refunded_and_released(state)
 
 
@@ -136,7 +138,7 @@ async def test_a_really_slow_upstream_times_out_as_504(
     backend = OpenAIBackend(f"{slow_upstream.url}/v1", timeout=0.3)
     response, state = await _after_failure(tmp_path, storage, backend, stream=False)
     assert response.status_code == 504
-    assert response.json()["error"] == "upstream_timeout"
+    assert error_code(response.json()) == "upstream_timeout"
     _assert_refunded_and_released(state)
 
 
@@ -153,8 +155,8 @@ async def test_upstream_5xx_is_502_refunded_released(
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert body["error"] == "upstream_error"
-    assert str(status) in body["message"]
+    assert error_code(body) == "upstream_error"
+    assert str(status) in error_of(body)["message"]
     _assert_refunded_and_released(state)
 
 
@@ -170,7 +172,7 @@ async def test_upstream_garbage_is_502_not_500(
     backend = RecordingUpstream(garbage).backend()
     response, state = await _after_failure(tmp_path, storage, backend, stream=False)
     assert response.status_code == 502
-    assert response.json()["error"] == "upstream_error"
+    assert error_code(response.json()) == "upstream_error"
     _assert_refunded_and_released(state)
 
 
@@ -180,7 +182,7 @@ async def test_models_with_the_upstream_down_is_502_json(tmp_path: Path) -> None
         response = await client.get("/v1/models")
     assert response.status_code == 502
     assert response.headers["content-type"] == "application/json"
-    assert response.json()["error"]
+    assert error_code(response.json())
 
 
 async def test_the_upstream_key_from_the_environment_is_sent_as_bearer(

@@ -73,5 +73,6 @@ async def test_a_stalled_request_gets_408_a_huge_head_431_a_whole_one_its_answer
     assert whole.startswith(b"HTTP/1.1 200 ")
     assert b"x-ratelimit-limit: 60" in whole
     assert stalled.startswith(b"HTTP/1.1 408 ")
+    # The library's shape (the seed tutorial's), as the app's own 429s are.
     assert json.loads(stalled.split(b"\r\n\r\n", 1)[1])["error"] == "request_timeout"
     assert huge.startswith(b"HTTP/1.1 431 ")

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from helpers import metric_samples, sample
+from helpers import error_code, metric_samples, sample
 from quotagate.testing import wait_until
 from support import QuotagateProcess, RedisServer
 
@@ -478,7 +478,7 @@ def check_request_burst(answers: Sequence[RawAnswer | str], span: float, per_min
     for answer in answers:
         if isinstance(answer, RawAnswer) and answer.status == 429:
             body = answer.json()
-            assert body["error"] == "rate_limit_exceeded"
+            assert error_code(body) == "rate_limit_exceeded"
             assert body["limit"] == "requests"
             assert int(answer.headers["retry-after"]) >= 1
     return admitted

@@ -27,7 +27,7 @@ from reliability_kit import (
     sample,
 )
 
-from helpers import RecordingUpstream, base_config, gateway_app, in_process
+from helpers import RecordingUpstream, base_config, error_code, error_of, gateway_app, in_process
 from support import Stopwatch
 
 pytestmark = pytest.mark.reliability
@@ -172,10 +172,10 @@ async def test_bad_input_gets_its_status_and_a_json_error(
     assert answer.headers["content-type"].startswith("application/json")
     body = answer.json()
     if error is not None:
-        assert body["error"] == error, body
-        assert isinstance(body["message"], str)
-    if answer.status == 400 and body["error"] == "invalid_request":
-        assert body["param"] in body["message"]  # the error names the field
+        assert error_code(body) == error, body
+        assert isinstance(error_of(body)["message"], str)
+    if answer.status == 400 and error_code(body) == "invalid_request":
+        assert error_of(body)["param"] in error_of(body)["message"]  # the error names the field
     assert gateway.process is not None
     assert gateway.process.poll() is None
 
@@ -221,7 +221,7 @@ async def test_a_declared_10_mb_body_is_refused_before_it_is_sent(
     figures.update(status=answer.status, answered_after_ms=round(seconds * 1000, 1),
                    body_bytes_sent=0, rss_growth_kib=growth)  # fmt: skip
     assert answer.status == 413
-    assert answer.json()["error"] == "body_too_large"
+    assert error_code(answer.json()) == "body_too_large"
     assert growth < 2048
 
 
@@ -393,7 +393,7 @@ async def test_http_1_1_pipelining_answers_in_order(gateway: Gateway) -> None:
     assert answers[0].json()["status"] == "ok"
     assert answers[1].json()["usage"]["completion_tokens"] == 3
     assert answers[2].json()["object"] == "list"
-    assert answers[3].json()["error"] == "invalid_json"
+    assert error_code(answers[3].json()) == "invalid_json"
     assert answers[4].json()["usage"]["completion_tokens"] == 5
 
 
@@ -460,6 +460,6 @@ async def test_clients_that_stall_do_not_hold_up_others(
     assert after["concurrency"]["remaining"] == before["concurrency"]["remaining"]
     for answer, closed_after in ((body_answer, body_closed), (head_answer, head_closed)):
         assert answer.startswith(b"HTTP/1.1 408 "), answer
-        assert b'"error": "request_timeout"' in answer
+        assert b'"code": "request_timeout"' in answer
         assert closed_after is not None
         assert closed_after >= REQUEST_TIMEOUT_S * 0.9

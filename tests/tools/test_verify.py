@@ -94,10 +94,14 @@ def test_the_embedded_default_passes_every_check_and_the_record_holds_the_eviden
     rejected = burst[-1]["response"]
     retry_after = int(rejected["headers"]["retry-after"])
     assert rejected["body"] == {
-        "error": "rate_limit_exceeded",
-        "message": f"Too many requests. Try again in {retry_after} seconds.",
-        "retry_after": retry_after,
-        "limit": "requests",
+        "error": {
+            "message": f"Too many requests. Try again in {retry_after} seconds.",
+            "type": "requests",
+            "code": "rate_limit_exceeded",
+            "param": None,
+            "retry_after": retry_after,
+            "limit": "requests",
+        }
     }
     assert burst[0]["request"] == {
         "method": "POST",

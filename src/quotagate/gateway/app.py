@@ -37,7 +37,6 @@ from ..http import (
     openai_headers,
     rate_limit_headers,
     rejected_limit,
-    rejection,
     retry_after_ms,
 )
 from ..keys import HEALTH, client_state_key
@@ -54,7 +53,7 @@ from .fleet import BackendFactory, BackendPool, BackendUnavailable, Fleet, Repli
 from .ledger import Admission, Ledger
 from .relay import SseRelay, answer_tokens, usage_total
 from .reload import reloaded_config
-from .responses import JSON_TYPE, error, stream_error_event, upstream_response
+from .responses import JSON_TYPE, Errors, stream_error_event
 from .schemas import validate_body
 from .tokens import request_cost
 
@@ -98,6 +97,7 @@ class Gateway:
     def _apply(self, config: GatewayConfig) -> None:
         """Take the parts of ``config`` that change without a restart."""
         self.config = config
+        self.errors = Errors(config.server.error_format)
         self.callers = Callers(config)
         self.health_rates = parse_rates(config.health.requests)
         # A lease outlives the longest request a backend allows, so only a crash expires it.
@@ -175,7 +175,7 @@ class Gateway:
         caller = self.callers.identify(request.scope)
         if isinstance(caller, Refusal):
             self.metrics.request("none", route, 401)
-            return caller.response()
+            return caller.response(self.errors)
         response = await self._inference(request, route, caller)
         self.metrics.request(caller.tier.name, route, response.status_code)
         if logger.isEnabledFor(logging.DEBUG):
@@ -191,19 +191,21 @@ class Gateway:
         return response
 
     async def _inference(self, request: Request, route: Route, caller: Caller) -> Response:
-        read = await read_json(request.scope, request.receive, self.config.server.max_body_bytes)
+        read = await read_json(
+            request.scope, request.receive, self.config.server.max_body_bytes, self.errors
+        )
         if isinstance(read, Response):
             return read
         body, raw = read
         problem = validate_body(route, body)
         if problem is not None:
             param, message = problem
-            return error(400, "invalid_request", f"{param}: {message}", param=param)
+            return self.errors.response(400, "invalid_request", f"{param}: {message}", param=param)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         target = self.fleet.route(model)
         if target is None:
             served = "GET /v1/models lists those served here"
-            return error(
+            return self.errors.response(
                 404,
                 "model_not_found",
                 f"No backend serves the model {model!r}: {served}."
@@ -263,16 +265,14 @@ class Gateway:
         counted the request all the same)."""
         if decision.reason == "unavailable":
             self.metrics.rejection(tier.name, "storage")
-            status, headers, body = rejection(decision)
-            return RawResponse(status, headers, body)
+            return self.errors.rejection(decision)
         limit = rejected_limit(decision)
         if tier.shadow:
             self.metrics.shadow_rejection(tier.name, limit)
             return None
         self.metrics.rejection(tier.name, limit)
-        status, headers, body = rejection(decision, {"limit": limit})
-        headers += openai_headers(decision) + retry_after_ms(decision)
-        return RawResponse(status, headers, body)
+        more = openai_headers(decision) + retry_after_ms(decision)
+        return self.errors.rejection(decision, more, limit=limit)
 
     async def _gate(
         self,
@@ -289,7 +289,7 @@ class Gateway:
             await self.ledger.undo(admission)
             self.metrics.rejection(tier.name, "backend")
             wait = pool.retry_after()
-            return error(
+            return self.errors.response(
                 503,
                 "backend_unavailable",
                 f"No replica of the backend {pool.name!r} is reachable. "
@@ -303,7 +303,7 @@ class Gateway:
         if replica is None:
             await self.ledger.undo(admission)
             self.metrics.rejection(tier.name, "backend")
-            return error(
+            return self.errors.response(
                 503,
                 "backend_overloaded",
                 "The model server is at capacity. Try again in 1 seconds.",
@@ -334,14 +334,14 @@ class Gateway:
                 self.metrics.upstream(pool.name, replica.label, "rejected")
                 pool.succeeded(replica)
                 await self._finish(admission, pool, replica, charged=0)
-                return upstream_response(exc, headers)
+                return self.errors.upstream(exc, headers)
             except UpstreamError as exc:
                 self.metrics.upstream(pool.name, replica.label, exc.outcome)
                 pool.failed(replica, exc)
                 elsewhere = pool.checks_health or pool.gate.healthy((*tried, replica))
                 if not exc.unsent or not elsewhere:  # started, or nowhere else to go: as it was
                     await self._finish(admission, pool, replica, charged=0)
-                    return upstream_response(exc, headers)
+                    return self.errors.upstream(exc, headers)
                 logger.debug("quotagate: backend %s: %s; failing over", pool.name, exc.message)
                 self.metrics.failover(pool.name, replica.label)
                 self._release(admission, pool, replica)
@@ -458,8 +458,7 @@ class Gateway:
         if not decision.allowed and decision.reason != "unavailable":
             self.metrics.request("none", "health", 429)
             self.metrics.rejection("none", "health")
-            status, headers, body = rejection(decision, {"limit": "health"})
-            return RawResponse(status, headers + retry_after_ms(decision), body)
+            return self.errors.rejection(decision, retry_after_ms(decision), limit=HEALTH)
         self.metrics.request("none", "health", 200)
         backends = self.fleet.state()
         degraded = any(state["healthy"] == 0 for state in backends.values())
@@ -477,7 +476,7 @@ class Gateway:
     async def ratelimit(self, request: Request) -> Response:
         caller = self.callers.identify(request.scope)
         if isinstance(caller, Refusal):
-            return caller.response()
+            return caller.response(self.errors)
         tier = caller.tier
         decision = await self.ledger.reserve(limits(tier, caller.client, None, 0, 0, read=True))
         described = [
@@ -497,7 +496,7 @@ class Gateway:
         try:
             data = await self.fleet.models()
         except UpstreamError as exc:
-            return error(exc.status, exc.error, exc.message)
+            return self.errors.response(exc.status, exc.error, exc.message)
         return JSONResponse({"object": "list", "data": data})
 
     def render_metrics(self) -> Response:

@@ -14,7 +14,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope
 
-from .responses import error
+from .responses import Errors
 
 __all__ = ["read_json"]
 
@@ -28,7 +28,7 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one, not one per
 
 
 async def read_json(
-    scope: Scope, receive: Receive, limit: int
+    scope: Scope, receive: Receive, limit: int, errors: Errors
 ) -> tuple[dict[str, Any], bytes] | Response:
     """The body as a JSON object and its bytes, or the error answer.
 
@@ -39,7 +39,7 @@ async def read_json(
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
-                return error(413, "body_too_large", too_large)
+                return errors.response(413, "body_too_large", too_large)
             break
     chunks: list[bytes] = []
     size = 0
@@ -50,7 +50,7 @@ async def read_json(
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:  # stop reading: never hold more than the limit in memory
-            return error(413, "body_too_large", too_large)
+            return errors.response(413, "body_too_large", too_large)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
@@ -62,9 +62,9 @@ async def read_json(
             # JSON may escape lone surrogates that no UTF-8 can carry on to the upstream.
             json.dumps(body, ensure_ascii=False).encode()
     except UnicodeDecodeError as exc:
-        return error(400, "invalid_json", f"The body is not UTF-8: {exc}")
+        return errors.response(400, "invalid_json", f"The body is not UTF-8: {exc}")
     except (ValueError, RecursionError) as exc:
-        return error(400, "invalid_json", f"The body is not valid JSON: {exc}")
+        return errors.response(400, "invalid_json", f"The body is not valid JSON: {exc}")
     if not isinstance(body, dict):
-        return error(400, "invalid_json", "The body must be a JSON object.")
+        return errors.response(400, "invalid_json", "The body must be a JSON object.")
     return body, raw

@@ -29,7 +29,7 @@ from ..keys import (
 from ..limiter import Acquire, Hit
 from ..rates import Rate, parse_rates
 from .config import GatewayConfig, TierConfig
-from .responses import error
+from .responses import Errors
 
 __all__ = ["Caller", "Callers", "Limits", "Refusal", "Tier", "api_key_client", "limits"]
 
@@ -88,8 +88,10 @@ class Refusal:
     message: str
     client: str
 
-    def response(self) -> Response:
-        return error(401, self.code, self.message, [NO_RETRY])  # a key does not get better
+    def response(self, errors: Errors) -> Response:
+        return errors.response(
+            401, self.code, self.message, [NO_RETRY]
+        )  # a key does not get better
 
 
 class Limits(NamedTuple):

@@ -47,9 +47,11 @@ __all__ = [
     "DEV_KEY",
     "LEGACY_BACKEND",
     "BackendConfig",
+    "ErrorFormat",
     "FleetBackendConfig",
     "GatewayConfig",
     "KeyConfig",
+    "ServerConfig",
     "TierConfig",
     "config_digest",
     "configured_storage",
@@ -58,6 +60,10 @@ __all__ = [
     "load_config",
 ]
 
+
+#: ``openai``: ``{"error": {"message", "type", "code", "param"}}``, what OpenAI clients read;
+#: ``tutorial``: the seed tutorial's flat ``{"error": <code>, "message": ...}``.
+ErrorFormat = Literal["openai", "tutorial"]
 
 #: The built-in default's one key, so the README's SDK examples run against ``scripts/serve``
 #: as written. It is there only while the gateway listens on a loopback address: on a host
@@ -140,6 +146,7 @@ class ServerConfig(_Section):
     cors_allow_origins: list[str] = []
     tls_certfile: Annotated[str | None, AfterValidator(_existing_file)] = None
     tls_keyfile: Annotated[str | None, AfterValidator(_existing_file)] = None
+    error_format: ErrorFormat = "openai"
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:

@@ -21,7 +21,6 @@ from starlette.types import Receive, Scope, Send
 
 from ..http import EXPOSED_HEADERS
 from .backends import Route
-from .responses import error, http_error
 from .schemas import REQUEST_SCHEMAS
 
 if TYPE_CHECKING:
@@ -78,7 +77,9 @@ class GatewayApp(FastAPI):
             return  # the client went away: nobody to answer (what it held is settled)
         except Exception:
             logger.exception("quotagate: unexpected error on %s", scope["path"])
-            response = error(500, "internal_error", "The gateway failed; see its log.")
+            response = self.gateway.errors.response(
+                500, "internal_error", "The gateway failed; see its log."
+            )
         try:
             await response(scope, receive, send)
         except ClientDisconnect:
@@ -89,7 +90,9 @@ class GatewayApp(FastAPI):
 
         @self.exception_handler(StarletteHTTPException)
         async def http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-            response = http_error(exc.status_code, exc.detail, request.method, request.url.path)
+            response = gateway.errors.http(
+                exc.status_code, exc.detail, request.method, request.url.path
+            )
             if exc.headers:
                 response.headers.update(exc.headers)  # Allow, on a 405
             return response

@@ -24,23 +24,17 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .config import ErrorFormat
+from .responses import error_body
+
 __all__ = ["BoundedHttpToolsProtocol"]
 
-_431 = json.dumps(
-    {
-        "error": "headers_too_large",
-        "message": "The request's header block is larger than this server accepts.",
-    }
-).encode()
+_TOO_LARGE = "The request's header block is larger than this server accepts."
+_TIMEOUT = "The request was not received in full within {:g} seconds."
 
 
-def _timeout_body(seconds: float) -> bytes:
-    return json.dumps(
-        {
-            "error": "request_timeout",
-            "message": f"The request was not received in full within {seconds:g} seconds.",
-        }
-    ).encode()
+def _body(fmt: ErrorFormat, status: int, code: str, message: str) -> bytes:
+    return json.dumps(error_body(fmt, status, code, message)).encode()
 
 
 class _HeadTooLarge(Exception):
@@ -57,11 +51,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         *args: Any,
         max_header_bytes: int = 32768,
         request_timeout_s: float = 30.0,
+        error_format: ErrorFormat = "tutorial",  # the library's; the gateway passes its own
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_header_bytes = max_header_bytes
         self.request_timeout_s = request_timeout_s
+        self._431 = _body(error_format, 431, "headers_too_large", _TOO_LARGE)
+        self._408 = _body(error_format, 408, "request_timeout", _TIMEOUT.format(request_timeout_s))
         self._deadline: TimerHandle | None = None  # fires at or before _deadline_at
         self._deadline_at: float | None = None  # loop time the request must be in by
         self._begun = self._answered = 0  # requests begun / answered on this connection
@@ -128,7 +125,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 return  # answered without its body: the response's end re-arms the deadline
             cycle.disconnected = True  # the app reads a disconnect, as if the client had gone
             cycle.message_event.set()
-        body = _timeout_body(self.request_timeout_s)
+        body = self._408
         self.transport.write(
             b"HTTP/1.1 408 Request Timeout\r\n"
             b"content-type: application/json\r\n"
@@ -177,6 +174,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write(
                 b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
                 b"content-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_431), _431)
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(self._431), self._431)
             )
         self.transport.close()

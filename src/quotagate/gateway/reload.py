@@ -20,8 +20,10 @@ __all__ = ["RESTART_SERVER_FIELDS", "reloaded_config"]
 
 logger = logging.getLogger("quotagate")
 
-#: ``[server]`` fields the listening socket is built with: a reload cannot change them.
+#: ``[server]`` fields the listening socket is built with (its own 431 and 408 answers
+#: included): a reload cannot change them.
 RESTART_SERVER_FIELDS = (
+    "error_format",
     "host",
     "port",
     "max_header_bytes",

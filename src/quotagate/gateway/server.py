@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from .._types import LogLevel
 from ..storage import FallbackStorage, RedisStorage, mask_url
-from .config import GatewayConfig, configured_storage, env_name, load_config
+from .config import GatewayConfig, ServerConfig, configured_storage, env_name, load_config
 
 __all__ = [
     "CONFIG_ENV",
@@ -56,7 +56,7 @@ def redis_of(config: GatewayConfig) -> RedisStorage | None:
     return storage if isinstance(storage, RedisStorage) else None
 
 
-def _http_protocol(max_header_bytes: int, request_timeout_s: float) -> Any:
+def _http_protocol(server: ServerConfig) -> Any:
     """uvicorn's httptools protocol with bounds on request heads (431 past it) and on the time
     to send a request (408); uvicorn's default when httptools is not installed (h11 bounds
     heads, not time)."""
@@ -66,8 +66,9 @@ def _http_protocol(max_header_bytes: int, request_timeout_s: float) -> Any:
         return "auto"
     return functools.partial(
         BoundedHttpToolsProtocol,
-        max_header_bytes=max_header_bytes,
-        request_timeout_s=request_timeout_s,
+        max_header_bytes=server.max_header_bytes,
+        request_timeout_s=server.request_timeout_s,
+        error_format=server.error_format,
     )
 
 
@@ -80,7 +81,7 @@ def uvicorn_options(config: GatewayConfig) -> dict[str, Any]:
         "log_level": config.log_level,
         "proxy_headers": False,  # client IPs are resolved by quotagate's trusted_proxies
         "server_header": False,
-        "http": _http_protocol(server.max_header_bytes, server.request_timeout_s),
+        "http": _http_protocol(server),
     }
     if server.tls_certfile:  # HTTPS on the gateway's own socket
         options["ssl_certfile"] = server.tls_certfile

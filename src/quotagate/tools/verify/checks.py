@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from typing import Any
 
 from .evidence import Check, Exchange
 from .limits import LimitUnderTest, remaining
@@ -154,32 +155,62 @@ def check_limit_429(
         "limit_429",
         title,
         not problems,
-        "; ".join(problems) or f"request {position} is 429 with the tutorial's body",
+        "; ".join(problems)
+        or f"request {position} is 429 with the tutorial's body"
+        + (
+            " in OpenAI's error shape"
+            if isinstance(last.body, dict) and isinstance(last.body.get("error"), dict)
+            else ""
+        ),
         burst,
         notes,
     )
 
 
+def rejection_fields(body: Any) -> dict[str, Any]:
+    """A 429 body's fields in the tutorial's flat shape, whichever shape the gateway uses:
+    OpenAI's ``{"error": {"message", "type", "code", "param", ...}}`` (its default) is read as
+    ``{"error": code, "message", ...}``, without ``type`` and ``param``."""
+    if not isinstance(body, dict) or not isinstance(body.get("error"), dict):
+        return body if isinstance(body, dict) else {}
+    error = body["error"]
+    extra = {k: v for k, v in error.items() if k not in ("message", "type", "code", "param")}
+    outside = {k: v for k, v in body.items() if k != "error"}
+    return {"error": error.get("code"), "message": error.get("message"), **extra, **outside}
+
+
 def _body_problems(exchange: Exchange) -> list[str]:
-    """How a 429 differs from the tutorial's body (plus the gateway's optional ``limit``)."""
+    """How a 429 differs from the tutorial's body (plus the gateway's optional ``limit``), in
+    the tutorial's flat shape or in OpenAI's."""
     body = exchange.body
     if not isinstance(body, dict):
         return [f"the 429 body is not a JSON object (got {body!r})"]
-    seconds = body.get("retry_after")
+    problems = []
+    nested = isinstance(body.get("error"), dict)
+    if nested:
+        missing = [k for k in ("message", "type", "code", "param") if k not in body["error"]]
+        if missing or len(body) != 1:
+            problems.append(
+                f"the 429 body is not OpenAI's error shape: got {json.dumps(body)}, expected "
+                '{"error": {"message", "type", "code", "param", ...}}'
+            )
+    fields = rejection_fields(body)
+    seconds = fields.get("retry_after")
     expected = {
         "error": "rate_limit_exceeded",
         "message": f"Too many requests. Try again in {seconds} seconds.",
         "retry_after": seconds,
     }
-    problems = []
     if not isinstance(seconds, int) or isinstance(seconds, bool):
         problems.append(f"retry_after is not an integer (got {seconds!r})")
-    core = {k: v for k, v in body.items() if k != "limit"}
+    core = {k: v for k, v in fields.items() if k != "limit"}
     if core != expected:
+        shape = " (in OpenAI's shape)" if nested else ""
         problems.append(
-            f"the 429 body differs from the tutorial's: got {json.dumps(core)}, "
+            f"the 429 body{shape} differs from the tutorial's: got {json.dumps(core)}, "
             f"expected {json.dumps(expected)}"
         )
+    body = fields
     if "limit" in body and body["limit"] != "requests":
         problems.append(f'the 429 names limit {body["limit"]!r}, not "requests"')
     content_type = exchange.header("content-type") or ""
@@ -198,7 +229,7 @@ def check_retry_after(rejected: Exchange | None, limit: LimitUnderTest | None) -
         problems.append("no 429 to read Retry-After from")
     else:
         value = rejected.header("retry-after")
-        body = rejected.body if isinstance(rejected.body, dict) else {}
+        body = rejection_fields(rejected.body)
         bound = math.ceil(limit.interval) if limit and limit.interval else None
         notes.append(
             f"Retry-After: {value} · body retry_after: {body.get('retry_after')} · "
