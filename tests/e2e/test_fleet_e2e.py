@@ -221,7 +221,7 @@ async def test_every_replica_of_a_backend_down_is_a_503_and_a_restart_brings_it_
 
     assert [(r.status, error_code(r.body)) for r in refused] == [(503, "backend_unavailable")] * 10
     # Retry-After: until the next probe (at most one interval away, and never below 1 s).
-    assert [(r.headers.get("retry-after"), r.body.get("retry_after")) for r in refused] == [
+    assert [(r.headers.get("retry-after"), error_of(r.body)["retry_after"]) for r in refused] == [
         ("1", 1)
     ] * 10
     assert after == before, "a refused request and its tokens are given back"
@@ -583,7 +583,7 @@ async def test_v1_models_lists_each_model_and_alias_once_and_an_unknown_model_is
     for answer in unknown:
         assert answer.status == 404
         assert error_code(answer.body) == "model_not_found"
-        assert answer.body["param"] == "model"
+        assert error_of(answer.body)["param"] == "model"
         assert "no-such-model" in error_of(answer.body)["message"]
     assert after_unknown == before, "a request for an unknown model was charged"
     assert [answer.describe() for answer in served if not answer.ok] == []

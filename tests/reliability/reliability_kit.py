@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from helpers import error_code, metric_samples, sample
+from helpers import error_code, error_of, metric_samples, sample
 from quotagate.testing import wait_until
 from support import QuotagateProcess, RedisServer
 
@@ -479,6 +479,6 @@ def check_request_burst(answers: Sequence[RawAnswer | str], span: float, per_min
         if isinstance(answer, RawAnswer) and answer.status == 429:
             body = answer.json()
             assert error_code(body) == "rate_limit_exceeded"
-            assert body["limit"] == "requests"
+            assert error_of(body)["limit"] == "requests"
             assert int(answer.headers["retry-after"]) >= 1
     return admitted

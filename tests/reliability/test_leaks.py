@@ -32,7 +32,7 @@ from reliability_kit import (
 )
 
 import quotagate as qg
-from helpers import error_code
+from helpers import error_code, error_of
 from quotagate.testing import async_wait_until
 from support import QuotagateProcess, RedisServer, UvicornServer, python_env
 
@@ -400,7 +400,7 @@ async def test_leases_of_a_sigkilled_gateway_expire_after_their_ttl(
         served_after=served.status_code,
     )
     assert refused.status_code == 429
-    assert refused.json()["limit"] == "concurrency"
+    assert error_of(refused.json())["limit"] == "concurrency"
     # Leases were taken before ``acquired_by``; they expire at their TTL, not much later.
     assert back_at - acquired_by <= ttl + 2
     assert back_at - killed_at >= ttl - (killed_at - acquired_by) - 2
