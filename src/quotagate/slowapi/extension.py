@@ -73,6 +73,8 @@ STRATEGIES: dict[str, Algorithm] = {
     "sliding-window-counter": "gcra",
 }
 
+_MICROS = 1_000_000
+
 #: Set on a decorated endpoint: its limit groups (the middleware leaves it to the decorator).
 _GROUPS = "__quotagate_slowapi_limits__"
 _EXEMPT = "__quotagate_slowapi_exempt__"
@@ -430,12 +432,18 @@ class Limiter:
         if not (self._headers_enabled or rejected):
             return
         limit_name, remaining_name, reset_name, retry_name = self._header_names
-        reset_at = 1 + int(now + decision.reset_after)  # slowapi: 1 + the window's end
+        # In whole microseconds, as the storage counts: near 1.8e9 s a float sum of the epoch
+        # and the seconds to a window's end can land a hair before that end.
+        now_us = round(now * _MICROS)
+        reset_at = 1 + (now_us + round(decision.reset_after * _MICROS)) // _MICROS  # slowapi's
         if self._headers_enabled:
             headers[limit_name] = str(decision.limit)
             headers[remaining_name] = str(decision.remaining)
             headers[reset_name] = str(reset_at)
-        wait = retry_after_seconds(decision.retry_after) if rejected else int(reset_at - now)
+        if rejected:
+            wait = retry_after_seconds(decision.retry_after)
+        else:
+            wait = (reset_at * _MICROS - now_us) // _MICROS
         if rejected and wait == 0:
             return  # too large for the limit: waiting cannot help
         if self._retry_after == "http-date":
