@@ -403,15 +403,21 @@ class Limiter:
             return None
         decision = await decide(self.engine, request, limits, self._trusted)
         failed: Limit | None = None
-        if not decision.allowed:
+        if decision.reason in ("limited", "too_large"):  # not a storage outage
             failed = _failed_limit(decision, [limit[2] for limit in limits], owners)
             if failed is not None:
                 self.logger.info(
                     "ratelimit %s exceeded at endpoint: %s", limits_text(failed.limit), endpoint_key
                 )
-        record = _Record(self, decision, _wall_clock(), failed)
+        record = _Record(self, decision, self._now(), failed)
         request.state.view_rate_limit = record
         return record
+
+    def _now(self) -> float:
+        """The storage's clock (the memory storage's, fake in tests), else the wall clock (a
+        Redis storage decides by Redis ``TIME``, near enough to ours)."""
+        clock = getattr(self.engine.storage, "clock", None)
+        return float(clock()) if callable(clock) else _wall_clock()
 
     def _reject(self, record: _Record) -> Response | None:
         """None for an admitted request; raise the rejection for the app's handler; a 503 for

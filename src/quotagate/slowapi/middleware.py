@@ -88,13 +88,18 @@ class SlowAPIASGIMiddleware:
             return answer
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Check the set-up at start-up (a mistake fails the start: Starlette answers
-        ``lifespan.startup.failed`` with it); close the storage before shutdown completes."""
+        """Check the set-up at start-up (a mistake fails the start: the server is told
+        ``lifespan.startup.failed`` with it, and exits); close the storage before shutdown
+        completes."""
 
         async def receive_checked() -> Message:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._limiter(scope.get("app"))
+                try:
+                    self._limiter(scope.get("app"))
+                except ConfigError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"quotagate: {exc}"})
+                    raise
             return message
 
         async def send_closing(message: Message) -> None:
