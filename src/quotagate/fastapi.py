@@ -49,7 +49,21 @@ from .limiter import RateLimiter
 from .rates import RateLike, as_rates
 from .storage import Storage
 
-__all__ = ["Limiter", "MiddlewareOptions", "RateLimitExceeded"]
+__all__ = [
+    "CostSource",
+    "ExemptWhen",
+    "LimitSpec",
+    "Limiter",
+    "MiddlewareOptions",
+    "RateLimitExceeded",
+    "RateSource",
+    "is_request",
+    "limit_of",
+    "limited_endpoint",
+    "of_request",
+    "resolved_signature",
+    "whole_cost",
+]
 
 logger = logging.getLogger("quotagate")
 
@@ -73,7 +87,7 @@ _REQUEST_PARAM = "quotagate_request__"
 
 
 @dataclass(frozen=True, slots=True)
-class _LimitSpec:
+class LimitSpec:
     """One ``@limiter.limit(...)``, its callables already in one convention: of the request."""
 
     rates: RateLike | Callable[[Request], RateLike | Awaitable[RateLike]]
@@ -94,7 +108,7 @@ class _LimitSpec:
         scope: str | None = None,
         exempt_when: ExemptWhen | None = None,
         algorithm: Algorithm = "gcra",
-    ) -> _LimitSpec:
+    ) -> LimitSpec:
         """A spec whose every mistake is found now, at decoration time, not per request: bad
         rate text, a callable that takes the wrong arguments, a bad cost or algorithm."""
         if algorithm not in get_args(Algorithm):
@@ -168,7 +182,7 @@ def whole_cost(cost: object) -> int:
 
 
 async def limit_of(
-    spec: _LimitSpec, request: Request, scope: str, key_func: KeyFunc
+    spec: LimitSpec, request: Request, scope: str, key_func: KeyFunc
 ) -> Limit | None:
     """The limit ``spec`` puts on this request, counted under ``scope`` (``key_func`` when the
     spec has none of its own); None when ``exempt_when`` says so."""
@@ -251,7 +265,7 @@ class Limiter:
         )
         self.trusted_proxies = TrustedProxies(trusted_proxies)
         self.key_func = of_request(with_trusted_proxies(key_func, self.trusted_proxies), "key_func")
-        self.default_limits = [_LimitSpec.of(rates, self.key_func) for rates in default_limits]
+        self.default_limits = [LimitSpec.of(rates, self.key_func) for rates in default_limits]
         self.headers_enabled = headers_enabled
         self.enabled = enabled
         self._installed = False  # init_app called (on some app)
@@ -342,7 +356,7 @@ class Limiter:
             ConfigError: a bad rate, cost or algorithm, or a callable taking more than one
                 argument: at decoration time, not as a 500 on every request.
         """
-        spec = _LimitSpec.of(
+        spec = LimitSpec.of(
             rates,
             self.key_func,
             cost=cost,
@@ -353,7 +367,7 @@ class Limiter:
         )
 
         def decorator(func: F) -> F:
-            specs: list[_LimitSpec] | None = getattr(func, _SPECS, None)
+            specs: list[LimitSpec] | None = getattr(func, _SPECS, None)
             if specs is not None:
                 specs.insert(0, spec)  # decorators apply bottom-up; keep source order
                 return func
@@ -380,7 +394,7 @@ class Limiter:
 
         A rejection raises ``RateLimitExceeded``, which ``init_app`` answers with the 429.
         """
-        spec = _LimitSpec.of(
+        spec = LimitSpec.of(
             rates,
             self.key_func,
             cost=cost,
@@ -408,7 +422,7 @@ class Limiter:
         return rate_limit_dependency
 
     async def check(
-        self, request: Request, specs: Sequence[_LimitSpec], default_scope: str
+        self, request: Request, specs: Sequence[LimitSpec], default_scope: str
     ) -> Decision | None:
         """Decide every limit in ``specs`` for this request in one storage call.
 
@@ -438,7 +452,7 @@ class Limiter:
             )
         return decision
 
-    def _wrap(self, func: F, specs: list[_LimitSpec]) -> F:
+    def _wrap(self, func: F, specs: list[LimitSpec]) -> F:
         self._wrapped.add(id(func))  # the wrapper keeps func alive: its id stays its own
         default_scope = _scope_id(f"{func.__module__}.{func.__qualname__}")
 
@@ -464,9 +478,9 @@ def limited_endpoint(func: F, before: Before, after: After | None = None) -> F:
     a hidden one is added that FastAPI fills and the endpoint never sees (a plain Starlette
     endpoint gets the request as its argument). Sync endpoints run in the thread pool.
     """
-    signature = _resolved_signature(func)
+    signature = resolved_signature(func)
     request_param = next(
-        (p.name for p in signature.parameters.values() if _is_request(p.annotation)), None
+        (p.name for p in signature.parameters.values() if is_request(p.annotation)), None
     )
     if request_param is None:
         extra = inspect.Parameter(
@@ -505,7 +519,7 @@ def _scope_id(name: str) -> str:
     return "r" + hashlib.blake2s(name.encode(), digest_size=5).hexdigest()
 
 
-def _resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
+def resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
     """The signature with string annotations evaluated in the endpoint's own module (FastAPI
     would otherwise resolve them in ours, since the wrapper's globals are ours)."""
     try:
@@ -514,7 +528,7 @@ def _resolved_signature(func: Callable[..., Any]) -> inspect.Signature:
         return inspect.signature(func)
 
 
-def _is_request(annotation: Any) -> bool:
+def is_request(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, Request)
 
 

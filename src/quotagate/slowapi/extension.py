@@ -43,13 +43,13 @@ from ..errors import ConfigError
 from ..fastapi import (
     CostSource,
     ExemptWhen,
+    LimitSpec,
     RateSource,
-    _is_request,
-    _LimitSpec,
-    _resolved_signature,
+    is_request,
     limit_of,
     limited_endpoint,
     of_request,
+    resolved_signature,
 )
 from ..http import retry_after_seconds
 from ..identity import KeyFunc, TrustedProxies, storage_id
@@ -60,7 +60,7 @@ from ..storage import FallbackStorage, MemoryStorage, storage_from_url
 from .errors import RateLimitExceeded
 from .wrappers import ErrorMessage, Limit, LimitGroup, limits_text
 
-__all__ = ["STRATEGIES", "C", "Limiter", "_rate_limit_exceeded_handler"]
+__all__ = ["MIDDLEWARE", "STRATEGIES", "C", "Limiter", "Record", "_rate_limit_exceeded_handler"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -109,7 +109,7 @@ def _wall_clock() -> float:
 
 
 @dataclass(frozen=True, slots=True)
-class _Record:
+class Record:
     """A request's decision, kept as ``request.state.view_rate_limit`` (slowapi's name: a
     handler that calls ``limiter._inject_headers(response, request.state.view_rate_limit)``
     keeps working) until its headers are rendered."""
@@ -131,7 +131,7 @@ def _rate_limit_exceeded_handler(request: Request, exc: RateLimitExceeded) -> Re
     ``{"error": "Rate limit exceeded: <detail>"}`` with the rate-limit headers."""
     response = JSONResponse({"error": f"Rate limit exceeded: {exc.detail}"}, status_code=429)
     record = getattr(request.state, "view_rate_limit", None)
-    if isinstance(record, _Record):
+    if isinstance(record, Record):
         record.limiter._inject_headers(response, record)
     return response
 
@@ -301,7 +301,7 @@ class Limiter:
         """Counters read by slowapi's key text (its documented key shapes)."""
         return _StorageView(self)
 
-    def _inject_headers(self, response: Response, current_limit: _Record | None) -> Response:
+    def _inject_headers(self, response: Response, current_limit: Record | None) -> Response:
         """slowapi's: the headers of ``request.state.view_rate_limit`` on ``response``."""
         if current_limit is not None:
             self._set_headers(response.headers, current_limit)
@@ -320,7 +320,7 @@ class Limiter:
         cost: CostSource = 1,
         override_defaults: bool = True,
     ) -> LimitGroup:
-        spec = _LimitSpec.of(
+        spec = LimitSpec.of(
             rates,
             self._key_func,
             cost=cost,
@@ -337,7 +337,7 @@ class Limiter:
             if groups is not None:
                 groups.insert(0, group)  # decorators apply bottom-up; keep source order
                 return func
-            parameters = _resolved_signature(func).parameters
+            parameters = resolved_signature(func).parameters
             if "request" not in parameters and "websocket" not in parameters:
                 raise ConfigError(f'No "request" or "websocket" argument on function "{func}"')
             return self._wrap(func, [group])
@@ -360,7 +360,7 @@ class Limiter:
 
         def after(request: Request, result: Any, arguments: Mapping[str, Any]) -> Any:
             record = getattr(request.state, "view_rate_limit", None)
-            if isinstance(record, _Record) and MIDDLEWARE not in request.scope:
+            if isinstance(record, Record) and MIDDLEWARE not in request.scope:
                 # No middleware to add the headers: on the response, or on FastAPI's
                 # ``response: Response`` parameter when the endpoint returns data.
                 target = result if isinstance(result, Response) else None
@@ -377,7 +377,7 @@ class Limiter:
 
     async def _check(
         self, request: Request, groups: Sequence[LimitGroup], endpoint_key: str
-    ) -> _Record | None:
+    ) -> Record | None:
         """Decide every group that applies to the request in one storage call; the record is
         kept on the request for its headers. None when none applied."""
         if self._in_memory_fallback and self.engine.storage.mode == "fallback":
@@ -409,7 +409,7 @@ class Limiter:
                 self.logger.info(
                     "ratelimit %s exceeded at endpoint: %s", limits_text(failed.limit), endpoint_key
                 )
-        record = _Record(self, decision, self._now(), failed)
+        record = Record(self, decision, self._now(), failed)
         request.state.view_rate_limit = record
         return record
 
@@ -419,7 +419,7 @@ class Limiter:
         clock = getattr(self.engine.storage, "clock", None)
         return float(clock()) if callable(clock) else _wall_clock()
 
-    def _reject(self, record: _Record) -> Response | None:
+    def _reject(self, record: Record) -> Response | None:
         """None for an admitted request; raise the rejection for the app's handler; a 503 for
         a storage outage under ``deny`` (no limit was exceeded)."""
         if record.decision.allowed:
@@ -428,7 +428,7 @@ class Limiter:
             return RejectionResponse(record.decision)
         raise record.exception()
 
-    def _set_headers(self, headers: MutableHeaders, record: _Record) -> None:
+    def _set_headers(self, headers: MutableHeaders, record: Record) -> None:
         """slowapi's headers: ``X-RateLimit-Limit`` / ``-Remaining`` of the most restrictive
         limit, ``-Reset`` the epoch second after it is full again, and ``Retry-After`` (the
         seconds to that, or to when a rejected request would pass); only ``Retry-After`` on
@@ -474,9 +474,9 @@ class Limiter:
                 or getattr(route, "dependant", None) is None
             ):
                 continue
-            parameters = _resolved_signature(endpoint).parameters
+            parameters = resolved_signature(endpoint).parameters
             request = parameters.get("request")
-            if request is not None and not _is_request(request.annotation):
+            if request is not None and not is_request(request.annotation):
                 raise ConfigError(
                     f"{path}: parameter `request` must be an instance of "
                     "starlette.requests.Request: annotate it `request: Request` (FastAPI "

@@ -23,7 +23,7 @@ from .._routes import app_handler, find_endpoint, warn_unlimited_routes
 from .._types import ASGIApp, Message, Receive, Scope, Send
 from ..errors import ConfigError
 from .errors import RateLimitExceeded
-from .extension import MIDDLEWARE, Limiter, _rate_limit_exceeded_handler, _Record
+from .extension import MIDDLEWARE, Limiter, Record, _rate_limit_exceeded_handler
 
 __all__ = ["SlowAPIASGIMiddleware", "SlowAPIMiddleware"]
 
@@ -123,7 +123,7 @@ def _with_headers(scope: Scope, send: Send) -> Send:
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
             record = scope.get("state", {}).get("view_rate_limit")
-            if isinstance(record, _Record):
+            if isinstance(record, Record):
                 headers = MutableHeaders(raw=list(message.get("headers", ())))
                 record.limiter._set_headers(headers, record)
                 message = {**message, "headers": headers.raw}

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..fastapi import _LimitSpec
-from ..rates import _UNIT_NAMES, Rate
+from ..fastapi import LimitSpec
+from ..rates import Rate
 
-__all__ = ["Limit", "LimitGroup", "limits_text"]
+__all__ = ["ErrorMessage", "Limit", "LimitGroup", "limits_text"]
 
 #: An error message, or a callable of nothing giving one (slowapi calls it with nothing).
 ErrorMessage = str | Callable[[], str]
@@ -23,7 +23,7 @@ ErrorMessage = str | Callable[[], str]
 class LimitGroup:
     """The limits of one ``@limiter.limit`` / ``shared_limit``, default or application limit."""
 
-    spec: _LimitSpec
+    spec: LimitSpec
     scope: str | None = None
     """A shared counter name (``shared_limit``, ``"global"`` for application limits); None:
     the route's own (its URL or its function, by ``key_style``)."""
@@ -71,7 +71,5 @@ class Limit:
 
 def limits_text(rate: Rate) -> str:
     """A rate as ``limits`` writes it, the text of slowapi's ``exc.detail``: ``5 per 1 minute``."""
-    for name, seconds in _UNIT_NAMES:
-        if rate.period % seconds == 0:
-            return f"{rate.amount} per {int(rate.period // seconds)} {name}"
-    return f"{rate.amount} per {rate.period:g} second"
+    multiple, name = rate.unit
+    return f"{rate.amount} per {multiple:g} {name}"
