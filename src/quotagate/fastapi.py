@@ -356,15 +356,7 @@ class Limiter:
             ConfigError: a bad rate, cost or algorithm, or a callable taking more than one
                 argument: at decoration time, not as a 500 on every request.
         """
-        spec = LimitSpec.of(
-            rates,
-            self.key_func,
-            cost=cost,
-            key_func=key_func,
-            scope=scope,
-            exempt_when=exempt_when,
-            algorithm=algorithm,
-        )
+        spec = self._spec(rates, cost, key_func, scope, exempt_when, algorithm)
 
         def decorator(func: F) -> F:
             specs: list[LimitSpec] | None = getattr(func, _SPECS, None)
@@ -374,6 +366,25 @@ class Limiter:
             return self._wrap(func, [spec])
 
         return decorator
+
+    def _spec(
+        self,
+        rates: RateSource,
+        cost: CostSource,
+        key_func: KeyFunc | None,
+        scope: str | None,
+        exempt_when: ExemptWhen | None,
+        algorithm: Algorithm,
+    ) -> LimitSpec:
+        return LimitSpec.of(
+            rates,
+            self.key_func,
+            cost=cost,
+            key_func=key_func,
+            scope=scope,
+            exempt_when=exempt_when,
+            algorithm=algorithm,
+        )
 
     def exempt(self, func: F) -> F:
         """Exclude an endpoint from ``default_limits``."""
@@ -394,15 +405,7 @@ class Limiter:
 
         A rejection raises ``RateLimitExceeded``, which ``init_app`` answers with the 429.
         """
-        spec = LimitSpec.of(
-            rates,
-            self.key_func,
-            cost=cost,
-            key_func=key_func,
-            scope=scope,
-            exempt_when=exempt_when,
-            algorithm=algorithm,
-        )
+        spec = self._spec(rates, cost, key_func, scope, exempt_when, algorithm)
 
         async def rate_limit_dependency(request: Request) -> None:
             route = request.scope.get("route")

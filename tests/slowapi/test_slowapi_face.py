@@ -46,6 +46,18 @@ def app_for(limiter: Limiter, *, middleware: type | None = SlowAPIMiddleware) ->
     return app
 
 
+def one_route(limiter: Limiter, rates: str, app: FastAPI | None = None) -> FastAPI:
+    """slowapi's set-up (or ``app``) with one route, GET /t, limited by ``rates``."""
+    app = app_for(limiter) if app is None else app
+
+    @app.get("/t")
+    @limiter.limit(rates)
+    async def t(request: Request) -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
 async def statuses(app: Any, path: str, n: int, **headers: str) -> list[int]:
     async with asgi_client(app) as client:
         return [(await client.get(path, headers=headers)).status_code for _ in range(n)]
@@ -270,11 +282,7 @@ async def test_handlers_reading_detail_or_wrapping_the_sync_handler(clock: qg.Fa
         response.headers["X-Detail"] = str(exc.detail)
         return response
 
-    @app.get("/t")
-    @limiter.limit("1/minute")
-    async def t(request: Request) -> dict[str, bool]:
-        return {"ok": True}
-
+    one_route(limiter, "1/minute", app)
     async with asgi_client(app) as client:
         await client.get("/t")
         over = await client.get("/t")
@@ -292,12 +300,7 @@ async def test_headers_as_slowapi_sends_them(clock: qg.FakeClock) -> None:
     loud = face(clock, headers_enabled=True)
     dated = face(clock, headers_enabled=True, retry_after="http-date")
     for limiter in (quiet, loud, dated):
-        app = app_for(limiter)
-
-        @app.get("/t")
-        @limiter.limit("2/minute")
-        async def t(request: Request) -> dict[str, bool]:
-            return {"ok": True}
+        app = one_route(limiter, "2/minute")
 
         async with asgi_client(app) as client:
             ok, _, over = [await client.get("/t") for _ in range(3)]
@@ -334,12 +337,7 @@ async def test_headers_without_a_middleware_on_the_response_parameter(
 
 async def test_sync_reset_forgets_every_counter(clock: qg.FakeClock) -> None:
     limiter = face(clock)
-    app = app_for(limiter)
-
-    @app.get("/t")
-    @limiter.limit("1/minute")
-    async def t(request: Request) -> dict[str, bool]:
-        return {"ok": True}
+    app = one_route(limiter, "1/minute")
 
     assert await statuses(app, "/t", 2) == [200, 429]
     limiter.reset()  # sync, as slowapi's, inside a running event loop
@@ -353,12 +351,7 @@ async def test_redis_key_prefix_reset_and_the_deny_default(
     """On Redis: ``key_prefix`` starts every key, a sync ``reset()`` empties them from inside
     the loop; with Redis gone the default (no fallback) is a 503, ``swallow_errors`` admits."""
     limiter = Limiter(get_remote_address, storage_uri=redis_server.url, key_prefix=key_prefix)
-    app = app_for(limiter)
-
-    @app.get("/t")
-    @limiter.limit("1/minute")
-    async def t(request: Request) -> dict[str, bool]:
-        return {"ok": True}
+    app = one_route(limiter, "1/minute")
 
     assert await statuses(app, "/t", 2) == [200, 429]
     keys = redis.Redis.from_url(redis_server.url).keys(f"{key_prefix}:*")
@@ -371,12 +364,7 @@ async def test_redis_key_prefix_reset_and_the_deny_default(
     gone = "redis://127.0.0.1:1/0"
     for swallow, expected in ((False, 503), (True, 200)):
         down = Limiter(get_remote_address, storage_uri=gone, swallow_errors=swallow)
-        down_app = app_for(down)
-
-        @down_app.get("/t")
-        @down.limit("1/minute")
-        async def t2(request: Request) -> dict[str, bool]:
-            return {"ok": True}
+        down_app = one_route(down, "1/minute")
 
         assert await statuses(down_app, "/t", 1) == [expected]
         await down.aclose()
@@ -388,12 +376,7 @@ async def test_in_memory_fallback_limits_apply_while_redis_is_down(
     limiter = Limiter(
         get_remote_address, storage_uri="redis://127.0.0.1:1/0", in_memory_fallback=["1/minute"]
     )
-    app = app_for(limiter)
-
-    @app.get("/t")
-    @limiter.limit("10/minute")
-    async def t(request: Request) -> dict[str, bool]:
-        return {"ok": True}
+    app = one_route(limiter, "10/minute")
 
     with caplog.at_level(logging.ERROR, logger="quotagate"):
         # The first decision finds Redis down (in memory, by the route's limit); then the
@@ -430,12 +413,7 @@ async def test_the_logger_is_ours_and_names_rejections(
     clock: qg.FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     limiter = face(clock)
-    app = app_for(limiter)
-
-    @app.get("/t")
-    @limiter.limit("1/minute")
-    async def t(request: Request) -> dict[str, bool]:
-        return {"ok": True}
+    app = one_route(limiter, "1/minute")
 
     with caplog.at_level(logging.INFO, logger="quotagate"):
         await statuses(app, "/t", 2)

@@ -210,10 +210,12 @@ class Limiter:
         self.engine = RateLimiter(storage, overlimit_cache=False)
 
         defaults = list(dict.fromkeys(default_limits)) or config.limits(C.DEFAULT_LIMITS)
-        self._default_limits = [self._group(r, override_defaults=False) for r in defaults]
+        self._default_limits = [
+            LimitGroup(self._spec(r), override_defaults=False) for r in defaults
+        ]
         application = list(application_limits) or config.limits(C.APPLICATION_LIMITS)
-        self._application_limits = [self._group(r, scope="global") for r in application]
-        self._in_memory_fallback = [self._group(r) for r in fallback_limits]
+        self._application_limits = [LimitGroup(self._spec(r), "global") for r in application]
+        self._in_memory_fallback = [LimitGroup(self._spec(r)) for r in fallback_limits]
         self._wrapped: set[int] = set()  # ids of the decorated functions, unwrapped
         # Defaults without a middleware apply to nothing: said once, at the first decision.
         self._warn_no_middleware = bool(self._default_limits or self._application_limits)
@@ -242,18 +244,10 @@ class Limiter:
             ConfigError: at decoration: a bad rate or cost, a callable taking more than one
                 argument, or an endpoint without a ``request`` (or ``websocket``) parameter.
         """
-        return self._decorator(
-            self._group(
-                limit_value,
-                key_func=key_func,
-                per_method=per_method,
-                methods=methods,
-                error_message=error_message,
-                exempt_when=exempt_when,
-                cost=cost,
-                override_defaults=override_defaults,
-            )
-        )
+        spec = self._spec(limit_value, key_func, exempt_when, cost)
+        chosen = None if methods is None else frozenset(m.upper() for m in methods)
+        group = LimitGroup(spec, None, per_method, chosen, error_message, override_defaults)
+        return self._decorator(group)
 
     def shared_limit(
         self,
@@ -269,15 +263,10 @@ class Limiter:
         if not isinstance(scope, str):
             # slowapi accepts a callable, then fails on every request (it is never called).
             raise ConfigError(f"shared_limit: scope must be a string, got {scope!r}")
+        spec = self._spec(limit_value, key_func, exempt_when, cost)
         return self._decorator(
-            self._group(
-                limit_value,
-                key_func=key_func,
-                scope=scope,
-                error_message=error_message,
-                exempt_when=exempt_when,
-                cost=cost,
-                override_defaults=override_defaults,
+            LimitGroup(
+                spec, scope, error_message=error_message, override_defaults=override_defaults
             )
         )
 
@@ -307,20 +296,14 @@ class Limiter:
             self._set_headers(response.headers, current_limit)
         return response
 
-    def _group(
+    def _spec(
         self,
         rates: RateSource,
-        *,
         key_func: KeyFunc | None = None,
-        scope: str | None = None,
-        per_method: bool = False,
-        methods: Sequence[str] | None = None,
-        error_message: ErrorMessage | None = None,
         exempt_when: ExemptWhen | None = None,
         cost: CostSource = 1,
-        override_defaults: bool = True,
-    ) -> LimitGroup:
-        spec = LimitSpec.of(
+    ) -> LimitSpec:
+        return LimitSpec.of(
             rates,
             self._key_func,
             cost=cost,
@@ -328,8 +311,6 @@ class Limiter:
             exempt_when=exempt_when,
             algorithm=self._algorithm,
         )
-        chosen = None if methods is None else frozenset(m.upper() for m in methods)
-        return LimitGroup(spec, scope, per_method, chosen, error_message, override_defaults)
 
     def _decorator(self, group: LimitGroup) -> Callable[[F], F]:
         def decorator(func: F) -> F:
