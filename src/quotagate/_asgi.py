@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,40 @@ __all__ = [
 ]
 
 logger = logging.getLogger("quotagate")
+
+
+class _LastResort(logging.Handler):
+    """quotagate's set-up warnings as ``WARNING quotagate: ...`` on stderr, for an app that
+    configured no logging: only when no other handler would take the record.
+
+    Plain uvicorn configures its own loggers and leaves the root logger bare, so without this
+    a warning of ours would reach ``logging.lastResort``, which prints the message without its
+    level. Any handler the app adds (``basicConfig``, the gateway's, pytest's) silences this
+    one. No level of its own: the ``quotagate`` logger's (WARNING, from the root, unless the
+    app sets DEBUG for it) decides.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        found: logging.Logger | None = logging.getLogger(record.name)
+        while found is not None:
+            if any(handler is not self for handler in found.handlers):
+                return False
+            found = found.parent if found.propagate else None
+        return bool(super().handle(record))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")  # the stderr of now, as lastResort's
+        except Exception:
+            self.handleError(record)
+
+
+if not any(isinstance(handler, _LastResort) for handler in logger.handlers):
+    logger.addHandler(_LastResort())
 
 #: Scope key under which the decisions taken for a request are kept until its response starts.
 DECISIONS = "quotagate.decisions"

@@ -18,7 +18,7 @@ This module sits below the adapters: it imports Starlette and ``_types``, never 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from starlette.applications import Starlette
@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Match, Mount
 
 from ._types import Scope
 
-__all__ = ["app_handler", "find_endpoint", "share_handler", "warn_unlimited_routes"]
+__all__ = ["all_routes", "app_handler", "find_endpoint", "share_handler", "warn_unlimited_routes"]
 
 logger = logging.getLogger("quotagate")
 
@@ -59,16 +59,22 @@ def warn_unlimited_routes(routes: Iterable[BaseRoute], wrapped: set[int], prefix
 
     ``wrapped``: the ids of the functions given a limit, as they were before wrapping.
     """
+    for path, route in all_routes(routes, prefix):
+        if id(getattr(route, "endpoint", None)) in wrapped:
+            logger.warning(
+                "quotagate: %s is NOT limited: put @limiter.limit(...) below @app.<method>(...),"
+                " next to the function",
+                path,
+            )
+
+
+def all_routes(routes: Iterable[BaseRoute], prefix: str = "") -> Iterator[tuple[str, BaseRoute]]:
+    """Every route of the tree with its full path, mounted ones included (not the mounts)."""
     for route in routes:
         if isinstance(route, Mount):
-            warn_unlimited_routes(_mounted_routes(route), wrapped, prefix + route.path)
-        elif id(getattr(route, "endpoint", None)) in wrapped:
-            logger.warning(
-                "quotagate: %s%s is NOT limited: put @limiter.limit(...) below @app.<method>(...),"
-                " next to the function",
-                prefix,
-                getattr(route, "path", "?"),
-            )
+            yield from all_routes(_mounted_routes(route), prefix + route.path)
+        else:
+            yield prefix + getattr(route, "path", "?"), route
 
 
 def find_endpoint(routes: Iterable[BaseRoute], scope: Scope) -> tuple[Any, str]:

@@ -98,13 +98,19 @@ class Rate:
         return self.period / self.amount
 
     @property
-    def unit_text(self) -> str:
-        """The period in words: ``minute``, ``5 minutes``, ``90 seconds``."""
+    def unit(self) -> tuple[float, str]:
+        """The period in the largest unit that divides it: ``(5, "minute")``, ``(90,
+        "second")``; ``(1.5, "second")`` when none does."""
         for name, seconds in _UNIT_NAMES:
             if self.period % seconds == 0:
-                multiple = int(self.period // seconds)
-                return name if multiple == 1 else f"{multiple} {name}s"
-        return f"{self.period:g} seconds"
+                return int(self.period // seconds), name
+        return self.period, "second"
+
+    @property
+    def unit_text(self) -> str:
+        """The period in words: ``minute``, ``5 minutes``, ``90 seconds``."""
+        multiple, name = self.unit
+        return name if multiple == 1 else f"{multiple:g} {name}s"
 
     def __str__(self) -> str:
         return f"{self.amount}/{self.unit_text}"

@@ -617,3 +617,82 @@ async def test_a_limit_above_the_route_decorator_is_named_in_a_warning(
         "quotagate: /sub/also",
         "quotagate: /upside-down",
     ]
+
+
+async def test_callables_of_nothing_or_of_the_key_as_slowapi_writes_them(
+    clock: qg.FakeClock,
+) -> None:
+    """slowapi's conventions, decided at decoration: key functions, exempt_when and costs of
+    nothing, a limit provider of the client key (``def limit_for(key)``, which used to get the
+    request and fall back to the lower tier), a fractional cost (rounded up)."""
+    tiers = {"sk-pro": "3/minute"}
+
+    def tier_key(request: Request) -> str:
+        return request.headers.get("x-api-key", "anonymous")
+
+    def limit_for(key: str) -> str:
+        return tiers.get(key, "1/minute")
+
+    limiter = Limiter(key_func=tier_key, storage=qg.MemoryStorage(clock=clock))
+    app = FastAPI()
+    limiter.init_app(app)
+
+    @app.get("/tiered")
+    @limiter.limit(limit_for)
+    async def tiered() -> None:
+        return None
+
+    @app.get("/shared")
+    @limiter.limit("3/minute", key_func=lambda: "all", cost=lambda: 1.5, exempt_when=lambda: False)
+    async def shared() -> None:
+        return None
+
+    async with asgi_client(app) as client:
+        pro = [(await client.get("/tiered", headers={"x-api-key": "sk-pro"})).status_code]
+        pro += [(await client.get("/tiered", headers={"x-api-key": "sk-pro"})).status_code]
+        anonymous = [(await client.get("/tiered")).status_code for _ in range(2)]
+        costly = [(await client.get("/shared")).status_code for _ in range(2)]
+    assert pro == [200, 200]  # a third would pass too: 3/minute, not the fallback 1/minute
+    assert anonymous == [200, 429]
+    assert costly == [200, 429]  # 1.5 is charged as 2 of 3
+
+
+def test_callables_that_cannot_be_called_fail_at_decoration(limiter: Limiter) -> None:
+    with pytest.raises(qg.ConfigError, match=r"exempt_when .* takes \(a, b\)"):
+        limiter.limit("1/minute", exempt_when=lambda a, b: True)
+    with pytest.raises(qg.ConfigError, match="cost must be a non-negative number"):
+        limiter.limit("1/minute", cost=-1)
+    with pytest.raises(qg.ConfigError, match="algorithm must be"):
+        limiter.limit("1/minute", algorithm="leaky")  # type: ignore[arg-type]
+    with pytest.raises(qg.ConfigError, match="key_func"):
+        Limiter(key_func=lambda a, b: "x")
+
+
+async def test_default_limits_without_init_app_are_said_to_apply_to_nothing(
+    clock: qg.FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """slowapi's set-up without its middleware (``app.state.limiter = limiter`` alone): the
+    default limits apply to no route, and the first decision says so."""
+    limiter = Limiter(
+        storage=qg.MemoryStorage(clock=clock), default_limits=["1/minute"], headers_enabled=False
+    )
+    app = FastAPI()
+    app.state.limiter = limiter
+
+    @app.get("/plain")
+    async def plain() -> None:
+        return None
+
+    @app.get("/limited")
+    @limiter.limit("5/minute")
+    async def limited() -> None:
+        return None
+
+    with caplog.at_level(logging.WARNING, logger="quotagate"):
+        async with asgi_client(app) as client:
+            unlimited = [(await client.get("/plain")).status_code for _ in range(2)]
+            await client.get("/limited")
+    assert unlimited == [200, 200]  # what the warning is about
+    said = [r.getMessage() for r in caplog.records if "default_limits" in r.getMessage()]
+    assert len(said) == 1
+    assert "init_app" in said[0]

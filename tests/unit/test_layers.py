@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("http",),
     ("_asgi", "_routes"),
     ("asgi", "fastapi"),
+    ("slowapi",),
     ("gateway",),
     ("tools",),
     ("cli", "__main__"),
