@@ -311,6 +311,13 @@ class RateLimiter:
             return
         await self.storage.release(lease)
 
+    def limits_changed(self) -> None:
+        """Rates were changed (a reload): the over-limit cache's rejections were decided under
+        the old ones, so they go. The counters stay: a state is kept per period and read at
+        the new rate (see ``algorithms.gcra``)."""
+        if self._cache is not None:
+            self._cache.clear()
+
     async def reset(self) -> int:
         """Forget every limit's state: every client starts afresh (a test's fresh start, an
         operator's clean slate). On Redis that is every key under the storage's prefix, for

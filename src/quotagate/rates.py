@@ -68,7 +68,8 @@ class Rate:
     period_us: int = field(init=False, repr=False, compare=False)
     #: GCRA emission interval in microseconds (``period / amount``, at least 1).
     interval_us: int = field(init=False, repr=False, compare=False)
-    #: Stable text used in storage keys, e.g. ``60/60s``.
+    #: Stable text used in storage keys: the period, e.g. ``60s``. Not the amount: a limit whose
+    #: amount changes keeps its state (see ``algorithms.gcra``).
     key_suffix: str = field(init=False, repr=False, compare=False)
     #: Its name in the IETF RateLimit headers, e.g. ``60-per-minute``; its whole
     #: ``RateLimit-Policy`` item, ``"60-per-minute";q=60;w=60``; and the start of its
@@ -85,7 +86,7 @@ class Rate:
         period_us = round(self.period * _MICROS)
         object.__setattr__(self, "period_us", period_us)
         object.__setattr__(self, "interval_us", max(1, round(period_us / self.amount)))
-        object.__setattr__(self, "key_suffix", f"{self.amount}/{self.period:g}s")
+        object.__setattr__(self, "key_suffix", f"{self.period:g}s")
         policy = f"{self.amount}-per-{self.unit_text.replace(' ', '-')}"
         object.__setattr__(self, "policy", policy)
         item = f'"{policy}";q={self.amount};w={math.ceil(self.period)}'
@@ -154,7 +155,19 @@ def parse_rates(text: str) -> tuple[Rate, ...]:
     parts = [part for part in re.split(r"[;,]", text) if part.strip()]
     if not parts:
         raise ConfigError(f'expected "N/unit" like "60/minute", got {text!r}')
-    return tuple(parse_rate(part) for part in parts)
+    return _one_per_period(tuple(parse_rate(part) for part in parts), text)
+
+
+def _one_per_period(rates: tuple[Rate, ...], text: object) -> tuple[Rate, ...]:
+    """Two rates of one period in one limit would share its state (it is kept per period, so
+    a changed amount carries on): the smaller is all that counts, so say so."""
+    periods = [rate.period for rate in rates]
+    for rate in rates:
+        if periods.count(rate.period) > 1:
+            raise ConfigError(
+                f"two rates per {rate.unit_text} in {text!r}: keep one (the smaller is the limit)"
+            )
+    return rates
 
 
 def as_rates(rates: RateLike) -> tuple[Rate, ...]:
@@ -166,4 +179,4 @@ def as_rates(rates: RateLike) -> tuple[Rate, ...]:
     result = tuple(rates)
     if not result or not all(isinstance(rate, Rate) for rate in result):
         raise ConfigError(f"expected rate text or Rate values, got {rates!r}")
-    return result
+    return _one_per_period(result, rates)

@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from quotagate.algorithms import fixed_window, gcra
+from quotagate.algorithms.gcra import rescaled
 from quotagate.storage import FIXED_WINDOW, GCRA
 from quotagate.storage.redis import RedisStorage
 from support import RedisServer
@@ -80,7 +81,8 @@ async def _lua(server: RedisServer, stored: str | None, args: list[int]) -> list
 async def test_gcra_lua(
     redis_server: RedisServer, name: str, tat: int | None, cost: int, expected: tuple[int, ...]
 ) -> None:
-    out = await _lua(redis_server, None if tat is None else str(tat), [GCRA, 10, 6 * S, cost])
+    stored = None if tat is None else f"{tat} {6 * S}"  # "tat interval": written at 10/minute
+    out = await _lua(redis_server, stored, [GCRA, 10, 6 * S, cost])
     assert (out[0], *out[3:6]) == expected
 
 
@@ -97,4 +99,45 @@ async def test_fixed_window_lua(
 ) -> None:
     stored = None if state is None else f"{state[0]} {state[1]}"
     out = await _lua(redis_server, stored, [FIXED_WINDOW, 5, 60 * S, cost])
+    assert (out[0], *out[3:6]) == expected
+
+
+# A state written at 10/minute (interval 6 s, 10 used: tat = now + 60 s), read after the limit
+# changed: the 10 units counted stay counted, at the new interval.
+RESCALE_CASES = [
+    ("raised to 20/minute: 10 more at once", 20, 3 * S, 1, (0, 9, 33 * S, 0)),
+    ("raised to 20/minute: 11 is over", 20, 3 * S, 11, (1, 10, 30 * S, 3 * S)),
+    ("lowered to 5/minute: over", 5, 12 * S, 1, (1, 0, 120 * S, 72 * S)),
+    ("same rate: as it was", 10, 6 * S, 1, (1, 0, 60 * S, 6 * S)),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "capacity", "interval", "cost", "expected"),
+    RESCALE_CASES,
+    ids=[c[0] for c in RESCALE_CASES],
+)
+def test_gcra_rescaled_python(
+    name: str, capacity: int, interval: int, cost: int, expected: tuple[int, ...]
+) -> None:
+    tat = rescaled(NOW + 60 * S, 6 * S, interval, NOW)
+    verdict, _, remaining, reset_after, retry_after = gcra(tat, NOW, capacity, interval, cost)
+    assert (verdict, remaining, reset_after, retry_after) == expected
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    ("name", "capacity", "interval", "cost", "expected"),
+    RESCALE_CASES,
+    ids=[c[0] for c in RESCALE_CASES],
+)
+async def test_gcra_rescaled_lua(
+    redis_server: RedisServer,
+    name: str,
+    capacity: int,
+    interval: int,
+    cost: int,
+    expected: tuple[int, ...],
+) -> None:
+    out = await _lua(redis_server, f"{NOW + 60 * S} {6 * S}", [GCRA, capacity, interval, cost])
     assert (out[0], *out[3:6]) == expected

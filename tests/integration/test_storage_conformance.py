@@ -204,7 +204,7 @@ async def test_hash_tags_are_kept(limiter: qg.RateLimiter) -> None:
     decision = await limiter.hit_many(
         [qg.Hit("{client-a}:req", "1/minute"), qg.Hit("plain", "1/minute")]
     )
-    assert [s.key for s in decision.states] == ["{client-a}:req:1/60s", "{plain}:1/60s"]
+    assert [s.key for s in decision.states] == ["{client-a}:req:60s", "{plain}:60s"]
 
 
 async def test_a_zero_ttl_acquire_reads_free_slots(limiter: qg.RateLimiter) -> None:

@@ -114,7 +114,7 @@ async def test_memory_caps_its_keys_and_evicts_least_recently_used(clock: qg.Fak
     limiter = qg.RateLimiter(storage, overlimit_cache=False)
     for key in ("a", "b", "c"):
         await limiter.hit(key, "1/minute")
-    await limiter.hit("a", "5/minute")  # state for a new (key, rate): evicts the LRU one
+    await limiter.hit("a", "5/hour")  # state for a new (key, period): evicts the LRU one
     assert len(storage) == 3
     assert (await limiter.hit("a", "1/minute")).allowed is True  # "a" was the LRU: evicted
     assert not (await limiter.hit("c", "1/minute")).allowed  # "c" kept its state

@@ -3,6 +3,11 @@
 State is one number per (client, limit): the theoretical arrival time ``tat``. A rate of
 ``capacity`` per period has emission interval ``interval`` and tolerance ``capacity * interval``,
 so a full bucket (``tat <= now``) admits ``capacity`` units at once, then one per interval.
+
+The storages keep the interval a ``tat`` was written under beside it: when a limit's rate
+changes (a reload, a key's new limits), ``rescaled`` reads the units already counted at the new
+interval, so a client raised from 10 to 20 a minute after using 10 has 10 more at once, and one
+lowered to 5 is over until enough time passes. A limit never starts over because it changed.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from .verdict import Verdict
 
 _ALLOWED, _LIMITED, _TOO_LARGE = Verdict.ALLOWED, Verdict.LIMITED, Verdict.TOO_LARGE
 
-__all__ = ["GcraResult", "gcra", "gcra_adjust"]
+__all__ = ["GcraResult", "gcra", "gcra_adjust", "rescaled"]
 
 #: ``(verdict, new_tat, remaining, reset_after, retry_after)``; verdict 0 allowed, 1 limited,
 #: 2 too large (cost above capacity: can never pass). ``new_tat`` is the state to store when the
@@ -39,6 +44,13 @@ def gcra(tat: int | None, now: int, capacity: int, interval: int, cost: int) -> 
         return (_ALLOWED, new_tat, (tolerance - (new_tat - now)) // interval, new_tat - now, 0)
     remaining = max(0, (tolerance - (base - now)) // interval)
     return (_LIMITED, base, remaining, base - now, new_tat - tolerance - now)
+
+
+def rescaled(tat: int, stored_interval: int, interval: int, now: int) -> int:
+    """``tat`` written at ``stored_interval``, read at ``interval``: the same units counted."""
+    if stored_interval == interval or tat <= now:
+        return tat
+    return now + -(-(tat - now) * interval // stored_interval)
 
 
 def gcra_adjust(tat: int | None, now: int, interval: int, delta: int) -> int | None:

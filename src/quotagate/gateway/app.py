@@ -124,6 +124,7 @@ class Gateway:
         if new is None:
             return False
         self._apply(new)
+        self.limiter.limits_changed()
         if new.fleet != old.fleet:
             probes = self.fleet.reload(new.fleet)
             self._probes.add(probes)

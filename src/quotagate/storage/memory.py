@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from .._types import Clock
 from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, gcra_adjust
+from ..algorithms.gcra import rescaled
 from ..decision import Lease
 from ..errors import ConfigError
 from .base import GCRA, Args, StorageMode
@@ -27,7 +28,7 @@ from .base import GCRA, Args, StorageMode
 __all__ = ["MemoryStorage"]
 
 # GCRA: theoretical arrival time; fixed window: (window_end, count); leases: {id: expires_at}.
-_State = int | tuple[int, int] | dict[str, int]
+_State = tuple[int, int] | dict[str, int]  # (tat, interval), (window_end, count), leases
 
 #: The table is swept once it has grown to this many states, and then each time it doubles.
 _FIRST_SWEEP = 1024
@@ -181,14 +182,12 @@ class MemoryStorage:
             key = hash(keys[i])
             stored = states.get(key)
             if algorithm == GCRA:
-                new_tat = gcra_adjust(
-                    stored if isinstance(stored, int) else None, now, interval, delta
-                )
+                new_tat = gcra_adjust(_tat(stored, interval, now), now, interval, delta)
                 if new_tat is None:
                     states.pop(key, None)
                     out += (capacity, 0)
                 else:
-                    self._put(key, new_tat, now)
+                    self._put(key, (new_tat, interval), now)
                     reset_after = new_tat - now
                     out += (max(0, (capacity * interval - reset_after) // interval), reset_after)
             else:
@@ -251,17 +250,27 @@ def _decide_limit(
     stored: _State | None, algorithm: int, now: int, capacity: int, interval: int, cost: int
 ) -> tuple[int, Any, int, int, int]:
     """One limit against its stored state: ``(verdict, new_state, remaining, reset_after,
-    retry_after)``; a state of the other kind (or none) counts as no state."""
+    retry_after)``; a state of the other kind (or none) counts as no state. A GCRA state is
+    ``(tat, interval)``: the interval it was written under, so a changed rate rescales it."""
     if algorithm == GCRA:
-        return gcra(stored if stored.__class__ is int else None, now, capacity, interval, cost)
+        v, tat, remaining, reset_after, retry_after = gcra(
+            _tat(stored, interval, now), now, capacity, interval, cost
+        )
+        return v, (tat, interval), remaining, reset_after, retry_after
     end, count = stored if stored.__class__ is tuple else (None, 0)
     return fixed_window(end, count, now, capacity, interval, cost)
 
 
+def _tat(stored: _State | None, interval: int, now: int) -> int | None:
+    """The ``tat`` of a GCRA state at ``interval`` (None: no state)."""
+    if stored.__class__ is not tuple:
+        return None
+    tat, written_at = stored
+    return tat if written_at == interval else rescaled(tat, written_at, interval, now)
+
+
 def _is_spent(value: _State, now: int) -> bool:
     """True when a state is equivalent to no state: full bucket, past window, no live lease."""
-    if isinstance(value, int):
-        return value <= now
-    if isinstance(value, tuple):
+    if isinstance(value, tuple):  # (tat, interval) or (window_end, count)
         return value[0] <= now
     return all(expires <= now for expires in value.values())

@@ -4,7 +4,7 @@ Decisions go through one auto-pipelined connection (``pipeline.py``): a lone cal
 written at once; concurrent callers' are coalesced into one write and share round trips. On
 Redis Cluster, redis-py's cluster client routes each EVALSHA to its slot's node.
 
-Keys look like ``qg:{<client>}:60/60s``: the ``{...}`` hash tag puts one client's keys in one
+Keys look like ``qg:{<client>}:60s``: the ``{...}`` hash tag puts one client's keys in one
 Redis Cluster slot, so a decision touches one slot. Only this module imports ``redis``.
 """
 

@@ -34,7 +34,16 @@ for i = 1, n do
   local key = KEYS[i]
   local remaining, reset_after
   if algorithm == 1 then
-    local tat = tonumber(redis.call("GET", key))
+    local tat
+    local stored = redis.call("GET", key)
+    if stored then
+      -- "tat interval": a state written under another rate holds the same units at this one
+      local t, written_at = string.match(stored, "^(%d+) (%d+)$")
+      tat, written_at = tonumber(t), tonumber(written_at)
+      if tat and written_at ~= interval and tat > now then
+        tat = now + math.ceil((tat - now) * interval / written_at)
+      end
+    end
     local base = now
     if tat and tat > now then base = tat end
     local new_tat = base + delta * interval
@@ -44,10 +53,11 @@ for i = 1, n do
     else
       reset_after = new_tat - now
       remaining = math.max(0, math.floor((capacity * interval - reset_after) / interval))
+      local value = string.format("%d %d", new_tat, interval)
       if expire then
-        redis.call("SET", key, string.format("%d", new_tat), "PX", math.max(1, math.ceil(reset_after / 1000)))
+        redis.call("SET", key, value, "PX", math.max(1, math.ceil(reset_after / 1000)))
       else
-        redis.call("SET", key, string.format("%d", new_tat))
+        redis.call("SET", key, value)
       end
     end
   else

@@ -8,6 +8,7 @@
 -- ARGV[2]     n, the number of limits
 -- ARGV[3..]   4 per limit: algorithm (1 GCRA, 2 fixed window), capacity,
 --             interval_us (GCRA emission interval | window length), cost
+-- A GCRA state is "tat interval_us", a fixed window's "window_end count"
 -- then, when a lease is asked: lease limit, ttl_us (0 only reads), lease id
 --
 -- Returns {verdict, lease_granted, now_us, then per limit and for the lease:
@@ -38,7 +39,16 @@ for i = 1, n do
   local key = KEYS[i]
   local v, remaining, reset_after, retry_after
   if algorithm == 1 then
-    local tat = tonumber(redis.call("GET", key))
+    local tat
+    local stored = redis.call("GET", key)
+    if stored then
+      -- "tat interval": a state written under another rate holds the same units at this one
+      local t, written_at = string.match(stored, "^(%d+) (%d+)$")
+      tat, written_at = tonumber(t), tonumber(written_at)
+      if tat and written_at ~= interval and tat > now then
+        tat = now + math.ceil((tat - now) * interval / written_at)
+      end
+    end
     local base = now
     if tat and tat > now then base = tat end
     local tolerance = capacity * interval
@@ -51,7 +61,7 @@ for i = 1, n do
         v, reset_after, retry_after = 0, new_tat - now, 0
         remaining = math.floor((tolerance - (new_tat - now)) / interval)
         if cost > 0 then
-          writes[#writes + 1] = {key, 1, new_tat, new_tat - now}
+          writes[#writes + 1] = {key, 1, string.format("%d %d", new_tat, interval), new_tat - now}
           unspent[#unspent + 1] = {#out + 1, math.floor((tolerance - (base - now)) / interval), base - now}
         end
       else
@@ -126,7 +136,6 @@ end
 if verdict == 0 then
   for _, w in ipairs(writes) do
     local value = w[3]
-    if w[2] == 1 then value = string.format("%d", value) end
     if expire then
       redis.call("SET", w[1], value, "PX", math.max(1, math.ceil(w[4] / 1000)))
     else
