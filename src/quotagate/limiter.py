@@ -335,16 +335,22 @@ _Template = tuple[tuple[str, int, int, int, Rate], ...]
 
 @lru_cache(maxsize=4096)
 def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template:
-    """Per rate: state key suffix, algorithm code, capacity, interval; cached per rate text."""
-    if algorithm == "gcra":
-        return tuple(
-            (":" + r.key_suffix, GCRA, r.amount, r.interval_us, r) for r in as_rates(rates)
-        )
-    if algorithm == "fixed_window":
-        return tuple(
-            (":fw:" + r.key_suffix, FIXED_WINDOW, r.amount, r.period_us, r) for r in as_rates(rates)
-        )
-    raise ConfigError(f"algorithm must be 'gcra' or 'fixed_window', got {algorithm!r}")
+    """Per rate: state key suffix, algorithm code, capacity, interval; cached per rate text.
+
+    A state is named by its period, not its amount, so a changed amount keeps what was counted
+    (a second rate of the same period gets ``#2``)."""
+    if algorithm not in ("gcra", "fixed_window"):
+        raise ConfigError(f"algorithm must be 'gcra' or 'fixed_window', got {algorithm!r}")
+    template = []
+    seen: dict[str, int] = {}
+    for r in as_rates(rates):
+        seen[r.key_suffix] = n = seen.get(r.key_suffix, 0) + 1
+        suffix = r.key_suffix if n == 1 else f"{r.key_suffix}#{n}"
+        if algorithm == "gcra":
+            template.append((":" + suffix, GCRA, r.amount, r.interval_us, r))
+        else:
+            template.append((":fw:" + suffix, FIXED_WINDOW, r.amount, r.period_us, r))
+    return tuple(template)
 
 
 def _add(

@@ -155,19 +155,7 @@ def parse_rates(text: str) -> tuple[Rate, ...]:
     parts = [part for part in re.split(r"[;,]", text) if part.strip()]
     if not parts:
         raise ConfigError(f'expected "N/unit" like "60/minute", got {text!r}')
-    return _one_per_period(tuple(parse_rate(part) for part in parts), text)
-
-
-def _one_per_period(rates: tuple[Rate, ...], text: object) -> tuple[Rate, ...]:
-    """Two rates of one period in one limit would share its state (it is kept per period, so
-    a changed amount carries on): the smaller is all that counts, so say so."""
-    periods = [rate.period for rate in rates]
-    for rate in rates:
-        if periods.count(rate.period) > 1:
-            raise ConfigError(
-                f"two rates per {rate.unit_text} in {text!r}: keep one (the smaller is the limit)"
-            )
-    return rates
+    return tuple(parse_rate(part) for part in parts)
 
 
 def as_rates(rates: RateLike) -> tuple[Rate, ...]:
@@ -179,4 +167,4 @@ def as_rates(rates: RateLike) -> tuple[Rate, ...]:
     result = tuple(rates)
     if not result or not all(isinstance(rate, Rate) for rate in result):
         raise ConfigError(f"expected rate text or Rate values, got {rates!r}")
-    return _one_per_period(result, rates)
+    return result

@@ -222,3 +222,10 @@ def test_mask_url_hides_the_password() -> None:
     assert mask_url("redis://:s3cret@h:6379/0") == "redis://:***@h:6379/0"
     assert mask_url("redis://user:s3cret@h:6379/0") == "redis://user:***@h:6379/0"
     assert mask_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+async def test_two_rates_of_one_period_keep_states_of_their_own(clock: qg.FakeClock) -> None:
+    limiter = qg.RateLimiter(qg.MemoryStorage(clock=clock), overlimit_cache=False)
+    decisions = [await limiter.hit("k", "2/minute; 3/minute") for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, True, False]  # the smaller one counts
+    assert [s.key for s in decisions[0].states] == ["{k}:60s", "{k}:60s#2"]

@@ -98,7 +98,7 @@ class MemoryStorage:
             algorithm, capacity, interval, cost = args[at : at + 4]
             at += 4
             key = hash(keys[i])
-            stored = states.get(key)
+            stored = _current(states, key, algorithm, interval, now)
             result = _decide_limit(stored, algorithm, now, capacity, interval, cost)
             v = result[0]
             if v:
@@ -161,7 +161,7 @@ class MemoryStorage:
         program: ``(verdict, state, remaining, reset_after, retry_after)``."""
         states = self._states
         hashed = hash(key)
-        stored = states.get(hashed)
+        stored = _current(states, hashed, algorithm, interval, now)
         result = _decide_limit(stored, algorithm, now, capacity, interval, cost)
         if cost and not result[0]:
             self._put(hashed, result[1], now)
@@ -180,9 +180,10 @@ class MemoryStorage:
         for i in range(n):
             algorithm, capacity, interval, delta = (int(v) for v in args[1 + 4 * i : 5 + 4 * i])
             key = hash(keys[i])
-            stored = states.get(key)
+            stored = _current(states, key, algorithm, interval, now)
             if algorithm == GCRA:
-                new_tat = gcra_adjust(_tat(stored, interval, now), now, interval, delta)
+                tat = stored[0] if isinstance(stored, tuple) else None
+                new_tat = gcra_adjust(tat, now, interval, delta)
                 if new_tat is None:
                     states.pop(key, None)
                     out += (capacity, 0)
@@ -254,19 +255,28 @@ def _decide_limit(
     ``(tat, interval)``: the interval it was written under, so a changed rate rescales it."""
     if algorithm == GCRA:
         v, tat, remaining, reset_after, retry_after = gcra(
-            _tat(stored, interval, now), now, capacity, interval, cost
+            stored[0] if stored.__class__ is tuple else None,
+            now,
+            capacity,
+            interval,
+            cost,
         )
         return v, (tat, interval), remaining, reset_after, retry_after
     end, count = stored if stored.__class__ is tuple else (None, 0)
     return fixed_window(end, count, now, capacity, interval, cost)
 
 
-def _tat(stored: _State | None, interval: int, now: int) -> int | None:
-    """The ``tat`` of a GCRA state at ``interval`` (None: no state)."""
-    if stored.__class__ is not tuple:
-        return None
-    tat, written_at = stored
-    return tat if written_at == interval else rescaled(tat, written_at, interval, now)
+def _current(
+    states: dict[int, _State], key: int, algorithm: int, interval: int, now: int
+) -> _State | None:
+    """The state of ``key``; a GCRA state written under another rate is rescaled to this one
+    and stored at once, whatever the verdict: from now on it refills at the new rate."""
+    stored = states.get(key)
+    if algorithm == GCRA and isinstance(stored, tuple) and stored[1] != interval:
+        tat, written_at = stored
+        stored = (rescaled(tat, written_at, interval, now), interval)
+        states[key] = stored
+    return stored
 
 
 def _is_spent(value: _State, now: int) -> bool:

@@ -40,6 +40,7 @@ for i = 1, n do
       -- "tat interval": a state written under another rate holds the same units at this one
       local t, written_at = string.match(stored, "^(%d+) (%d+)$")
       tat, written_at = tonumber(t), tonumber(written_at)
+      -- (the adjustment below stores it)
       if tat and written_at ~= interval and tat > now then
         tat = now + math.ceil((tat - now) * interval / written_at)
       end

@@ -46,7 +46,14 @@ for i = 1, n do
       local t, written_at = string.match(stored, "^(%d+) (%d+)$")
       tat, written_at = tonumber(t), tonumber(written_at)
       if tat and written_at ~= interval and tat > now then
+        -- stored at once, whatever the verdict: from now on it refills at the new rate
         tat = now + math.ceil((tat - now) * interval / written_at)
+        local value = string.format("%d %d", tat, interval)
+        if expire then
+          redis.call("SET", key, value, "PX", math.max(1, math.ceil((tat - now) / 1000)))
+        else
+          redis.call("SET", key, value)
+        end
       end
     end
     local base = now
