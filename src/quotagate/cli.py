@@ -3,6 +3,7 @@
 quotagate serve [--config FILE] [--host H] [--port N] [--workers N] [--log-level L]
 quotagate check-config FILE
 quotagate keys new [--tier T]        quotagate keys hash KEY
+quotagate keys create|list|show|update|revoke|rotate --url URL   (the admin API)
 quotagate mock [--port N]            (the mock model alone, as a stand-in model server)
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -157,7 +159,8 @@ def reset(config_path: str | None, api_key: str | None, ip: str | None, yes: boo
 
 @main.group()
 def keys() -> None:
-    """Make and hash API keys."""
+    """Make and hash API keys; issue, list, change, revoke and rotate them on a running
+    gateway (its admin API: --url, the admin key in $QUOTAGATE_ADMIN_KEY)."""
 
 
 @keys.command("new")
@@ -180,6 +183,142 @@ def keys_new(tier: str, name: str | None) -> None:
 def keys_hash(key: str) -> None:
     """Print the SHA-256 hex digest of KEY (what `sha256 = ...` in the config holds)."""
     click.echo(hash_api_key(key))
+
+
+def _admin_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--url``, ``--admin-key-file`` and ``--json`` of the commands driving the admin API."""
+    command = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")(command)
+    command = click.option(
+        "--admin-key-file",
+        type=click.Path(dir_okay=False),
+        help="File holding the admin key (default: $QUOTAGATE_ADMIN_KEY).",
+    )(command)
+    return click.option(
+        "--url", default="http://127.0.0.1:8000", show_default=True, help="The gateway."
+    )(command)
+
+
+def _admin_call(url: str, key_file: str | None, method: str, path: str, body: Any = None) -> Any:
+    from .tools.admin_client import AdminClient, admin_key
+
+    client = AdminClient(url, admin_key(key_file))
+    try:
+        return client.call(method, path, body)
+    finally:
+        client.close()
+
+
+def _key_fields(
+    tier: str | None,
+    name: str | None,
+    expires_at: str | None,
+    requests: str | None,
+    tokens: str | None,
+    concurrency: int | None,
+    models: tuple[str, ...],
+) -> dict[str, Any]:
+    """The body of a create or update: only what was given."""
+    body: dict[str, Any] = {}
+    for field, value in (("tier", tier), ("name", name), ("expires_at", expires_at)):
+        if value is not None:
+            body[field] = value
+    limits = {"requests": requests, "tokens": tokens, "concurrency": concurrency}
+    if any(value is not None for value in limits.values()):
+        body["limits"] = {k: v for k, v in limits.items() if v is not None}
+    if models:
+        body["models"] = list(models)
+    return body
+
+
+def _key_field_options(command: Callable[..., None]) -> Callable[..., None]:
+    for option in reversed(
+        [
+            click.option("--name", help="A name for the key (a customer, a service)."),
+            click.option("--expires-at", help="When it stops working: 2027-01-01T00:00:00Z."),
+            click.option("--requests", help="Its own request limit over the tier's: 600/minute."),
+            click.option("--tokens", help="Its own token limit over the tier's."),
+            click.option("--concurrency", type=click.IntRange(min=1), help="Its own slots."),
+            click.option("--model", "models", multiple=True, help="Allowed model (repeatable)."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@keys.command("create")
+@click.option("--tier", required=True, help="Tier of the new key.")
+@_key_field_options
+@_admin_options
+def keys_create(url: str, admin_key_file: str | None, as_json: bool, **fields: Any) -> None:
+    """Issue a key through the admin API; its secret is printed this once."""
+    from .tools.admin_client import print_key
+
+    body = _key_fields(**fields)
+    print_key(_admin_call(url, admin_key_file, "POST", "/admin/keys", body), as_json)
+
+
+@keys.command("list")
+@_admin_options
+def keys_list(url: str, admin_key_file: str | None, as_json: bool) -> None:
+    """Every key, issued and from the config file (never a secret)."""
+    from .tools.admin_client import print_keys
+
+    print_keys(_admin_call(url, admin_key_file, "GET", "/admin/keys")["data"], as_json)
+
+
+@keys.command("show")
+@click.argument("key_id")
+@_admin_options
+def keys_show(key_id: str, url: str, admin_key_file: str | None, as_json: bool) -> None:
+    """One key's fields (never its secret)."""
+    from .tools.admin_client import print_key
+
+    print_key(_admin_call(url, admin_key_file, "GET", f"/admin/keys/{key_id}"), as_json)
+
+
+@keys.command("update")
+@click.argument("key_id")
+@click.option("--tier", help="Its new tier.")
+@_key_field_options
+@_admin_options
+def keys_update(
+    key_id: str, url: str, admin_key_file: str | None, as_json: bool, **fields: Any
+) -> None:
+    """Change a key's tier, name, limits, models or expiry (what is given only)."""
+    from .tools.admin_client import print_key
+
+    body = _key_fields(**fields)
+    if not body:
+        raise click.UsageError("nothing to change: give --tier, --name, --requests, ...")
+    answer = _admin_call(url, admin_key_file, "PATCH", f"/admin/keys/{key_id}", body)
+    print_key(answer, as_json)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_admin_options
+def keys_revoke(key_id: str, url: str, admin_key_file: str | None, as_json: bool) -> None:
+    """Revoke a key: its next request, on every replica within a second, is a 401."""
+    from .tools.admin_client import print_key
+
+    print_key(_admin_call(url, admin_key_file, "DELETE", f"/admin/keys/{key_id}"), as_json)
+
+
+@keys.command("rotate")
+@click.argument("key_id")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Seconds the old secret keeps working.")  # fmt: skip
+@_admin_options
+def keys_rotate(
+    key_id: str, grace_s: float, url: str, admin_key_file: str | None, as_json: bool
+) -> None:
+    """A new secret for the same key (its limits and counters carry over), printed this once."""
+    from .tools.admin_client import print_key
+
+    body = {"grace_s": grace_s}
+    print_key(
+        _admin_call(url, admin_key_file, "POST", f"/admin/keys/{key_id}/rotate", body), as_json
+    )
 
 
 @main.command()

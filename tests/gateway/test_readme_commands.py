@@ -22,7 +22,8 @@ from quotagate.testing import ServerProcess, port_open
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text("utf-8")
 #: What a fresh shell finds besides the checkout's own paths.
-SHELL_TOOLS = {"curl", "echo", "kill"}
+SHELL_TOOLS = {"curl", "echo", "kill", "sed", "grep"}
+ENV_ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 
 
 class Shown:
@@ -129,7 +130,8 @@ def test_every_command_is_one_a_fresh_shell_has() -> None:
     commands = sh_lines() + [s.command for s in sessions()]
     assert len(commands) >= 10
     for command in commands:
-        program = shlex.split(command)[0]
+        words = shlex.split(command)
+        program = next(word for word in words if not ENV_ASSIGNMENT.match(word))
         if program in SHELL_TOOLS:
             continue
         path = ROOT / program
@@ -224,3 +226,19 @@ def test_the_fleet_runs_as_shown(tmp_path: Path) -> None:
     finally:
         for process in reversed(processes):
             process.close()
+
+
+def test_the_admin_api_example_creates_a_key_as_shown(elsewhere: Path) -> None:
+    (serve,) = [line for line in sh_lines() if "examples/tenants.toml" in line]
+    create = shown("QUOTAGATE_ADMIN_KEY=adm-change-me scripts/quotagate keys create")
+    assignment, *argv = shlex.split(serve)
+    name, _, value = assignment.partition("=")
+    assert not port_open(8000), "port 8000 is taken: the README's gateway cannot start"
+    env = {**os.environ, name: value}
+    with ServerProcess(argv, name="tenants", port=8000, cwd=ROOT, env=env):
+        done = run(create.command, elsewhere)
+    assert done.returncode == 0, done.stderr
+    fields = [line.split()[0] for line in done.stdout.splitlines()]
+    assert fields == [line.split()[0] for line in create.output]
+    assert re.match(r"secret \(shown this once\): sk-\S+$", done.stdout.splitlines()[0])
+    assert done.stdout.splitlines()[-1] == create.output[-1]  # limits {"requests": "1200/minute"}

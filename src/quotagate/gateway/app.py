@@ -44,6 +44,7 @@ from ..limiter import Hit, RateLimiter
 from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics, ReplicaState
 from ..rates import parse_rates
 from ..storage import FallbackStorage, Storage, mask_url
+from .admin import Admin
 from .backends import Backend, Route, UpstreamError, UpstreamRejected, backend_from_config
 from .body import read_json
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
@@ -55,6 +56,7 @@ from .relay import SseRelay, answer_tokens, usage_total
 from .reload import reloaded_config
 from .responses import JSON_TYPE, Errors, stream_error_event
 from .schemas import validate_body
+from .tenants import Tenants, key_store
 from .tokens import request_cost
 
 __all__ = ["Gateway", "create_app"]
@@ -79,6 +81,7 @@ class Gateway:
     ) -> None:
         self.config_path = config_path
         self.overrides = overrides or {}
+        self.tenants: Tenants | None = None  # with [admin], from start(): the storage's
         self._apply(config)
         self.limiter = RateLimiter(
             storage if storage is not None else configured_storage(config),
@@ -92,13 +95,14 @@ class Gateway:
         self.metrics.replicas = self._replica_states
         self.metrics.queues = lambda: [(n, p.gate.queued) for n, p in self.fleet.pools.items()]
         self.ledger = Ledger(self.limiter, self.metrics)
+        self.admin = Admin(self)
         self._probes: set[asyncio.Future[Any]] = set()
 
     def _apply(self, config: GatewayConfig) -> None:
         """Take the parts of ``config`` that change without a restart."""
         self.config = config
         self.errors = Errors(config.server.error_format)
-        self.callers = Callers(config)
+        self.callers = Callers(config, self.tenants)
         self.health_rates = parse_rates(config.health.requests)
         # A lease outlives the longest request a backend allows, so only a crash expires it.
         self.lease_ttl = max(spec.timeout_s for spec in config.fleet) + 30
@@ -144,6 +148,10 @@ class Gateway:
 
     async def start(self) -> None:
         await self.limiter.start()
+        if self.config.admin is not None:
+            self.tenants = Tenants(key_store(self.limiter.storage))
+            await self.tenants.start()
+            self.callers = Callers(self.config, self.tenants)
         await self.fleet.start()
         logger.info("%s", self.describe())
 
@@ -152,6 +160,8 @@ class Gateway:
         for probes in list(self._probes):  # a reload's first probes, still running
             probes.cancel()
         await self.fleet.aclose()
+        if self.tenants is not None:
+            await self.tenants.aclose()
         await self.limiter.aclose()
 
     def describe(self) -> str:
@@ -173,7 +183,7 @@ class Gateway:
 
     async def inference(self, request: Request, route: Route) -> Response:
         started = time.perf_counter()
-        caller = self.callers.identify(request.scope)
+        caller = await self._identify(request)
         if isinstance(caller, Refusal):
             self.metrics.request("none", route, 401)
             return caller.response(self.errors)
@@ -190,6 +200,14 @@ class Gateway:
                 (time.perf_counter() - started) * 1000,
             )
         return response
+
+    async def _identify(self, request: Request) -> Caller | Refusal:
+        """The caller; a key the replica's table does not know is asked of the key store."""
+        caller = self.callers.identify(request.scope)
+        unknown = isinstance(caller, Refusal) and caller.code == "invalid_api_key"
+        if unknown and self.tenants is not None:
+            return await self.callers.identify_issued(request.scope)
+        return caller
 
     async def _inference(self, request: Request, route: Route, caller: Caller) -> Response:
         read = await read_json(
@@ -212,6 +230,14 @@ class Gateway:
                 f"No backend serves the model {model!r}: {served}."
                 if model is not None
                 else f"model: required to choose a backend; {served}.",
+                [NO_RETRY],
+                param="model",
+            )
+        if caller.models is not None and model not in caller.models:
+            return self.errors.response(
+                403,
+                "model_not_allowed",
+                f"This API key may not use the model {model!r}.",
                 [NO_RETRY],
                 param="model",
             )
@@ -475,7 +501,7 @@ class Gateway:
         return response
 
     async def ratelimit(self, request: Request) -> Response:
-        caller = self.callers.identify(request.scope)
+        caller = await self._identify(request)
         if isinstance(caller, Refusal):
             return caller.response(self.errors)
         tier = caller.tier

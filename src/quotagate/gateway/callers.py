@@ -4,6 +4,9 @@
 ``/health`` and ``quotagate reset`` all go through it): a configured API key (``X-API-Key`` or
 ``Authorization: Bearer``) is its tier's caller, counted under the key's hash; no key is the
 anonymous tier, counted by client address (trusted proxies honoured); anything else is refused.
+A key issued through the admin API (``tenants``) is found in the replica's table, checked for
+revocation, expiry and a rotation's grace, and counted under its id, so a rotated secret keeps
+its counters; its tier may carry the key's own limits and model allow-list.
 ``limits`` turns a tier, a client, a model and a reservation into the engine's hits.
 """
 
@@ -30,6 +33,7 @@ from ..limiter import Acquire, Hit
 from ..rates import Rate, parse_rates
 from .config import GatewayConfig, TierConfig
 from .responses import Errors
+from .tenants import ApiKey, Tenants
 
 __all__ = ["Caller", "Callers", "Limits", "Refusal", "Tier", "api_key_client", "limits"]
 
@@ -75,8 +79,10 @@ class Tier:
 @dataclass(frozen=True, slots=True)
 class Caller:
     tier: Tier
-    client: str  # ``key:<hash>`` or ``ip:<address>``: goes in the hash tag of every key
+    client: str  # ``key:<hash>``, ``key:<id>`` or ``ip:<address>``: the hash tag of its keys
     display: str  # masked, for logs
+    key_id: str | None = None  # an issued key's id
+    models: frozenset[str] | None = None  # an issued key's allow-list
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +121,11 @@ def api_key_client(api_key: str) -> str:
 class Callers:
     """The tiers, keys and anonymous access of one config."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, tenants: Tenants | None = None) -> None:
+        self.tenants = tenants
+        self._tier_configs = config.tiers
+        self._shadow = config.shadow
+        self._issued_tiers: dict[tuple[str, int, str], Tier] = {}
         self.tiers = {
             name: Tier.from_config(name, tier, config.shadow) for name, tier in config.tiers.items()
         }
@@ -134,6 +144,9 @@ class Callers:
             digest = hash_api_key(api_key)
             tier = self.keys.get(digest)
             if tier is None:
+                issued = self.tenants.lookup(digest) if self.tenants is not None else None
+                if issued is not None:
+                    return self._issued(issued, digest, scope)
                 return Refusal("invalid_api_key", "The API key is not valid.", self._ip(scope))
             caller = Caller(tier, key_client_id(digest), mask_key(api_key))
             if len(self._known) < 4 * len(self.keys):  # configured keys only: bounded
@@ -148,8 +161,56 @@ class Callers:
             )
         return Caller(self.anonymous, client, client)
 
+    async def identify_issued(self, scope: Scope) -> Caller | Refusal:
+        """``identify`` for a key the replica's table does not know: asks the store (a key
+        created on another replica a moment ago)."""
+        api_key = bearer_or_header_key(scope)
+        issued, digest = None, ""
+        if api_key and self.tenants is not None:
+            digest = hash_api_key(api_key)
+            issued = await self.tenants.find(digest)
+        if issued is None:
+            return Refusal("invalid_api_key", "The API key is not valid.", self._ip(scope))
+        return self._issued(issued, digest, scope)
+
+    def _issued(self, key: ApiKey, digest: str, scope: Scope) -> Caller | Refusal:
+        assert self.tenants is not None
+        state = key.state(digest, self.tenants.clock())
+        if state == "revoked":
+            return Refusal("revoked_api_key", "The API key has been revoked.", self._ip(scope))
+        if state == "expired":
+            return Refusal("expired_api_key", "The API key has expired.", self._ip(scope))
+        tier = self._issued_tier(key)
+        if tier is None:
+            message = f"The API key's tier {key.tier!r} is not in the config."
+            return Refusal("invalid_api_key", message, self._ip(scope))
+        self.tenants.used(key.id)
+        models = frozenset(key.models) if key.models is not None else None
+        return Caller(tier, key_client_id_of_issued(key.id), key.masked, key.id, models)
+
+    def _issued_tier(self, key: ApiKey) -> Tier | None:
+        """The key's tier with the key's own limits over it (parsed once per change)."""
+        cache_key = (key.id, key.rev, key.tier)
+        tier = self._issued_tiers.get(cache_key)
+        if tier is None:
+            base = self._tier_configs.get(key.tier)
+            if base is None:
+                return None
+            if len(self._issued_tiers) > 100_000:
+                self._issued_tiers.clear()
+            own = {name: value for name, value in key.limits.items() if value is not None}
+            config = base.model_copy(update=own) if own else base
+            tier = self._issued_tiers[cache_key] = Tier.from_config(key.tier, config, self._shadow)
+        return tier
+
     def _ip(self, scope: Scope) -> str:
         return ip_client_id(self.trusted.client_host(scope))
+
+
+def key_client_id_of_issued(key_id: str) -> str:
+    """The client id an issued key is counted under: its id, not its secret (a rotation keeps
+    the counters)."""
+    return "key:" + key_id
 
 
 def limits(

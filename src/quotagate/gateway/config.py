@@ -46,15 +46,18 @@ __all__ = [
     "DEFAULT_CONFIG",
     "DEV_KEY",
     "LEGACY_BACKEND",
+    "AdminConfig",
     "BackendConfig",
     "ErrorFormat",
     "FleetBackendConfig",
     "GatewayConfig",
     "KeyConfig",
+    "RateText",
     "ServerConfig",
     "TierConfig",
     "config_digest",
     "configured_storage",
+    "describe_error",
     "env_name",
     "is_loopback",
     "load_config",
@@ -251,6 +254,24 @@ class HealthConfig(_Section):
     requests: RateText = "600/minute"
 
 
+class AdminConfig(_Section):
+    """The admin API (``/admin/*``), off without this table: the admin key by its SHA-256, or
+    the key itself in the environment variable ``key_env`` (read at start and on reload)."""
+
+    key_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = []
+    key_env: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _some_key(self) -> AdminConfig:
+        if not self.key_sha256 and self.key_env is None:
+            raise ValueError('give key_sha256 = ["<hex>"] or key_env = "VARIABLE" (got neither)')
+        return self
+
+    @property
+    def digests(self) -> list[str]:
+        return [digest.lower() for digest in self.key_sha256]
+
+
 class AnonymousConfig(_Section):
     tier: str = "anonymous"
 
@@ -294,6 +315,7 @@ class GatewayConfig(_Section):
     backends: list[FleetBackendConfig] = []
     health: HealthConfig = HealthConfig()
     anonymous: AnonymousConfig | None = None
+    admin: AdminConfig | None = None
     tiers: dict[str, TierConfig] = {}
     keys: list[KeyConfig] = []
     shadow: bool = False
@@ -385,10 +407,17 @@ def load_config(
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        problems += (_describe(error) for error in exc.errors())
+        problems += (describe_error(error) for error in exc.errors())
     problems += _reference_problems(data)
     if problems:
         raise ConfigError("\n".join(problems))
+    admin = config.admin
+    if admin is not None and admin.key_env is not None:
+        secret = (os.environ if environ is None else environ).get(admin.key_env, "")
+        if not secret:
+            raise ConfigError(f"admin.key_env: the variable {admin.key_env} is not set (got none)")
+        hashed = admin.model_copy(update={"key_sha256": [*admin.key_sha256, hash_api_key(secret)]})
+        config = config.model_copy(update={"admin": hashed})
     if path is None and not is_loopback(config.server.host):
         config = config.model_copy(update={"keys": [k for k in config.keys if k.key != DEV_KEY]})
     return config
@@ -486,7 +515,7 @@ def _fleet_problems(raw: Any) -> list[str]:
 _SUBPATH = re.compile(r"^[\w\[\]*-]+(?:\.[\w\[\]*-]+)*: ")
 
 
-def _describe(error: Mapping[str, Any]) -> str:
+def describe_error(error: Mapping[str, Any]) -> str:
     """One pydantic error as ``field.path: problem (got X)``."""
     path = ""
     for part in error["loc"]:

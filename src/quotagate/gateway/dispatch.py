@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from ..http import EXPOSED_HEADERS
+from .admin import ADMIN_ERRORS
 from .backends import Route
 from .schemas import REQUEST_SCHEMAS
 
@@ -90,9 +91,9 @@ class GatewayApp(FastAPI):
 
         @self.exception_handler(StarletteHTTPException)
         async def http_exception(request: Request, exc: StarletteHTTPException) -> Response:
-            response = gateway.errors.http(
-                exc.status_code, exc.detail, request.method, request.url.path
-            )
+            path = request.url.path
+            errors = ADMIN_ERRORS if path.startswith("/admin/") else gateway.errors
+            response = errors.http(exc.status_code, exc.detail, request.method, path)
             if exc.headers:
                 response.headers.update(exc.headers)  # Allow, on a 405
             return response
@@ -122,6 +123,39 @@ class GatewayApp(FastAPI):
         @self.get("/metrics", summary="Prometheus metrics", include_in_schema=True)
         async def metrics() -> Response:
             return gateway.render_metrics()
+
+        self._declare_admin_routes()
+
+    def _declare_admin_routes(self) -> None:
+        """``/admin/*`` (see ``admin``): 404 unless the config has ``[admin]``."""
+        admin = self.gateway.admin
+        shown = self.gateway.config.admin is not None
+        keys, one = "/admin/keys", "/admin/keys/{key_id}"
+        options: dict[str, Any] = {"tags": ["admin"], "include_in_schema": shown}
+
+        @self.post(keys, status_code=201, summary="Create an API key", **options)
+        async def create_key(request: Request) -> Response:
+            return await admin.create(request)
+
+        @self.get(keys, summary="List the API keys (never a secret)", **options)
+        async def list_keys(request: Request) -> Response:
+            return await admin.index(request)
+
+        @self.get(one, summary="One API key (never its secret)", **options)
+        async def show_key(request: Request, key_id: str) -> Response:
+            return await admin.show(request, key_id)
+
+        @self.patch(one, summary="Change a key: tier, name, limits, models, expires_at", **options)
+        async def update_key(request: Request, key_id: str) -> Response:
+            return await admin.update(request, key_id)
+
+        @self.delete(one, summary="Revoke a key", **options)
+        async def revoke_key(request: Request, key_id: str) -> Response:
+            return await admin.revoke(request, key_id)
+
+        @self.post(one + "/rotate", summary="A new secret; the old one for grace_s", **options)
+        async def rotate_key(request: Request, key_id: str) -> Response:
+            return await admin.rotate(request, key_id)
 
 
 def _inference_endpoint(gateway: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:

@@ -1,0 +1,286 @@
+"""The admin API: keys created, listed, changed, revoked and rotated at run time, in process on
+memory storage with a fake clock (expiry and rotation grace are exact), and hostile input
+answered with a precise 4xx that stores nothing."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import quotagate as qg
+from helpers import config_from, error_code, gateway_app, in_process
+from quotagate.errors import ConfigError
+from quotagate.gateway.app import Gateway
+from quotagate.gateway.config import load_config
+
+ADMIN = "adm-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+CONFIG_KEY = "sk-config-0001"
+CONFIG = f"""
+[admin]
+key_sha256 = ["{hashlib.sha256(ADMIN.encode()).hexdigest()}"]
+
+[tiers.free]
+requests = "3/minute"
+tokens = "100000/minute"
+
+[tiers.pro]
+requests = "100/minute"
+tokens = "100000/minute"
+concurrency = 4
+
+[[keys]]
+key = "{CONFIG_KEY}"
+tier = "free"
+name = "from-the-file"
+"""
+
+
+@pytest.fixture
+def clock() -> qg.FakeClock:
+    return qg.FakeClock(1_800_000_000.0)
+
+
+@pytest.fixture
+async def client(tmp_path: Path, clock: qg.FakeClock) -> AsyncIterator[httpx.AsyncClient]:
+    app = gateway_app(config_from(tmp_path, CONFIG), clock=clock)
+    async with in_process(app) as c:
+        gateway: Gateway = app.state.gateway
+        assert gateway.tenants is not None
+        gateway.tenants.clock = clock
+        yield c
+
+
+async def create(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    answer = await client.post("/admin/keys", json={"tier": "pro", **body}, headers=AUTH)
+    assert answer.status_code == 201, answer.text
+    created = answer.json()
+    assert isinstance(created, dict)
+    return created
+
+
+async def complete(
+    client: httpx.AsyncClient, key: str, model: str = "quotagate-mock"
+) -> httpx.Response:
+    body = {"model": model, "prompt": "hi", "max_tokens": 1}
+    return await client.post("/v1/completions", json=body, headers={"X-API-Key": key})
+
+
+async def test_without_an_admin_table_every_admin_path_is_404(tmp_path: Path) -> None:
+    config = config_from(tmp_path, CONFIG[CONFIG.index("[tiers.free]") :])
+    assert config.admin is None
+    async with in_process(gateway_app(config)) as c:
+        answers = [
+            await c.get("/admin/keys", headers=AUTH),
+            await c.post("/admin/keys", json={"tier": "free"}, headers=AUTH),
+            await c.delete("/admin/keys/key_0123456789abcdef", headers=AUTH),
+        ]
+        schema = (await c.get("/openapi.json")).json()
+    assert [a.status_code for a in answers] == [404, 404, 404]
+    assert not any(path.startswith("/admin") for path in schema["paths"])
+
+
+async def test_created_key_is_shown_once_and_works_at_once(client: httpx.AsyncClient) -> None:
+    created = await create(client, name="acme", expires_at="2027-06-01T00:00:00Z")
+    secret = created.pop("key")
+    assert secret.startswith("sk-")
+    assert created["id"].startswith("key_")
+    assert created["masked"] == f"sk-…{secret[-4:]}"
+    assert (created["tier"], created["name"], created["source"]) == ("pro", "acme", "api")
+    assert created["expires_at"] == "2027-06-01T00:00:00Z"
+    assert created["created_at"] == "2027-01-15T08:00:00Z"  # the fake clock's now
+    assert (await complete(client, secret)).status_code == 200
+
+    listed = (await client.get("/admin/keys", headers=AUTH)).json()["data"]
+    shown = (await client.get(f"/admin/keys/{created['id']}", headers=AUTH)).json()
+    for row in [*listed, shown]:
+        assert "key" not in row
+        assert secret not in str(row)
+    assert [row["source"] for row in listed] == ["config", "api"]
+    assert listed[0]["name"] == "from-the-file"
+    assert shown == {**created, "last_used_at": None}  # written every 10 s, not per request
+
+
+async def test_wrong_or_missing_admin_key_is_401_and_ten_failures_a_minute_are_429(
+    client: httpx.AsyncClient, clock: qg.FakeClock
+) -> None:
+    missing = await client.get("/admin/keys")
+    wrong = [
+        await client.get("/admin/keys", headers={"Authorization": "Bearer nope"}) for _ in range(9)
+    ]
+    eleventh = await client.get("/admin/keys", headers=AUTH)  # the address is locked out
+    assert missing.status_code == 401
+    assert missing.json()["error"] == "invalid_admin_key"
+    assert [w.status_code for w in wrong] == [401] * 9
+    assert eleventh.status_code == 429
+    assert eleventh.headers["retry-after"] == "6"  # 10/minute: one failure forgotten every 6 s
+    clock.advance(6)
+    assert (await client.get("/admin/keys", headers=AUTH)).status_code == 200
+
+
+async def test_an_admin_key_from_the_environment(tmp_path: Path) -> None:
+    text = CONFIG.replace(
+        f'key_sha256 = ["{hashlib.sha256(ADMIN.encode()).hexdigest()}"]', 'key_env = "ADMIN_KEY"'
+    )
+    path = tmp_path / "gateway.toml"
+    path.write_text(text, "utf-8")
+    with pytest.raises(ConfigError, match=r"admin\.key_env: the variable ADMIN_KEY is not set"):
+        load_config(path, environ={})
+    config = load_config(path, environ={"ADMIN_KEY": ADMIN})
+    async with in_process(gateway_app(config)) as c:
+        assert (await c.get("/admin/keys", headers=AUTH)).status_code == 200
+
+
+async def test_revoked_key_is_refused_and_stays_listed(client: httpx.AsyncClient) -> None:
+    created = await create(client)
+    revoked = await client.delete(f"/admin/keys/{created['id']}", headers=AUTH)
+    refused = await complete(client, created["key"])
+    assert revoked.status_code == 200
+    assert revoked.json()["revoked_at"] == "2027-01-15T08:00:00Z"
+    assert refused.status_code == 401
+    assert error_code(refused.json()) == "revoked_api_key"
+    assert refused.headers["x-should-retry"] == "false"
+
+
+async def test_an_expired_key_is_refused(client: httpx.AsyncClient, clock: qg.FakeClock) -> None:
+    created = await create(client, expires_at="2027-01-15T09:00:00Z")
+    assert (await complete(client, created["key"])).status_code == 200
+    clock.advance(3600)
+    refused = await complete(client, created["key"])
+    assert refused.status_code == 401
+    assert error_code(refused.json()) == "expired_api_key"
+
+
+async def test_rotation_keeps_the_old_secret_for_the_grace_and_the_counters(
+    client: httpx.AsyncClient, clock: qg.FakeClock
+) -> None:
+    created = await create(client, limits={"requests": "3/minute"})
+    old = created["key"]
+    assert (await complete(client, old)).status_code == 200
+    rotated = await client.post(
+        f"/admin/keys/{created['id']}/rotate", json={"grace_s": 30}, headers=AUTH
+    )
+    assert rotated.status_code == 200
+    new = rotated.json()["key"]
+    assert (rotated.json()["id"], new != old) == (created["id"], True)
+    during = [await complete(client, old), await complete(client, new)]
+    over = await complete(client, new)  # 3 of 3 used, across both secrets: one counter
+    clock.advance(30)
+    after = await complete(client, old)
+    assert [a.status_code for a in during] == [200, 200]
+    assert over.status_code == 429
+    assert after.status_code == 401
+    assert error_code(after.json()) == "revoked_api_key"
+
+
+async def test_rotation_without_grace_ends_the_old_secret_at_once(
+    client: httpx.AsyncClient,
+) -> None:
+    created = await create(client)
+    rotated = await client.post(f"/admin/keys/{created['id']}/rotate", headers=AUTH)
+    assert rotated.status_code == 200
+    assert error_code((await complete(client, created["key"])).json()) == "revoked_api_key"
+    assert (await complete(client, rotated.json()["key"])).status_code == 200
+
+
+async def test_a_keys_own_limits_and_models_apply(client: httpx.AsyncClient) -> None:
+    created = await create(client, limits={"requests": "1/minute"}, models=["quotagate-mock"])
+    first = await complete(client, created["key"])
+    second = await complete(client, created["key"])
+    assert first.headers["x-ratelimit-limit-requests"] == "1"
+    assert second.status_code == 429
+    other = await create(client, models=["llama-3-70b"])
+    refused = await complete(client, other["key"])
+    assert refused.status_code == 403
+    assert error_code(refused.json()) == "model_not_allowed"
+    assert refused.json()["error"]["param"] == "model"
+
+
+async def test_a_change_applies_at_once_and_keeps_the_counters(client: httpx.AsyncClient) -> None:
+    created = await create(client, limits={"requests": "2/minute"})
+    used = [await complete(client, created["key"]) for _ in range(2)]
+    changed = await client.patch(
+        f"/admin/keys/{created['id']}",
+        json={"name": "renamed", "limits": {"requests": "3/minute"}},
+        headers=AUTH,
+    )
+    after = [await complete(client, created["key"]) for _ in range(2)]
+    assert [u.status_code for u in used] == [200, 200]
+    assert changed.status_code == 200
+    assert (changed.json()["name"], changed.json()["limits"]) == (
+        "renamed",
+        {"requests": "3/minute"},
+    )
+    assert [a.status_code for a in after] == [200, 429]  # 2 used of 3: one more
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "names"),
+    [
+        ({"tier": "gold"}, 400, "invalid_request", "tier: unknown tier"),
+        ({"tier": "pro", "colour": "red"}, 400, "invalid_request", "colour: unknown field"),
+        ({"tier": "pro", "limits": {"requests": "lots"}}, 400, "invalid_request", "requests"),
+        ({"tier": "pro", "limits": {"concurrency": 0}}, 400, "invalid_request", "concurrency"),
+        ({"tier": "pro", "expires_at": "soon"}, 400, "invalid_request", "expires_at"),
+        ({"name": "no tier"}, 400, "invalid_request", "tier: required field missing"),
+        (["a", "list"], 400, "invalid_json", "object"),
+    ],
+)
+async def test_bad_bodies_are_400_naming_the_field_and_store_nothing(
+    client: httpx.AsyncClient, body: Any, status: int, code: str, names: str
+) -> None:
+    answer = await client.post("/admin/keys", json=body, headers=AUTH)
+    listed = (await client.get("/admin/keys", headers=AUTH)).json()["data"]
+    assert answer.status_code == status, answer.text
+    assert answer.json()["error"] == code
+    assert names in answer.json()["message"]
+    assert [row["source"] for row in listed] == ["config"]
+
+
+async def test_malformed_and_huge_bodies(client: httpx.AsyncClient) -> None:
+    headers = {**AUTH, "content-type": "application/json"}
+    broken = await client.post("/admin/keys", content=b'{"tier": ', headers=headers)
+    huge = await client.post("/admin/keys", content=b"{" + b" " * 100_000 + b"}", headers=headers)
+    assert (broken.status_code, broken.json()["error"]) == (400, "invalid_json")
+    assert (huge.status_code, huge.json()["error"]) == (413, "body_too_large")
+
+
+@pytest.mark.parametrize(
+    "key_id",
+    [
+        "key_0123456789abcdef",
+        "nothing",
+        "key_' OR 1=1 --",
+        "..%2F..%2Fetc%2Fpasswd",
+        "key_" + "f" * 90,
+    ],
+)
+async def test_ids_that_do_not_exist_are_404(client: httpx.AsyncClient, key_id: str) -> None:
+    answers = [
+        await client.get(f"/admin/keys/{key_id}", headers=AUTH),
+        await client.patch(f"/admin/keys/{key_id}", json={"name": "x"}, headers=AUTH),
+        await client.delete(f"/admin/keys/{key_id}", headers=AUTH),
+        await client.post(f"/admin/keys/{key_id}/rotate", headers=AUTH),
+    ]
+    assert [a.status_code for a in answers] == [404] * 4
+    # A path-like id is no route (the slashes are decoded): the router's 404, as flat.
+    expected = "not_found" if "%2F" in key_id else "key_not_found"
+    assert {a.json()["error"] for a in answers} == {expected}
+
+
+async def test_config_keys_are_listed_and_read_only(client: httpx.AsyncClient) -> None:
+    listed = (await client.get("/admin/keys", headers=AUTH)).json()["data"]
+    (row,) = listed
+    assert (row["source"], row["tier"], row["masked"]) == ("config", "free", "sk-…0001")
+    changes = [
+        await client.patch(f"/admin/keys/{row['id']}", json={"tier": "pro"}, headers=AUTH),
+        await client.delete(f"/admin/keys/{row['id']}", headers=AUTH),
+        await client.post(f"/admin/keys/{row['id']}/rotate", headers=AUTH),
+    ]
+    assert [c.status_code for c in changes] == [409] * 3
+    assert (await complete(client, CONFIG_KEY)).status_code == 200  # unchanged
