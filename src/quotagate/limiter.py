@@ -26,9 +26,9 @@ from .errors import ConfigError
 from .keys import CONCURRENCY, hash_tagged
 from .overlimit import OverlimitCache
 from .rates import Rate, RateLike, as_rates
-from .storage import FIXED_WINDOW, GCRA, MemoryStorage, Storage, storage_from_url
+from .storage import FIXED_WINDOW, GCRA, TALLY, MemoryStorage, Storage, storage_from_url
 
-__all__ = ["Acquire", "Hit", "RateLimiter"]
+__all__ = ["Acquire", "Hit", "RateLimiter", "Tally"]
 
 _MICROS = 1_000_000
 
@@ -54,6 +54,17 @@ class Hit(NamedTuple):
     cost: int = 1
     algorithm: Algorithm = "gcra"
     name: str = ""
+
+
+class Tally(NamedTuple):
+    """Counts added to one hash of the storage in the same call as a decision or a
+    settlement (the gateway's usage ledger): ``key`` (hash-tagged like the request's limits,
+    one Cluster slot), ``counts`` as ``(field, increment)`` pairs, kept ``ttl`` seconds after
+    its last write. Read back with ``RateLimiter.tallies``."""
+
+    key: str
+    counts: tuple[tuple[str, int], ...]
+    ttl: float
 
 
 class Acquire(NamedTuple):
@@ -190,11 +201,13 @@ class RateLimiter:
         *,
         acquire: Acquire | None = None,
         shadow: bool = False,
+        rejected: Tally | None = None,
         now_us: int | None = None,
     ) -> Decision:
         """Check and consume every hit, plus an optional concurrency slot, in ONE storage call.
 
-        All or nothing: when any limit rejects, nothing is consumed and no slot is taken.
+        All or nothing: when any limit rejects, nothing is consumed and no slot is taken, and
+        ``rejected`` is counted (in the same call).
         ``shadow``: a trial of limits that must not refuse anyone yet. The decision is still
         reported as it fell, but a rejected request is counted all the same (its costs
         charged, unclamped, in one more storage call) so the counters show the real traffic.
@@ -205,7 +218,7 @@ class RateLimiter:
         meta: list[_Meta] = []
         for h in hits:
             _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, h.name, adjusting=False)
-        decision = await self._decide(keys, args, meta, acquire, now_us)
+        decision = await self._decide(keys, args, meta, acquire, now_us, rejected)
         if shadow and not decision.allowed and decision.reason != "unavailable":
             await self.settle(hits)
         return decision
@@ -217,11 +230,14 @@ class RateLimiter:
         meta: list[_Meta],
         acquire: Acquire | None,
         now_us: int | None,
+        tally: Tally | None = None,
     ) -> Decision:
         args[0] = len(meta)
         cache = self._cache
         # The state keys name every (key, rate, algorithm): together they identify the question.
-        cache_key = tuple(keys) if cache is not None and acquire is None and meta else None
+        # A rejection to tally goes to the storage: the count is its, not this process's.
+        cacheable = cache is not None and acquire is None and tally is None and meta
+        cache_key = tuple(keys) if cacheable else None
         if cache and cache_key is not None:
             cached = cache.get(cache_key, [m[2] for m in meta])
             if cached is not None:
@@ -233,6 +249,8 @@ class RateLimiter:
             lease_id = self._lease_prefix + format(next(self._lease_serial), "x")
             keys.append(hash_tagged(acquire.key))
             args += (acquire.limit, round(acquire.ttl * _MICROS), lease_id)
+        if tally is not None:
+            _add_tally(keys, args, tally)
         if self._memory is not None:  # no await needed: one fewer coroutine per decision
             memory = self._memory
             out = memory.decide_now(keys, args, memory.now_us() if now_us is None else now_us)
@@ -258,14 +276,15 @@ class RateLimiter:
         return await self._adjust(keys, args, meta, None)
 
     async def settle(
-        self, charges: Sequence[Hit], release: Lease | None = None
+        self, charges: Sequence[Hit], release: Lease | None = None, tally: Tally | None = None
     ) -> tuple[LimitState, ...]:
         """Everything a finished request still owes, in ONE storage call: each charge
-        (``cost > 0``) or refund (``cost < 0``) of its hits, and the release of its lease.
+        (``cost > 0``) or refund (``cost < 0``) of its hits, the release of its lease and
+        its ``tally``.
 
-        Hits whose cost is 0 are left out; with nothing to charge the lease is released
-        alone, and with no lease either no call is made. Returns the state of each charged
-        rate.
+        Hits whose cost is 0 are left out; with nothing to charge and no tally the lease is
+        released alone, and with no lease either no call is made. Returns the state of each
+        charged rate.
         """
         keys: list[str] = []
         args: list[int | str] = [0]
@@ -273,19 +292,32 @@ class RateLimiter:
         for h in charges:
             if h.cost:
                 _add(keys, args, meta, h.key, h.rates, h.cost, h.algorithm, h.name, adjusting=True)
-        if not meta:
+        if not meta and tally is None:
             if release is not None:  # the lease alone: a plain release (ZREM), no script
                 await self.release(release)
             return ()
-        return await self._adjust(keys, args, meta, release)
+        return await self._adjust(keys, args, meta, release, tally)
+
+    async def tallies(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        """The counts of each tally hash (empty for one never written or expired)."""
+        if not self._started:
+            await self.start()
+        return await self.storage.read_tallies([hash_tagged(key) for key in keys])
 
     async def _adjust(
-        self, keys: list[str], args: list[int | str], meta: list[_Meta], release: Lease | None
+        self,
+        keys: list[str],
+        args: list[int | str],
+        meta: list[_Meta],
+        release: Lease | None,
+        tally: Tally | None = None,
     ) -> tuple[LimitState, ...]:
         args[0] = len(meta)
         if release is not None:
             keys.append(release.key)
             args.append(release.id)
+        if tally is not None:
+            _add_tally(keys, args, tally)
         memory = self._memory
         if memory is not None:
             out = memory.adjust_now(keys, args, memory.now_us())
@@ -377,6 +409,14 @@ def _add(
         keys.append(state_key)
         args += (code, capacity, interval, cost)
         meta.append((state_key, rate, cost, name))
+
+
+def _add_tally(keys: list[str], args: list[int | str], tally: Tally) -> None:
+    """The tally's part of a storage program: its key last, then ``T``, ttl in ms, pairs."""
+    keys.append(hash_tagged(tally.key))
+    args += (TALLY, max(1, round(tally.ttl * 1000)))
+    for field, increment in tally.counts:
+        args += (field, increment)
 
 
 def _decision(

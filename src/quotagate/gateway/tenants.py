@@ -21,12 +21,12 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from ..storage import FallbackStorage, Storage
 
-from ..storage import FallbackStorage, RedisStorage, Storage
+if TYPE_CHECKING:
+    from ..storage.redis import RedisStorage
 
 __all__ = [
     "ApiKey",
@@ -36,6 +36,8 @@ __all__ = [
     "RedisKeyStore",
     "Tenants",
     "key_store",
+    "new_key_id",
+    "new_secret",
 ]
 
 logger = logging.getLogger("quotagate")
@@ -157,60 +159,48 @@ class MemoryKeyStore:
 
 
 class RedisKeyStore:
-    """The records in Redis, beside the counters (one hash tag: one Cluster slot)."""
+    """The records in Redis, beside the counters (``RedisRecords``: one transaction a change,
+    one hash tag)."""
 
-    def __init__(self, client: aioredis.Redis | RedisCluster, prefix: str) -> None:
-        self._client = client
-        base = prefix + "{tenants}:"
-        self._keys, self._digests = base + "keys", base + "digests"
-        self._used, self._version = base + "used", base + "version"
+    def __init__(self, storage: RedisStorage) -> None:
+        from ..storage.redis import RedisRecords  # redis-py only when Redis is configured
+
+        self._records = RedisRecords(storage, "tenants")
 
     async def version(self) -> int:
-        return int(await self._client.get(self._version) or 0)
+        return await self._records.version()
 
     async def load(self) -> tuple[int, list[ApiKey]]:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.get(self._version)
-            pipe.hvals(self._keys)
-            version, texts = await pipe.execute()
-        return int(version or 0), [ApiKey.from_json(text) for text in texts]
+        version, texts = await self._records.load()
+        return version, [ApiKey.from_json(text) for text in texts]
 
     async def find(self, digest: str) -> ApiKey | None:
-        key_id = await self._client.hget(self._digests, digest)
-        return await self.get(_text(key_id)) if key_id else None
+        text = await self._records.find(digest)
+        return ApiKey.from_json(text) if text else None
 
     async def get(self, key_id: str) -> ApiKey | None:
-        text = await self._client.hget(self._keys, key_id)
+        text = await self._records.get(key_id)
         return ApiKey.from_json(text) if text else None
 
     async def save(self, key: ApiKey, dropped: tuple[str, ...] = ()) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            if dropped:
-                pipe.hdel(self._digests, *dropped)
-            pipe.hset(self._keys, key.id, key.to_json())
-            pipe.hset(self._digests, mapping=dict.fromkeys(key.digests(), key.id))
-            pipe.incr(self._version)
-            await pipe.execute()
+        await self._records.save(key.id, key.to_json(), key.digests(), dropped)
 
     async def touch(self, used: dict[str, float]) -> None:
-        if used:
-            await self._client.hset(self._used, mapping={k: repr(v) for k, v in used.items()})
+        await self._records.touch(used)
 
     async def last_used(self) -> dict[str, float]:
-        raw = await self._client.hgetall(self._used)
-        return {_text(k): float(v) for k, v in raw.items()}
+        return await self._records.last_used()
 
 
 def key_store(storage: Storage) -> KeyStore:
     """The key store beside the counters: Redis when they are in Redis (a started storage)."""
     primary = storage.primary if isinstance(storage, FallbackStorage) else storage
-    if isinstance(primary, RedisStorage):
-        return RedisKeyStore(primary.client, primary.prefix)
+    if primary.mode == "redis":  # then redis-py is loaded already
+        from ..storage.redis import RedisStorage
+
+        if isinstance(primary, RedisStorage):
+            return RedisKeyStore(primary)
     return MemoryKeyStore()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class Tenants:

@@ -23,6 +23,7 @@ __all__ = [
     "REDIS_CLUSTER_SCHEMES",
     "REDIS_SCHEMES",
     "STORAGE_MODES",
+    "TALLY",
     "Args",
     "Storage",
     "StorageMode",
@@ -38,6 +39,10 @@ DEFAULT_TIMEOUT_MS = 100
 #: Algorithm codes on the wire.
 GCRA = 1
 FIXED_WINDOW = 2
+#: What marks a tally in a program: after the limits (and the lease), ``T``, its ttl in ms,
+#: then ``field, increment`` pairs, its hash's key last in ``keys``. A decision writes it only
+#: when it rejects, a settlement always.
+TALLY = "T"
 
 #: Where decisions are being made (``Storage.mode``; a metric label).
 StorageMode = Literal["memory", "redis", "fallback"]
@@ -80,9 +85,14 @@ class Storage(Protocol):
         """Give a concurrency slot back; releasing an expired or unknown lease is a no-op."""
         ...
 
+    async def read_tallies(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        """The counts of each tally hash (``{}`` for one never written or expired)."""
+        ...
+
     async def reset(self) -> int:
         """Forget every limit's state (every client starts afresh); returns how many states
-        were dropped. Held leases go too: releasing one later is a no-op."""
+        were dropped. Held leases go too: releasing one later is a no-op. Tallies (usage) and
+        issued keys stay: they are records, not limit state."""
         ...
 
 

@@ -17,7 +17,7 @@ from typing import Literal, get_args
 from ..algorithms import Verdict
 from ..decision import Lease
 from ..errors import ConfigError, StorageError
-from .base import GCRA, Args, Storage, StorageMode
+from .base import GCRA, TALLY, Args, Storage, StorageMode
 from .memory import MemoryStorage
 
 __all__ = ["FALLBACK_POLICIES", "FallbackPolicy", "FallbackStorage"]
@@ -75,6 +75,8 @@ class FallbackStorage:
         self._next_probe_at = 0.0
         self._probe_task: asyncio.Task[None] | None = None
         self._unreleased: list[Lease] = []
+        self._tallies: list[tuple[str, list[int | str]]] = []  # usage counts for the primary
+        self._tallies_lost = False
         # Ids of leases granted while the breaker was open: they live in memory only, and their
         # release never needs Redis (without this, a long outage queues every one of them).
         self._local_leases: set[str] = set()
@@ -115,10 +117,44 @@ class FallbackStorage:
                 self._trip(exc)
                 # A call that timed out may still have run on Redis, lease and all: its lease
                 # is not "local", its release goes to Redis too (same id).
-                return self._decide_degraded(keys, args, now_us, local=False)
-        return self._decide_degraded(keys, args, now_us)
+                keys, args, tally = _without_tally(keys, args)
+                out = self._decide_degraded(keys, args, now_us, local=False)
+        else:
+            keys, args, tally = _without_tally(keys, args)
+            out = self._decide_degraded(keys, args, now_us)
+        if tally is not None and out[0]:
+            self._keep(tally)
+        return out
 
     async def adjust(self, keys: Sequence[str], args: Args, now_us: int | None = None) -> list[int]:
+        keys, args, tally = _without_tally(keys, args)
+        if self._down_since is None:
+            try:
+                full = (keys, args) if tally is None else ([*keys, tally[0]], [*args, *tally[1]])
+                return await self.primary.adjust(*full, now_us)
+            except StorageError as exc:
+                self._trip(exc)
+        if tally is not None:
+            self._keep(tally)
+        return await self._adjust_degraded(keys, args, now_us)
+
+    async def read_tallies(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        """The primary's: tallies counted during an outage reach it when it is back."""
+        return await self.primary.read_tallies(keys)
+
+    def _keep(self, tally: tuple[str, list[int | str]]) -> None:
+        """A tally the primary could not take: written there when it is back."""
+        if len(self._tallies) < _MAX_UNRELEASED:
+            self._tallies.append(tally)
+        elif not self._tallies_lost:
+            self._tallies_lost = True
+            logger.warning(
+                "quotagate: usage counts of this outage beyond %d are lost", _MAX_UNRELEASED
+            )
+
+    async def _adjust_degraded(
+        self, keys: Sequence[str], args: Args, now_us: int | None
+    ) -> list[int]:
         n = int(args[0])
         release: Lease | None = None
         if len(args) > 1 + 4 * n:  # a lease given back too: released as ``release`` would
@@ -250,8 +286,25 @@ class FallbackStorage:
             )
             if any(isinstance(result, BaseException) for result in done):
                 break  # down again: the rest expire at their deadlines
+        tallies, self._tallies, self._tallies_lost = self._tallies, [], False
+        for key, tail in tallies:
+            try:
+                await self.primary.adjust([key], [0, *tail])
+            except StorageError:
+                self._tallies.append((key, tail))  # down again: kept for the next return
         self._down_since = None
         self._probe_task = None
         logger.info(
             "quotagate: shared storage is back after %.1f s; shared limits restored", down_for
         )
+
+
+def _without_tally(
+    keys: Sequence[str], args: Args
+) -> tuple[Sequence[str], Args, tuple[str, list[int | str]] | None]:
+    """A program without its tally (``TALLY`` and after, its key last), and the tally."""
+    n = int(args[0])
+    for at in range(1 + 4 * n, len(args)):
+        if args[at] == TALLY:
+            return keys[:-1], args[:at], (keys[-1], list(args[at:]))
+    return keys, args, None

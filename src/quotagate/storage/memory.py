@@ -23,7 +23,7 @@ from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, g
 from ..algorithms.gcra import rescaled
 from ..decision import Lease
 from ..errors import ConfigError
-from .base import GCRA, Args, StorageMode
+from .base import GCRA, TALLY, Args, StorageMode
 
 __all__ = ["MemoryStorage"]
 
@@ -54,6 +54,9 @@ class MemoryStorage:
         # string, a third of the memory per client. Two keys colliding would share a limit;
         # among a million live keys the odds are about 1 in 30 million.
         self._states: dict[int, _State] = {}
+        # The usage ledger's hashes: key -> (counts, expiry in us). Apart from the limit
+        # states: never evicted for room, only when they expire (a count is not a cache).
+        self._tallies: dict[str, tuple[dict[str, int], int]] = {}
         self._sweep_at = _FIRST_SWEEP
         self._evict_batch = max(1, max_keys // 100)
 
@@ -110,7 +113,7 @@ class MemoryStorage:
             out += result[2:]
 
         lease: tuple[int, dict[str, int], str, int] | None = None
-        if len(args) > at:
+        if len(args) > at and args[at] != TALLY:
             limit, ttl, lease_id = int(args[at]), int(args[at + 1]), str(args[at + 2])
             lease_key = hash(keys[n])
             stored = states.get(lease_key)
@@ -127,8 +130,11 @@ class MemoryStorage:
                 lease = (lease_key, leases, lease_id, now + ttl)
             else:  # a read: report the free slots, take none
                 out += (max(0, limit - len(leases)), 0, c.retry_after)
+            at += 3
 
         if verdict:
+            if len(args) > at:  # a tally of the rejection
+                self._tally(keys[-1], args, at + 1, now)
             # Rejected: nothing is stored, so the limits that would have admitted report what
             # is left as things stand (the same numbers as a cost-0 read).
             out[0] = verdict
@@ -175,8 +181,12 @@ class MemoryStorage:
         states = self._states
         out = [now]
         n = int(args[0])
-        if len(args) > 1 + 4 * n:  # and a lease to give back
-            self.release_now(keys[n], str(args[1 + 4 * n]))
+        tail = 1 + 4 * n
+        if len(args) > tail and args[tail] != TALLY:  # a lease to give back
+            self.release_now(keys[n], str(args[tail]))
+            tail += 1
+        if len(args) > tail:  # a tally
+            self._tally(keys[-1], args, tail + 1, now)
         for i in range(n):
             algorithm, capacity, interval, delta = (int(v) for v in args[1 + 4 * i : 5 + 4 * i])
             key = hash(keys[i])
@@ -197,6 +207,23 @@ class MemoryStorage:
                 self._put(key, (end, count), now)
                 out += (max(0, capacity - count), end - now)
         return out
+
+    def _tally(self, key: str, args: Sequence[Any], at: int, now: int) -> None:
+        """Add a tally's ``(field, increment)`` pairs (from ``args[at + 1:]``, after its ttl in
+        ms at ``args[at]``) to the hash ``key``, kept until ``ttl`` after now."""
+        counts, _ = self._tallies.get(key, ({}, 0))
+        for i in range(at + 1, len(args), 2):
+            field = str(args[i])
+            counts[field] = counts.get(field, 0) + int(args[i + 1])
+        self._tallies[key] = (counts, now + int(args[at]) * 1000)
+
+    async def read_tallies(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        now = self.now_us()
+        found = []
+        for key in keys:
+            counts, until = self._tallies.get(key, ({}, 0))
+            found.append(dict(counts) if until > now else {})
+        return found
 
     async def release(self, lease: Lease) -> None:
         self.release_now(lease.key, lease.id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, ClassVar
@@ -40,7 +41,7 @@ from .base import (
 )
 from .pipeline import PipelinedConnection, pack_command
 
-__all__ = ["RedisStorage", "load_script"]
+__all__ = ["RedisRecords", "RedisStorage", "load_script"]
 
 _RESET_BATCH = 500  # keys per SCAN page and per UNLINK
 
@@ -172,6 +173,16 @@ class RedisStorage:
         except (RedisError, OSError, TimeoutError, hiredis.ReplyError) as exc:
             raise StorageError(f"Redis release failed: {exc!r}") from exc
 
+    async def read_tallies(self, keys: Sequence[str]) -> list[dict[str, int]]:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.hgetall(self.prefix + key)
+                replies = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"Redis read of usage failed: {exc!r}") from exc
+        return [{_text(f): int(v) for f, v in reply.items()} for reply in replies]
+
     async def reset(self, client: str | None = None) -> int:
         """Delete every key under this storage's prefix, for every instance that shares it;
         with ``client`` (``key:<hash>``, ``ip:<address>``: what goes in a key's hash tag), only
@@ -187,6 +198,8 @@ class RedisStorage:
         batch: list[Any] = []
         try:
             async for key in self.client.scan_iter(match=pattern, count=_RESET_BATCH):
+                if _RECORDS.search(_text(key)):
+                    continue  # usage and issued keys are records, not counters
                 batch.append(key)
                 if len(batch) >= _RESET_BATCH:
                     deleted += await self.client.unlink(*batch)
@@ -283,3 +296,61 @@ def _client_from_url(
     return aioredis.Redis.from_url(
         _redis_scheme(urlunsplit(parts)), max_connections=max_connections, **common
     )
+
+
+class RedisRecords:
+    """Records of one kind kept beside the counters (the gateway's issued keys): ``name``'s
+    hash of id -> text, an index of lookup value -> id, a hash of id -> last use, and a
+    version bumped by every change, written in one transaction. One hash tag, one slot."""
+
+    def __init__(self, storage: RedisStorage, name: str) -> None:
+        self._storage = storage
+        base = storage.prefix + "{" + name + "}:"
+        self._records, self._index = base + "records", base + "index"
+        self._used, self._version = base + "used", base + "version"
+
+    async def version(self) -> int:
+        return int(await self._storage.client.get(self._version) or 0)
+
+    async def load(self) -> tuple[int, list[str]]:
+        async with self._storage.client.pipeline(transaction=True) as pipe:
+            pipe.get(self._version)
+            pipe.hvals(self._records)
+            version, texts = await pipe.execute()
+        return int(version or 0), [_text(text) for text in texts]
+
+    async def get(self, record_id: str) -> str | None:
+        text = await self._storage.client.hget(self._records, record_id)
+        return _text(text) if text else None
+
+    async def find(self, value: str) -> str | None:
+        record_id = await self._storage.client.hget(self._index, value)
+        return await self.get(_text(record_id)) if record_id else None
+
+    async def save(
+        self, record_id: str, text: str, values: Sequence[str], dropped: Sequence[str]
+    ) -> None:
+        async with self._storage.client.pipeline(transaction=True) as pipe:
+            if dropped:
+                pipe.hdel(self._index, *dropped)
+            pipe.hset(self._records, record_id, text)
+            pipe.hset(self._index, mapping=dict.fromkeys(values, record_id))
+            pipe.incr(self._version)
+            await pipe.execute()
+
+    async def touch(self, used: dict[str, float]) -> None:
+        if used:
+            mapping = {k: repr(v) for k, v in used.items()}
+            await self._storage.client.hset(self._used, mapping=mapping)  # type: ignore[arg-type]
+
+    async def last_used(self) -> dict[str, float]:
+        raw = await self._storage.client.hgetall(self._used)
+        return {_text(k): float(v) for k, v in raw.items()}
+
+
+#: Keys ``reset`` leaves alone: the usage ledger's hashes and the issued keys' records.
+_RECORDS = re.compile(r":usage:|\{tenants\}:")  # RedisRecords(storage, "tenants")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

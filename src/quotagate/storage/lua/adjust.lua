@@ -7,6 +7,8 @@
 -- ARGV[3..]   4 per limit: algorithm (1 GCRA, 2 fixed window), capacity, interval_us, delta
 -- KEYS[n+1], ARGV[3+4n]  optional: a lease set and the id of a lease to release (ZREM), so
 --             a finished request settles its tokens and gives its slot back in one call
+-- then, optional: "T", ttl_ms, field, increment, ... added to a hash (its key last in KEYS):
+--             the usage ledger, written by the same call
 --
 -- Returns {now_us, then per limit: remaining, reset_after_us}
 -- GCRA charges are not clamped (debt is carried); refunds stop at a full bucket.
@@ -20,10 +22,21 @@ else
 end
 local expire = ARGV[1] == ""
 local n = tonumber(ARGV[2])
-local out = {now}
-if #ARGV > 2 + 4 * n then
-  redis.call("ZREM", KEYS[n + 1], ARGV[3 + 4 * n])
+-- A tally: its key last in KEYS; ARGV[at] is "T", then its ttl in ms, then field, increment
+local function tally(at)
+  local key = KEYS[#KEYS]
+  for j = at + 2, #ARGV, 2 do
+    redis.call("HINCRBY", key, ARGV[j], ARGV[j + 1])
+  end
+  if expire then redis.call("PEXPIRE", key, ARGV[at + 1]) end
 end
+local out = {now}
+local tail = 3 + 4 * n
+if ARGV[tail] and ARGV[tail] ~= "T" then
+  redis.call("ZREM", KEYS[n + 1], ARGV[tail])
+  tail = tail + 1
+end
+if ARGV[tail] == "T" then tally(tail) end
 
 for i = 1, n do
   local a = 3 + (i - 1) * 4

@@ -10,6 +10,7 @@
 --             interval_us (GCRA emission interval | window length), cost
 -- A GCRA state is "tat interval_us", a fixed window's "window_end count"
 -- then, when a lease is asked: lease limit, ttl_us (0 only reads), lease id
+-- then, to count a rejection: "T", ttl_ms, field, increment, ... (the hash's key last in KEYS)
 --
 -- Returns {verdict, lease_granted, now_us, then per limit and for the lease:
 --          remaining, reset_after_us, retry_after_us}; on a rejection, remaining and
@@ -25,6 +26,15 @@ else
 end
 local expire = ARGV[1] == ""
 local n = tonumber(ARGV[2])
+-- A tally: its key last in KEYS; ARGV[at] is "T", then its ttl in ms, then field, increment
+local function tally(at)
+  local key = KEYS[#KEYS]
+  for j = at + 2, #ARGV, 2 do
+    redis.call("HINCRBY", key, ARGV[j], ARGV[j + 1])
+  end
+  if expire then redis.call("PEXPIRE", key, ARGV[at + 1]) end
+end
+
 local verdict = 0
 local out = {0, 0, now}
 local writes = {}
@@ -104,8 +114,10 @@ for i = 1, n do
 end
 
 local lease_at = 3 + n * 4
+local tally_at = lease_at
 local lease_key, lease_ttl, lease_id
-if ARGV[lease_at] then
+if ARGV[lease_at] and ARGV[lease_at] ~= "T" then
+  tally_at = lease_at + 3
   local limit = tonumber(ARGV[lease_at])
   lease_ttl = tonumber(ARGV[lease_at + 1])
   lease_id = ARGV[lease_at + 2]
@@ -133,6 +145,7 @@ if ARGV[lease_at] then
 end
 
 out[1] = verdict
+if verdict ~= 0 and ARGV[tally_at] == "T" then tally(tally_at) end
 if verdict ~= 0 then
   -- Rejected: nothing is stored, so the limits that would have admitted report what is left.
   for _, u in ipairs(unspent) do
