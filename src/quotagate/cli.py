@@ -9,10 +9,12 @@ quotagate mock [--port N]            (the mock model alone, as a stand-in model 
 
 from __future__ import annotations
 
+import json
 import secrets
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlencode
 
 import click
 
@@ -319,6 +321,37 @@ def keys_rotate(
     print_key(
         _admin_call(url, admin_key_file, "POST", f"/admin/keys/{key_id}/rotate", body), as_json
     )
+
+
+@main.command("usage")
+@click.option("--key", "key_id", help="One key's id (key_..., cfg_...) or tier:<name>.")
+@click.option("--from", "start", help="First UTC day, 2026-12-01 (default today).")
+@click.option("--to", "end", help="Last UTC day (default today).")
+@click.option(
+    "--group-by", type=click.Choice(["day", "model", "key"]), default="day", show_default=True
+)
+@click.option("--csv", "as_csv", is_flag=True, help="CSV instead of a table.")
+@_admin_options
+def usage(
+    key_id: str | None,
+    start: str | None,
+    end: str | None,
+    group_by: str,
+    as_csv: bool,
+    url: str,
+    admin_key_file: str | None,
+    as_json: bool,
+) -> None:
+    """Requests admitted and rejected, prompt and completion tokens, from the usage ledger."""
+    from .tools.admin_client import print_usage
+
+    query = {"key": key_id, "from": start, "to": end, "group_by": group_by}
+    path = "/admin/usage?" + urlencode({k: v for k, v in query.items() if v is not None})
+    answer = _admin_call(url, admin_key_file, "GET", path)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    print_usage(answer, as_csv)
 
 
 @main.command()

@@ -5,6 +5,7 @@ answered with a precise 4xx that stores nothing."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -284,3 +285,74 @@ async def test_config_keys_are_listed_and_read_only(client: httpx.AsyncClient) -
     ]
     assert [c.status_code for c in changes] == [409] * 3
     assert (await complete(client, CONFIG_KEY)).status_code == 200  # unchanged
+
+
+async def usage(client: httpx.AsyncClient, **query: str) -> dict[str, Any]:
+    answer = await client.get("/admin/usage", params=query, headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert isinstance(body, dict)
+    return body
+
+
+async def test_usage_sums_to_what_the_answers_said(client: httpx.AsyncClient) -> None:
+    created = await create(client, limits={"requests": "3/minute"})
+    headers = {"X-API-Key": created["key"]}
+    said = {"prompt_tokens": 0, "completion_tokens": 0}
+    plain = await client.post(
+        "/v1/completions",
+        json={"model": "quotagate-mock", "prompt": "hello there", "max_tokens": 5},
+        headers=headers,
+    )
+    stream = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": "quotagate-mock",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers=headers,
+    )
+    events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: {")]
+    for answer_usage in (plain.json()["usage"], json.loads(events[-1])["usage"]):
+        for name in said:
+            said[name] += answer_usage[name]
+    other = await complete(client, created["key"], model="other-model")
+    over = await complete(client, created["key"])
+    anonymous = await complete(client, "")
+    by_day = await usage(client, key=created["id"])
+    by_model = await usage(client, key=created["id"], group_by="model")
+    by_key = await usage(client, group_by="key")
+    assert (plain.status_code, stream.status_code, other.status_code) == (200, 200, 200)
+    assert over.status_code == 429
+    assert anonymous.status_code == 401  # no [anonymous]: refused before any limit
+    (day,) = by_day["data"]
+    assert day["day"] == by_day["from"] == by_day["to"] == "2027-01-15"
+    assert (day["requests_admitted"], day["requests_rejected"]) == (3, 1)
+    other_usage = other.json()["usage"]
+    assert day["prompt_tokens"] == said["prompt_tokens"] + other_usage["prompt_tokens"]
+    assert day["completion_tokens"] == said["completion_tokens"] + other_usage["completion_tokens"]
+    assert [(r["model"], r["requests_admitted"]) for r in by_model["data"]] == [
+        ("other-model", 1),
+        ("quotagate-mock", 2),
+    ]
+    assert [r["key"] for r in by_key["data"]] == [created["id"]]
+
+
+async def test_usage_query_mistakes_are_400_and_unknown_keys_404(
+    client: httpx.AsyncClient,
+) -> None:
+    answers = {
+        "from": await client.get("/admin/usage?from=yesterday", headers=AUTH),
+        "group_by": await client.get("/admin/usage?group_by=hour", headers=AUTH),
+        "colour": await client.get("/admin/usage?colour=red", headers=AUTH),
+    }
+    backwards = await client.get("/admin/usage?from=2027-01-10&to=2027-01-01", headers=AUTH)
+    unknown = await client.get("/admin/usage?key=key_0123456789abcdef", headers=AUTH)
+    for name, answer in answers.items():
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["message"].startswith(name), answer.text
+    assert backwards.json()["message"] == "from: after to (got 2027-01-10 > 2027-01-01)"
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "key_not_found")

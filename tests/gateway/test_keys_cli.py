@@ -111,3 +111,32 @@ def test_errors_are_one_line_with_their_exit_codes(gateway: str) -> None:
     assert unknown[2].startswith("error: key_not_found:")
     assert nobody[0] == 2
     assert "cannot reach the gateway" in nobody[2]
+
+
+def test_usage_prints_a_table_or_csv(gateway: str) -> None:
+    code, out, err = keys("create", "--url", gateway, "--tier", "pro")
+    assert code == 0, err
+    key_id = re.search(r"^id +(key_\w+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    secret = re.search(r": (sk-\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    assert [sdk_status(gateway, secret) for _ in range(2)] == [200, 200]
+    env = {"QUOTAGATE_ADMIN_KEY": ADMIN}
+    table = run_cli("usage", "--url", gateway, "--key", key_id, env=env)
+    as_csv = run_cli(
+        "usage", "--url", gateway, "--key", key_id, "--group-by", "model", "--csv", env=env
+    )
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith("usage ")
+    assert lines[0].endswith(" by day")
+    assert lines[1].split() == [
+        "day",
+        "requests_admitted",
+        "requests_rejected",
+        "prompt_tokens",
+        "completion_tokens",
+    ]
+    assert lines[-1].split()[:3] == ["total", "2", "0"]
+    assert as_csv.returncode == 0, as_csv.stderr
+    header, row = as_csv.stdout.splitlines()
+    assert header == "model,requests_admitted,requests_rejected,prompt_tokens,completion_tokens"
+    assert row.startswith("quotagate-mock,2,0,")

@@ -153,3 +153,29 @@ async def test_a_keys_own_limit_holds_across_both_counted_once(
     assert 4 <= statuses.count(200) <= 4 + refills
     assert statuses[:4] == [200] * 4
     assert set(statuses[4:]) <= {200, 429}
+
+
+async def test_usage_summed_across_both_is_what_the_answers_said(
+    replicas: tuple[Replica, Replica, qg.FakeClock],
+) -> None:
+    a, b, _ = replicas
+    created = await create(a)
+    said = [0, 0]
+    for i in range(5):
+        answer = (
+            await (a if i % 2 else b)
+            .sdk(created["key"])
+            .completions.create(model="quotagate-mock", prompt="hello " * i, max_tokens=3 + i)
+        )
+        assert answer.usage is not None
+        said[0] += answer.usage.prompt_tokens
+        said[1] += answer.usage.completion_tokens
+    for replica in (a, b):
+        found = await replica.client.get(
+            "/admin/usage", params={"key": created["id"]}, headers=AUTH
+        )
+        (row,) = found.json()["data"]
+        assert (row["requests_admitted"], row["prompt_tokens"], row["completion_tokens"]) == (
+            5,
+            *said,
+        )

@@ -15,21 +15,23 @@ from __future__ import annotations
 import hmac
 import math
 import re
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast, get_args
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..identity import bearer_or_header_key, hash_api_key, mask_key
-from ..keys import client_state_key
+from ..keys import client_state_key, key_client_id
 from ..limiter import Hit
 from ..rates import parse_rates
 from .body import read_json
+from .callers import key_client_id_of_issued
 from .config import RateText, describe_error
 from .responses import Errors
 from .tenants import ApiKey, Tenants, new_key_id, new_secret
+from .usage import GroupBy, days, rows, usage_key
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -42,6 +44,9 @@ MAX_BODY = 65_536
 MAX_GRACE_S = 30 * 86_400
 _ID = re.compile(r"^(key|cfg)_[0-9a-f]{16}$")
 _FAILURES = parse_rates("10/minute")
+#: Most days and account-days one usage query reads.
+_MAX_DAYS = 400
+_MAX_READS = 100_000
 #: Replaced secrets a key remembers (as revoked once their grace ends).
 _KEPT_SECRETS = 10
 #: The admin API's error shape: flat, as the seed tutorial's (it is no OpenAI endpoint).
@@ -216,6 +221,63 @@ class Admin:
         await self._save(found, dropped)
         return JSONResponse({**self._public(found), "key": secret})
 
+    async def usage(self, request: Request) -> Response:
+        """``GET /admin/usage?key=ID&from=DAY&to=DAY&group_by=day|model|key``: the ledger's
+        rows (every account without ``key``; today without ``from`` / ``to``)."""
+        refused = await self._authorize(request)
+        if refused is not None:
+            return refused
+        book = self.gateway.ledger.usage
+        assert book is not None
+        query = request.query_params
+        unknown = sorted(set(query) - {"key", "from", "to", "group_by"})
+        if unknown:
+            return _invalid(f"{unknown[0]}: unknown parameter (got {query[unknown[0]]!r})")
+        group_by = query.get("group_by", "day")
+        if group_by not in get_args(GroupBy):
+            return _invalid(f"group_by: expected day, model or key (got {group_by!r})")
+        span = _span(query.get("from"), query.get("to"), book.today())
+        if isinstance(span, Response):
+            return span
+        accounts = await self._accounts(query.get("key"))
+        if isinstance(accounts, Response):
+            return accounts
+        wanted = [(account, client, day) for account, client in accounts for day in span]
+        if len(wanted) > _MAX_READS:
+            return _invalid(f"from, to: {len(wanted)} account-days to read, at most {_MAX_READS}")
+        read = await self.gateway.limiter.tallies([usage_key(c, day) for _, c, day in wanted])
+        found = [
+            (account, day, counts) for (account, _, day), counts in zip(wanted, read, strict=True)
+        ]
+        return JSONResponse(
+            {
+                "object": "list",
+                "group_by": group_by,
+                "from": span[0].isoformat(),
+                "to": span[-1].isoformat(),
+                "data": rows(found, cast(GroupBy, group_by)),
+            }
+        )
+
+    async def _accounts(self, key_id: str | None) -> list[tuple[str, str]] | Response:
+        """``(account, client)`` of ``key_id`` (a key's id or ``tier:<name>``), or of all."""
+        tiers = [("tier:" + name, "tier:" + name) for name in sorted(self.gateway.callers.tiers)]
+        configured = [
+            ("cfg_" + key.digest[:16], key_client_id(key.digest))
+            for key in self.gateway.config.keys
+        ]
+        if key_id is None:
+            _, issued = await self._tenants().store.load()
+            mine = [(key.id, key_client_id_of_issued(key.id)) for key in issued]
+            return configured + sorted(mine) + tiers
+        for account, client in (*configured, *tiers):
+            if account == key_id:
+                return [(account, client)]
+        if _ID.match(key_id) and await self._tenants().store.get(key_id) is not None:
+            return [(key_id, key_client_id_of_issued(key_id))]
+        shown = key_id if len(key_id) <= 80 else key_id[:80] + "…"
+        return _ERRORS.response(404, "key_not_found", f"No key or tier has the id {shown!r}.")
+
     # -- the parts -----------------------------------------------------------------------------
 
     async def _authorize(self, request: Request) -> Response | None:
@@ -334,6 +396,27 @@ class Admin:
             }
             for key in self.gateway.config.keys
         ]
+
+
+def _span(start: str | None, end: str | None, today: date) -> list[date] | Response:
+    """The days from ``start`` to ``end`` (ISO dates; today when not given)."""
+    parsed: list[date] = []
+    for name, text in (("from", start), ("to", end)):
+        if text is None:
+            parsed.append(today)
+            continue
+        try:
+            parsed.append(date.fromisoformat(text))
+        except ValueError:
+            return _invalid(f"{name}: expected a date like 2026-12-01 (got {text!r})")
+    first, last = parsed
+    if start is not None and end is None:
+        last = max(first, today)
+    if first > last:
+        return _invalid(f"from: after to (got {first.isoformat()} > {last.isoformat()})")
+    if (last - first).days >= _MAX_DAYS:
+        return _invalid(f"from, to: at most {_MAX_DAYS} days (got {(last - first).days + 1})")
+    return days(first, last)
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

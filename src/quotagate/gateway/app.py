@@ -52,12 +52,13 @@ from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
 from .fleet import BackendFactory, BackendPool, BackendUnavailable, Fleet, Replica
 from .ledger import Admission, Ledger
-from .relay import SseRelay, answer_tokens, usage_total
+from .relay import SseRelay, Used, answer_tokens, usage_total, used_of
 from .reload import reloaded_config
 from .responses import JSON_TYPE, Errors, stream_error_event
 from .schemas import validate_body
 from .tenants import Tenants, key_store
 from .tokens import request_cost
+from .usage import UsageBook
 
 __all__ = ["Gateway", "create_app"]
 
@@ -148,10 +149,18 @@ class Gateway:
 
     async def start(self) -> None:
         await self.limiter.start()
-        if self.config.admin is not None:
-            self.tenants = Tenants(key_store(self.limiter.storage))
-            await self.tenants.start()
-            self.callers = Callers(self.config, self.tenants)
+        admin = self.config.admin
+        if admin is not None:
+            storage = self.limiter.storage
+            tenants = self.tenants = Tenants(key_store(storage))
+            await tenants.start()
+            self.callers = Callers(self.config, tenants)
+            primary = storage.primary if isinstance(storage, FallbackStorage) else storage
+            cluster = bool(getattr(primary, "cluster", False))
+            # One clock for keys' expiry and the ledger's days (a test's fake one).
+            self.ledger.usage = UsageBook(
+                admin.usage_retention_days, lambda: tenants.clock(), cluster=cluster
+            )
         await self.fleet.start()
         logger.info("%s", self.describe())
 
@@ -245,7 +254,7 @@ class Gateway:
         cost = request_cost(route, body, tier.default_max_tokens)
         plan = limits(tier, caller.client, model, cost.reserved, self.lease_ttl)
 
-        decision = await self.ledger.reserve(plan, shadow=tier.shadow)
+        decision = await self.ledger.reserve(plan, shadow=tier.shadow, caller=caller, model=model)
         headers = rate_limit_headers(decision) + openai_headers(decision)
         if not decision.allowed:
             rejected = self._reject(decision, tier)
@@ -254,7 +263,7 @@ class Gateway:
         elif self._fallback_allows():
             self.metrics.unlimited(tier.name)
         self.metrics.tokens(tier.name, "reserved", cost.reserved)
-        admission = Admission(caller, plan, cost.reserved, cost.prompt, decision)
+        admission = Admission(caller, plan, cost.reserved, cost.prompt, decision, model)
 
         pool = target.pool
         replica = await self._gate(admission, headers, pool)
@@ -277,10 +286,10 @@ class Gateway:
             return sent
         replica, (answer, parsed) = sent
         self.metrics.upstream(pool.name, replica.label, "ok")
-        charged = usage_total(parsed.get("usage"))
-        if charged is None:
-            charged = cost.prompt + answer_tokens(parsed)
-        await self._finish(admission, pool, replica, charged=charged)
+        usage = parsed.get("usage")
+        counted = 0 if usage_total(usage) is not None else answer_tokens(parsed)
+        used = used_of(usage, cost.prompt, counted)
+        await self._finish(admission, pool, replica, used=used)
         if renamed:  # the client sees its own name back
             parsed["model"] = model
             answer = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode()
@@ -360,14 +369,14 @@ class Gateway:
             except UpstreamRejected as exc:
                 self.metrics.upstream(pool.name, replica.label, "rejected")
                 pool.succeeded(replica)
-                await self._finish(admission, pool, replica, charged=0)
+                await self._finish(admission, pool, replica, used=None)
                 return self.errors.upstream(exc, headers)
             except UpstreamError as exc:
                 self.metrics.upstream(pool.name, replica.label, exc.outcome)
                 pool.failed(replica, exc)
                 elsewhere = pool.checks_health or pool.gate.healthy((*tried, replica))
                 if not exc.unsent or not elsewhere:  # started, or nowhere else to go: as it was
-                    await self._finish(admission, pool, replica, charged=0)
+                    await self._finish(admission, pool, replica, used=None)
                     return self.errors.upstream(exc, headers)
                 logger.debug("quotagate: backend %s: %s; failing over", pool.name, exc.message)
                 self.metrics.failover(pool.name, replica.label)
@@ -379,7 +388,7 @@ class Gateway:
                 replica = next_replica
                 continue
             except BaseException:
-                await self._finish(admission, pool, replica, charged=0)
+                await self._finish(admission, pool, replica, used=None)
                 raise
             self.metrics.first_byte(pool.name, replica.label, time.perf_counter() - sent)
             pool.succeeded(replica)
@@ -403,14 +412,15 @@ class Gateway:
         pool: BackendPool,
         replica: Replica,
         *,
-        charged: int,
+        used: Used | None,
         upstream: AsyncGenerator[bytes, None] | None = None,
     ) -> None:
-        """Give the replica's slot back, then settle (see ``ledger``); a stream's upstream is
-        closed first, so the model server stops generating."""
+        """Give the replica's slot back, then settle (see ``ledger``) on ``used``, or give
+        everything back when the request was not served (None); a stream's upstream is closed
+        first, so the model server stops generating."""
         self._release(admission, pool, replica)
         await self.ledger.settle(
-            admission, charged, None if upstream is None else lambda: _close(upstream)
+            admission, used, None if upstream is None else lambda: _close(upstream)
         )
 
     async def _stream(
@@ -466,9 +476,7 @@ class Gateway:
                 yield stream_error_event(exc)
             finally:
                 self.metrics.upstream(pool.name, replica.label, outcome)
-                await self._finish(
-                    admission, pool, replica, charged=relay.charged(), upstream=events
-                )
+                await self._finish(admission, pool, replica, used=relay.used(), upstream=events)
 
         response = StreamingResponse(body_iterator(), media_type="text/event-stream")
         response.raw_headers.extend(headers)

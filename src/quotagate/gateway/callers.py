@@ -35,7 +35,16 @@ from .config import GatewayConfig, TierConfig
 from .responses import Errors
 from .tenants import ApiKey, Tenants
 
-__all__ = ["Caller", "Callers", "Limits", "Refusal", "Tier", "api_key_client", "limits"]
+__all__ = [
+    "Caller",
+    "Callers",
+    "Limits",
+    "Refusal",
+    "Tier",
+    "api_key_client",
+    "key_client_id_of_issued",
+    "limits",
+]
 
 
 @dataclass(frozen=True, slots=True)

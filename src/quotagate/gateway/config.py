@@ -260,6 +260,7 @@ class AdminConfig(_Section):
 
     key_sha256: list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]] = []
     key_env: str | None = Field(None, min_length=1)
+    usage_retention_days: int = Field(400, ge=1, le=3660)  # the usage ledger's
 
     @model_validator(mode="after")
     def _some_key(self) -> AdminConfig:

@@ -157,6 +157,10 @@ class GatewayApp(FastAPI):
         async def rotate_key(request: Request, key_id: str) -> Response:
             return await admin.rotate(request, key_id)
 
+        @self.get("/admin/usage", summary="Usage by day, model or key (the ledger)", **options)
+        async def usage(request: Request) -> Response:
+            return await admin.usage(request)
+
 
 def _inference_endpoint(gateway: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:
     """The declared route (for ``/docs``); ``GatewayApp`` sends POSTs on without it."""

@@ -23,9 +23,11 @@ from typing import Any
 from .._asgi import storage_error_decision
 from ..decision import Decision
 from ..errors import StorageError
-from ..limiter import Hit, RateLimiter
+from ..limiter import Hit, RateLimiter, Tally
 from ..metrics import PrometheusMetrics
 from .callers import Caller, Limits
+from .relay import Used
+from .usage import UsageBook
 
 __all__ = ["Admission", "Ledger"]
 
@@ -41,20 +43,41 @@ class Admission:
     reserved: int
     prompt: int
     decision: Decision
+    model: str | None = None  # as the client named it: the usage ledger's
 
 
 class Ledger:
     def __init__(self, limiter: RateLimiter, metrics: PrometheusMetrics) -> None:
         self.limiter = limiter
         self.metrics = metrics
+        self.usage: UsageBook | None = None  # the usage ledger, with [admin]
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def reserve(self, limits: Limits, *, shadow: bool = False) -> Decision:
+    async def reserve(
+        self,
+        limits: Limits,
+        *,
+        shadow: bool = False,
+        caller: Caller | None = None,
+        model: str | None = None,
+    ) -> Decision:
         """Check and take every limit of a request in one storage call; a storage that cannot
-        answer (and no fallback) is a rejection with reason ``unavailable``."""
+        answer (and no fallback) is a rejection with reason ``unavailable``. With the usage
+        ledger on, a ``caller``'s rejection is counted by the same call."""
         started = time.perf_counter()
+        book = self.usage if caller is not None and not shadow else None
+        tally = None if book is None or caller is None else book.rejected(caller, model)
+        apart = book is not None and caller is not None and book.apart(caller)
         try:
-            return await self.limiter.hit_many(limits.hits, acquire=limits.acquire, shadow=shadow)
+            decision = await self.limiter.hit_many(
+                limits.hits,
+                acquire=limits.acquire,
+                shadow=shadow,
+                rejected=None if apart else tally,
+            )
+            if apart and tally is not None and not decision.allowed:
+                self.background(self._count(tally))
+            return decision
         except StorageError as exc:
             logger.error("quotagate: storage error: %s", exc)
             return storage_error_decision()
@@ -69,15 +92,16 @@ class Ledger:
     async def settle(
         self,
         admission: Admission,
-        charged: int,
+        used: Used | None,
         before: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Reconcile the reservation on ``charged`` tokens and release the slot; ``before``
-        runs first (closing an upstream stream), in the same task that cannot be cancelled."""
+        """Reconcile the reservation on the tokens ``used`` (None: not served, all given back),
+        count it in the usage ledger and release the slot, in one call; ``before`` runs first
+        (closing an upstream stream), in the same task that cannot be cancelled."""
         if self.limiter.in_process and before is None:  # nothing here can suspend
-            await self._reconcile(admission, charged, None)
+            await self._reconcile(admission, used, None)
             return
-        await asyncio.shield(self.background(self._reconcile(admission, charged, before)))
+        await asyncio.shield(self.background(self._reconcile(admission, used, before)))
 
     def background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``work`` to the end even if the request's task is cancelled; kept until done."""
@@ -94,23 +118,44 @@ class Ledger:
     async def _reconcile(
         self,
         admission: Admission,
-        charged: int,
+        used: Used | None,
         before: Callable[[], Awaitable[None]] | None,
     ) -> None:
         if before is not None:
             await before()
-        tier = admission.caller.tier.name
+        caller = admission.caller
+        tier = caller.tier.name
+        charged = 0 if used is None else used.total
         delta = charged - admission.reserved
         charges = [_recharged(hit, delta) for hit in admission.limits.tokens] if delta else []
-        await self._settle(admission, charges, "settling %+d tokens", delta)
+        book = self.usage
+        tally = None
+        if book is not None and used is not None:
+            tally = book.served(caller, admission.model, used)
+            if book.apart(caller):
+                self.background(self._count(tally))
+                tally = None
+        await self._settle(admission, charges, "settling %+d tokens", delta, tally=tally)
         self.metrics.tokens(tier, "charged", charged)
         self.metrics.tokens(tier, "refunded", -delta)
 
+    async def _count(self, tally: Tally) -> None:
+        """A usage count in a call of its own (an anonymous tier on Redis Cluster)."""
+        try:
+            await self.limiter.settle([], None, tally)
+        except StorageError as exc:
+            logger.error("quotagate: storage error while counting usage: %s", exc)
+
     async def _settle(
-        self, admission: Admission, charges: list[Hit], what: str, *args: object
+        self,
+        admission: Admission,
+        charges: list[Hit],
+        what: str,
+        *args: object,
+        tally: Tally | None = None,
     ) -> None:
         try:
-            await self.limiter.settle(charges, admission.decision.lease)
+            await self.limiter.settle(charges, admission.decision.lease, tally)
         except StorageError as exc:
             logger.error(
                 f"quotagate: storage error while {what} (a held slot expires at its deadline): %s",

@@ -11,15 +11,43 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from .tokens import count_tokens
 
-__all__ = ["SseRelay", "answer_tokens", "usage_total"]
+__all__ = ["SseRelay", "Used", "answer_tokens", "usage_total", "used_of"]
 
 
 #: Uncounted event data held before it is counted anyway: bounds a long stream's memory.
 _COUNT_AT = 64 * 1024
+
+
+class Used(NamedTuple):
+    """The tokens a served request is settled on: the server's usage, else the estimate."""
+
+    prompt: int
+    completion: int
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+def used_of(usage: Any, prompt: int, generated: int) -> Used:
+    """The answer's ``usage`` split as it says (``total_tokens`` alone: the prompt estimate,
+    the rest generated), else ``prompt`` estimated and ``generated`` counted."""
+    total = usage_total(usage)
+    if total is None:
+        return Used(prompt, generated)
+    asked, answered = (usage.get("prompt_tokens"), usage.get("completion_tokens"))
+    if _count(asked) and _count(answered) and asked + answered == total:
+        return Used(asked, answered)
+    prompt = min(prompt, total)
+    return Used(prompt, total - prompt)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class SseRelay:
@@ -36,7 +64,7 @@ class SseRelay:
         self.prompt = prompt
         self.client_wants_usage = client_wants_usage
         self.generated = 0
-        self.usage_total: int | None = None
+        self.usage: Any = None  # the usage of the stream's usage chunk, when it came
         self._buffer = b""
         self._uncounted: list[bytes] = []
         self._uncounted_bytes = 0
@@ -48,12 +76,16 @@ class SseRelay:
         replacement = rb"\1" + json.dumps(client).encode().replace(b"\\", b"\\\\")
         self._renamed = lambda event: field.sub(replacement, event)
 
+    def used(self) -> Used:
+        """Tokens to settle on: the server's usage, else the prompt estimate plus what was
+        seen."""
+        if self.usage is None:
+            self._count_uncounted()
+        return used_of(self.usage, self.prompt, self.generated)
+
     def charged(self) -> int:
-        """Tokens to charge: the server's usage, else the prompt estimate plus what was seen."""
-        if self.usage_total is not None:
-            return self.usage_total
-        self._count_uncounted()
-        return self.prompt + self.generated
+        """Tokens to charge: ``used()`` in all."""
+        return self.used().total
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The complete events in ``chunk`` (and what was buffered), to send on."""
@@ -89,7 +121,7 @@ class SseRelay:
         if payload is not None:
             total = usage_total(payload.get("usage"))
             if total is not None:
-                self.usage_total = total
+                self.usage = payload["usage"]
             choices = payload.get("choices")
             if isinstance(choices, list):
                 self.generated += _choices_tokens(choices, "delta")

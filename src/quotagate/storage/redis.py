@@ -107,6 +107,11 @@ class RedisStorage:
         return "redis"
 
     @property
+    def cluster(self) -> bool:
+        """Whether this is a Redis Cluster (a call's keys must then share one slot)."""
+        return isinstance(self._client, RedisCluster)
+
+    @property
     def client(self) -> aioredis.Redis | RedisCluster:
         if self._client is None:
             raise StorageError("RedisStorage is not started: call `await storage.start()`")

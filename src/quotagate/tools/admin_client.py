@@ -9,6 +9,8 @@ with exit code 1; no gateway at the URL, or no admin key, is a one-line error wi
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -19,7 +21,7 @@ import httpx
 
 from ._common import ToolError
 
-__all__ = ["AdminClient", "admin_key", "print_key", "print_keys"]
+__all__ = ["AdminClient", "admin_key", "print_key", "print_keys", "print_usage"]
 
 ENV = "QUOTAGATE_ADMIN_KEY"
 _FIELDS = ("id", "name", "tier", "masked", "source", "created_at", "expires_at", "revoked_at")
@@ -113,3 +115,33 @@ def print_keys(keys: list[dict[str, Any]], as_json: bool) -> None:
                 str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
             ).rstrip()
         )
+
+
+def print_usage(answer: dict[str, Any], as_csv: bool) -> None:
+    """The ledger's rows as a table (with a total line) or as CSV."""
+    group = str(answer["group_by"])
+    columns = (
+        group,
+        "requests_admitted",
+        "requests_rejected",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+    data = answer["data"]
+    if as_csv:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([row[c] for c in columns] for row in data)
+        click.echo(out.getvalue(), nl=False)
+        return
+    click.echo(f"usage {answer['from']} .. {answer['to']} by {group}")
+    total = ["total", *(sum(int(row[c]) for row in data) for c in columns[1:])]
+    table = [list(columns), *([row[c] for c in columns] for row in data), total]
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(columns))]
+    for row in table:
+        cells = [
+            str(cell).ljust(w) if i == 0 else str(cell).rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        click.echo("  ".join(cells))
