@@ -149,6 +149,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -161,6 +162,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -203,8 +205,10 @@ FLEET_BACKENDS = {"big": MODEL, "small": "quotagate-mock-small"}  # backend name
 FLEET_REPLICAS = 2
 FLEET_HEALTH_INTERVAL_S = 5  # FleetBackendConfig's default: probing runs as in production
 TARGET_FLEET_CPU = 1.10  # the fleet's CPU per completion at most this times the single backend's
-VARIANTS = ("direct", "quotagate", "fleet", "baseline", "floor", "litellm")
-PROXIES = ("quotagate", "fleet", "baseline", "floor", "litellm")
+VARIANTS = ("direct", "quotagate", "tenant", "fleet", "baseline", "floor", "litellm")
+PROXIES = ("quotagate", "tenant", "fleet", "baseline", "floor", "litellm")
+#: The tenant column's admin key: the load's key is issued through its admin API at start.
+TENANT_ADMIN_KEY = "adm-bench-0123456789"
 WARMUP_SECONDS = 1
 WARMUP_CONNECTIONS = 50
 CHECK_SECONDS = 1
@@ -284,6 +288,7 @@ class Column:
     proxy: Server | None  # None for direct
     mocks: tuple[Server, ...]  # the upstreams this column's load goes to (the fleet's "big")
     standby: tuple[Server, ...] = ()  # upstreams the proxy has that the load never asks for
+    key: str | None = None  # its own API key (the tenant column's, issued by its admin API)
 
     @property
     def servers(self) -> list[Server]:
@@ -634,6 +639,23 @@ health_interval_s = {FLEET_HEALTH_INTERVAL_S}
     return gateway_config(backends.rstrip() + "\n", key)
 
 
+def tenant_admin() -> str:
+    """The tenant column's ``[admin]`` table (its keys in memory, as the load's storage)."""
+    digest = hashlib.sha256(TENANT_ADMIN_KEY.encode()).hexdigest()
+    return f'\n[admin]\nkey_sha256 = ["{digest}"]\n'
+
+
+def issue_key(port: int) -> str:
+    """A key of the bench tier issued through the gateway's admin API: the tenant column's."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/admin/keys",
+        data=json.dumps({"tier": "bench", "name": "bench"}).encode(),
+        headers={"Authorization": f"Bearer {TENANT_ADMIN_KEY}", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return str(json.loads(answer.read())["key"])
+
+
 def gateway_config(backends: str, key: str) -> str:
     """A quotagate config around its backend tables: memory storage, one key in one tier."""
     return f"""\
@@ -796,6 +818,7 @@ def summarize(
         "vs_litellm": {},
         "vs_baseline": {},
         "fleet_vs_quotagate": {},
+        "tenant_vs_quotagate": {},
     }
     for load in loads:
         for proxy in PROXIES:
@@ -820,6 +843,10 @@ def summarize(
             # The fleet's gateway over the single backend's, per round: CPU per request, req/s.
             ratios["fleet_vs_quotagate"][f"{load} {metric}"] = paired(
                 "fleet", "quotagate", load, metric, lambda f, q: f / q
+            )
+            # An issued key (the admin API's table) over a config key, per round.
+            ratios["tenant_vs_quotagate"][f"{load} {metric}"] = paired(
+                "tenant", "quotagate", load, metric, lambda t, q: t / q
             )
     return {
         "medians": medians,
@@ -927,6 +954,27 @@ def layout_text(layout: str) -> str:
         f"layout shared: the mocks and the proxy on core {PROXY_CORE}; wrk and this script on "
         f"core {LOAD_CORE}"
     )
+
+
+def tenant_lines(
+    medians: dict[str, Any], ratios: dict[str, Any], loads: Sequence[str]
+) -> list[str]:
+    """A key issued by the admin API beside a config key: the gateway's CPU ms per request."""
+    single = medians.get("quotagate", {})
+    lines = [
+        "tenant (its key issued by the admin API, [admin] on) vs quotagate (a config key): the "
+        "gateway's CPU ms per request (medians), tenant/quotagate per round, then the median:",
+        f"  {'load':<15}{'tenant ms':>10}{'quotagate ms':>14}{'tenant/qg cpu':>15}"
+        f"{'tenant/qg req/s':>17}",
+    ]
+    for load in loads:
+        lines.append(
+            f"  {load:<15}{_fmt(medians['tenant'].get(load, {}).get('proxy_ms'), 3):>10}"
+            f"{_fmt(single.get(load, {}).get('proxy_ms'), 3):>14}"
+            f"{_fmt(ratios.get(f'{load} proxy_ms'), 3):>15}"
+            f"{_fmt(ratios.get(f'{load} rps'), 3):>17}"
+        )
+    return lines
 
 
 def fleet_lines(
@@ -1069,6 +1117,10 @@ def render_table(report: dict[str, Any]) -> str:
     if "fleet" in medians:
         lines.append("")
         lines.extend(fleet_lines(setup["fleet"], medians, ratios["fleet_vs_quotagate"], loads))
+
+    if "tenant" in medians:
+        lines.append("")
+        lines.extend(tenant_lines(medians, ratios["tenant_vs_quotagate"], loads))
 
     versus = ratios["vs_litellm"]
     if "litellm" in medians and any(v is not None for v in versus.values()):
@@ -1300,6 +1352,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
 
         gateways = {
             "quotagate": sys.executable,
+            "tenant": sys.executable,
             "fleet": sys.executable,
             "baseline": args.baseline_python,
         }
@@ -1315,6 +1368,8 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                 }
                 text = fleet_config({b: [m.port for m in ms] for b, ms in replicas.items()}, key)
                 mocks, standby = tuple(replicas["big"]), tuple(replicas["small"])
+            elif name == "tenant":
+                text = quotagate_config(mock.port, key) + tenant_admin()
             else:
                 text = quotagate_config(mock.port, key)
             config = workdir / f"{name}.toml"
@@ -1331,7 +1386,8 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
             servers.append(gateway)
             gateway.start()
             log(f"{name} gateway ({python}): pid {gateway.pid}, port {gateway.port}, core 0", out)
-            columns[name] = Column(name, gateway.port, gateway, mocks, standby)
+            own = issue_key(gateway.port) if name == "tenant" else None
+            columns[name] = Column(name, gateway.port, gateway, mocks, standby, own)
 
         if "floor" in wanted:
             floor = Server(
@@ -1362,7 +1418,7 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
         expected_events = {kind: sse_events(one_request(mock.port, key, kind)[1]) for kind in KINDS}
         for name, column in list(columns.items()):
             try:
-                checks[name], problem = check_column(column, key, expected_events)
+                checks[name], problem = check_column(column, column.key or key, expected_events)
                 if problem is None and name == "fleet":
                     fleet["check"], problem = check_fleet(column, key)
             except (RuntimeError, OSError, EOFError, ValueError) as exc:  # no answer, no wrk line
@@ -1399,7 +1455,9 @@ def run(args: argparse.Namespace, out: TextIO) -> dict[str, Any]:
                         raise RuntimeError(
                             f"{name}: {dead} exited: {column.servers[-1].log_tail(10)}"
                         )
-                    result, cpu = measure(column, kind, connections, key, args.duration, servers)
+                    result, cpu = measure(
+                        column, kind, connections, column.key or key, args.duration, servers
+                    )
                     loadavg = os.getloadavg()
                     m = Measurement(r + 1, kind, connections, name, result, cpu, loadavg)
                     measurements.append(m)

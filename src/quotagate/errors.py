@@ -3,6 +3,7 @@
     QuotagateError
      ├── ConfigError        bad rate text, bad config value, bad argument
      ├── StorageError       the storage backend failed or timed out (raised from the driver's)
+     │    └── RecordConflict a record changed between its read and its write
      ├── RateLimitExceeded  quotagate.fastapi: a request over its limit (the app's 429 handler)
      ├── UpstreamError      quotagate.gateway.backends: the model server is down, slow, broken
      └── UpstreamRejected   quotagate.gateway.backends: the model server refused (its 4xx)
@@ -16,7 +17,7 @@ Decisions are values, not exceptions: a rejected request is a ``Decision`` with
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "QuotagateError", "StorageError"]
+__all__ = ["ConfigError", "QuotagateError", "RecordConflict", "StorageError"]
 
 
 class QuotagateError(Exception):
@@ -29,3 +30,7 @@ class ConfigError(QuotagateError, ValueError):
 
 class StorageError(QuotagateError):
     """The storage backend could not answer (connection lost, timeout, script error)."""
+
+
+class RecordConflict(StorageError):
+    """A record was changed by someone else between its read and this write: read it again."""

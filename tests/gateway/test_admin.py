@@ -4,6 +4,7 @@ answered with a precise 4xx that stores nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -356,3 +357,32 @@ async def test_usage_query_mistakes_are_400_and_unknown_keys_404(
         assert answer.json()["message"].startswith(name), answer.text
     assert backwards.json()["message"] == "from: after to (got 2027-01-10 > 2027-01-01)"
     assert (unknown.status_code, unknown.json()["error"]) == (404, "key_not_found")
+
+
+async def test_last_use_is_written_and_the_api_is_in_the_docs(
+    client: httpx.AsyncClient, clock: qg.FakeClock
+) -> None:
+    created = await create(client)
+    assert (await complete(client, created["key"])).status_code == 200
+    clock.advance(10)  # the replica writes last uses every 10 s, on its next refresh
+
+    async def shown() -> Any:
+        row = (await client.get(f"/admin/keys/{created['id']}", headers=AUTH)).json()
+        return row["last_used_at"]
+
+    for _ in range(100):  # refreshes every 0.25 s: a few at most
+        if await shown() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert await shown() == "2027-01-15T08:00:00Z"  # when it was used, not when written
+    schema = (await client.get("/openapi.json")).json()
+    admin_paths = {path for path, ops in schema["paths"].items() if path.startswith("/admin")}
+    assert admin_paths == {
+        "/admin/keys",
+        "/admin/keys/{key_id}",
+        "/admin/keys/{key_id}/rotate",
+        "/admin/usage",
+    }
+    assert all(
+        op["tags"] == ["admin"] for path in admin_paths for op in schema["paths"][path].values()
+    )

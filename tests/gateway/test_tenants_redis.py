@@ -179,3 +179,54 @@ async def test_usage_summed_across_both_is_what_the_answers_said(
             5,
             *said,
         )
+
+
+async def test_with_redis_down_known_keys_serve_and_the_admin_api_says_503(
+    tmp_path: Path, key_prefix: str
+) -> None:
+    with RedisServer() as server:
+        storage = qg.storage_from_url(server.url + f"?prefix={key_prefix}&timeout_ms=300")
+        app = create_app(config_from(tmp_path, CONFIG), storage=storage)
+        async with in_process(app) as client:
+            replica = Replica(client, app)
+            created = await create(replica)
+            assert await replica.complete(created["key"]) == 200
+            server.stop()
+            served = await replica.complete(created["key"])  # from the table, limited in memory
+            unknown = await replica.code("sk-never-issued-0000")
+            refused = await client.post("/admin/keys", json={"tier": "pro"}, headers=AUTH)
+    assert served == 200
+    assert unknown == "invalid_api_key"  # refused, not a 500
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "storage_unavailable"
+    assert refused.headers["retry-after"] == "1"
+
+
+async def test_changes_of_one_key_at_once_are_applied_whole_or_refused(
+    replicas: tuple[Replica, Replica, qg.FakeClock],
+) -> None:
+    a, b, _ = replicas
+    created = await create(a)
+    path = f"/admin/keys/{created['id']}"
+    changes: list[dict[str, Any]] = [
+        {"name": "renamed"},
+        {"models": ["quotagate-mock"]},
+        {"limits": {"requests": "7/minute"}},
+        {"expires_at": "2030-01-01T00:00:00Z"},
+    ]
+    answers = await asyncio.gather(
+        *(
+            (a if i % 2 else b).client.patch(path, json=change, headers=AUTH)
+            for i, change in enumerate(changes)
+        )
+    )
+    final = (await a.client.get(path, headers=AUTH)).json()
+    assert {answer.status_code for answer in answers} <= {200, 409}
+    for change, answer in zip(changes, answers, strict=True):
+        if answer.status_code == 409:
+            assert answer.json()["error"] == "conflict"
+            continue
+        # A change that was answered 200 is in the key: none lost to another's stale read.
+        ((field, value),) = change.items()
+        expected = "2030-01-01T00:00:00Z" if field == "expires_at" else value
+        assert final[field] == expected, (change, final)

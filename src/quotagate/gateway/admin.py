@@ -166,6 +166,7 @@ class Admin:
         found = await self._issued(key_id)
         if isinstance(found, Response):
             return found
+        previous = found.to_json()
         parsed = await self._body(request, KeyChange)
         if isinstance(parsed, Response):
             return parsed
@@ -185,7 +186,7 @@ class Admin:
             found.limits = _limits(parsed.limits)
         if "models" in given:
             found.models = parsed.models
-        await self._save(found)
+        await self._save(found, previous=previous)
         return JSONResponse(self._public(found))
 
     async def revoke(self, request: Request, key_id: str) -> Response:
@@ -195,9 +196,10 @@ class Admin:
         found = await self._issued(key_id)
         if isinstance(found, Response):
             return found
+        previous = found.to_json()
         if found.revoked_at is None:
             found.revoked_at = self._tenants().clock()
-            await self._save(found)
+            await self._save(found, previous=previous)
         return JSONResponse(self._public(found))
 
     async def rotate(self, request: Request, key_id: str) -> Response:
@@ -207,6 +209,7 @@ class Admin:
         found = await self._issued(key_id)
         if isinstance(found, Response):
             return found
+        previous = found.to_json()
         if found.revoked_at is not None:
             return _ERRORS.response(409, "revoked_api_key", f"The key {key_id} is revoked.")
         parsed = await self._body(request, Rotation, empty_ok=True)
@@ -218,7 +221,7 @@ class Admin:
         dropped = tuple(digest for digest, _ in found.previous[:-_KEPT_SECRETS])
         found.previous = found.previous[-_KEPT_SECRETS:]
         found.digest, found.masked = hash_api_key(secret), mask_key(secret)
-        await self._save(found, dropped)
+        await self._save(found, dropped, previous)
         return JSONResponse({**self._public(found), "key": secret})
 
     async def usage(self, request: Request) -> Response:
@@ -358,10 +361,12 @@ class Admin:
             )
         return found
 
-    async def _save(self, key: ApiKey, dropped: tuple[str, ...] = ()) -> None:
+    async def _save(
+        self, key: ApiKey, dropped: tuple[str, ...] = (), previous: str | None = None
+    ) -> None:
         key.rev += 1
         tenants = self._tenants()
-        await tenants.store.save(key, dropped)
+        await tenants.store.save(key, dropped, previous)
         await tenants.refresh()  # this replica at once; the others within refresh_s
 
     def _public(self, key: ApiKey, used: dict[str, float] | None = None) -> dict[str, Any]:

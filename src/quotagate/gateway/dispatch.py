@@ -19,6 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from ..errors import RecordConflict, StorageError
 from ..http import EXPOSED_HEADERS
 from .admin import ADMIN_ERRORS
 from .backends import Route
@@ -135,31 +136,50 @@ class GatewayApp(FastAPI):
 
         @self.post(keys, status_code=201, summary="Create an API key", **options)
         async def create_key(request: Request) -> Response:
-            return await admin.create(request)
+            return await _answered(admin.create(request))
 
         @self.get(keys, summary="List the API keys (never a secret)", **options)
         async def list_keys(request: Request) -> Response:
-            return await admin.index(request)
+            return await _answered(admin.index(request))
 
         @self.get(one, summary="One API key (never its secret)", **options)
         async def show_key(request: Request, key_id: str) -> Response:
-            return await admin.show(request, key_id)
+            return await _answered(admin.show(request, key_id))
 
         @self.patch(one, summary="Change a key: tier, name, limits, models, expires_at", **options)
         async def update_key(request: Request, key_id: str) -> Response:
-            return await admin.update(request, key_id)
+            return await _answered(admin.update(request, key_id))
 
         @self.delete(one, summary="Revoke a key", **options)
         async def revoke_key(request: Request, key_id: str) -> Response:
-            return await admin.revoke(request, key_id)
+            return await _answered(admin.revoke(request, key_id))
 
         @self.post(one + "/rotate", summary="A new secret; the old one for grace_s", **options)
         async def rotate_key(request: Request, key_id: str) -> Response:
-            return await admin.rotate(request, key_id)
+            return await _answered(admin.rotate(request, key_id))
 
         @self.get("/admin/usage", summary="Usage by day, model or key (the ledger)", **options)
         async def usage(request: Request) -> Response:
-            return await admin.usage(request)
+            return await _answered(admin.usage(request))
+
+
+async def _answered(work: Awaitable[Response]) -> Response:
+    """An admin answer; the storage down is a 503 saying so, never a 500."""
+    try:
+        return await work
+    except RecordConflict:
+        return ADMIN_ERRORS.response(
+            409, "conflict", "The key was changed meanwhile: read it again, then retry."
+        )
+    except StorageError as exc:
+        logger.error("quotagate: admin API: storage error: %s", exc)
+        return ADMIN_ERRORS.response(
+            503,
+            "storage_unavailable",
+            "The storage of keys and usage is unreachable. Try again shortly.",
+            [(b"retry-after", b"1")],
+            retry_after=1,
+        )
 
 
 def _inference_endpoint(gateway: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:

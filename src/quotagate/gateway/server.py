@@ -146,5 +146,10 @@ def check_workers(config: GatewayConfig, workers: int) -> str | None:
             f"warning: --workers {workers} with memory storage: every worker keeps its own "
             f"counters, so each limit is enforced per process ({workers}x the configured "
             "traffic gets through). Use Redis storage to share limits between workers."
+            + (
+                " The admin API's keys and usage are per worker too."
+                if config.admin is not None
+                else ""
+            )
         )
     return None

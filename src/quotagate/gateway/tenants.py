@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from ..errors import RecordConflict, StorageError
 from ..storage import FallbackStorage, Storage
 
 if TYPE_CHECKING:
@@ -109,8 +110,12 @@ class KeyStore(Protocol):
 
     async def get(self, key_id: str) -> ApiKey | None: ...
 
-    async def save(self, key: ApiKey, dropped: tuple[str, ...] = ()) -> None:
-        """Store ``key`` and map each of its digests to it; unmap ``dropped`` digests."""
+    async def save(
+        self, key: ApiKey, dropped: tuple[str, ...] = (), previous: str | None = None
+    ) -> None:
+        """Store ``key`` and map each of its digests to it; unmap ``dropped`` digests. Only
+        if the stored record is still ``previous`` (its JSON when read; None: a new key):
+        else RecordConflict, so two changes made at once cannot lose one."""
         ...
 
     async def touch(self, used: dict[str, float]) -> None:
@@ -143,7 +148,11 @@ class MemoryKeyStore:
         text = self._keys.get(key_id)
         return ApiKey.from_json(text) if text else None
 
-    async def save(self, key: ApiKey, dropped: tuple[str, ...] = ()) -> None:
+    async def save(
+        self, key: ApiKey, dropped: tuple[str, ...] = (), previous: str | None = None
+    ) -> None:
+        if self._keys.get(key.id) != previous:
+            raise RecordConflict(f"key {key.id} changed meanwhile")
         for digest in dropped:
             self._digests.pop(digest, None)
         self._keys[key.id] = key.to_json()
@@ -182,8 +191,10 @@ class RedisKeyStore:
         text = await self._records.get(key_id)
         return ApiKey.from_json(text) if text else None
 
-    async def save(self, key: ApiKey, dropped: tuple[str, ...] = ()) -> None:
-        await self._records.save(key.id, key.to_json(), key.digests(), dropped)
+    async def save(
+        self, key: ApiKey, dropped: tuple[str, ...] = (), previous: str | None = None
+    ) -> None:
+        await self._records.save(key.id, key.to_json(), key.digests(), dropped, previous)
 
     async def touch(self, used: dict[str, float]) -> None:
         await self._records.touch(used)
@@ -253,7 +264,11 @@ class Tenants:
         missed = self._misses.get(digest)
         if missed is not None and now - missed < self.refresh_s:
             return None
-        key = await self.store.find(digest)
+        try:
+            key = await self.store.find(digest)
+        except StorageError as exc:  # the store is down: only the keys already known are served
+            logger.debug("quotagate: key lookup failed: %s", exc)
+            return None
         if key is None:
             if len(self._misses) >= _MISSES:
                 self._misses.clear()

@@ -11,12 +11,13 @@ Redis Cluster slot, so a decision touches one slot. Only this module imports ``r
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import hiredis
@@ -24,11 +25,11 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, WatchError
 
 from .._types import Clock
 from ..decision import Lease
-from ..errors import ConfigError, StorageError
+from ..errors import ConfigError, RecordConflict, StorageError
 from ..keys import prefix_problem, reset_pattern
 from .base import (
     DEFAULT_PREFIX,
@@ -303,6 +304,22 @@ def _client_from_url(
     )
 
 
+_M = TypeVar("_M", bound=Callable[..., Awaitable[Any]])
+
+
+def _storage_errors(method: _M) -> _M:
+    """A Redis failure of a records call as a StorageError (the callers' one error type)."""
+
+    @functools.wraps(method)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StorageError(f"Redis records call failed: {exc!r}") from exc
+
+    return call  # type: ignore[return-value]
+
+
 class RedisRecords:
     """Records of one kind kept beside the counters (the gateway's issued keys): ``name``'s
     hash of id -> text, an index of lookup value -> id, a hash of id -> last use, and a
@@ -314,9 +331,11 @@ class RedisRecords:
         self._records, self._index = base + "records", base + "index"
         self._used, self._version = base + "used", base + "version"
 
+    @_storage_errors
     async def version(self) -> int:
         return int(await self._storage.client.get(self._version) or 0)
 
+    @_storage_errors
     async def load(self) -> tuple[int, list[str]]:
         async with self._storage.client.pipeline(transaction=True) as pipe:
             pipe.get(self._version)
@@ -324,30 +343,51 @@ class RedisRecords:
             version, texts = await pipe.execute()
         return int(version or 0), [_text(text) for text in texts]
 
+    @_storage_errors
     async def get(self, record_id: str) -> str | None:
         text = await self._storage.client.hget(self._records, record_id)
         return _text(text) if text else None
 
+    @_storage_errors
     async def find(self, value: str) -> str | None:
         record_id = await self._storage.client.hget(self._index, value)
         return await self.get(_text(record_id)) if record_id else None
 
+    @_storage_errors
     async def save(
-        self, record_id: str, text: str, values: Sequence[str], dropped: Sequence[str]
+        self,
+        record_id: str,
+        text: str,
+        values: Sequence[str],
+        dropped: Sequence[str],
+        previous: str | None = None,
     ) -> None:
+        """Write a record (its index ``values`` pointing at it, ``dropped`` ones unmapped),
+        only if it is still ``previous`` (the text the change was made from; None: a new
+        one): else RecordConflict. WATCH, then one MULTI."""
         async with self._storage.client.pipeline(transaction=True) as pipe:
+            await pipe.watch(self._records)
+            current = await pipe.hget(self._records, record_id)
+            if (_text(current) if current else None) != previous:
+                raise RecordConflict(f"record {record_id} changed meanwhile")
+            pipe.multi()  # type: ignore[no-untyped-call]
             if dropped:
                 pipe.hdel(self._index, *dropped)
             pipe.hset(self._records, record_id, text)
             pipe.hset(self._index, mapping=dict.fromkeys(values, record_id))
             pipe.incr(self._version)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except WatchError as exc:
+                raise RecordConflict(f"record {record_id} changed meanwhile") from exc
 
+    @_storage_errors
     async def touch(self, used: dict[str, float]) -> None:
         if used:
             mapping = {k: repr(v) for k, v in used.items()}
             await self._storage.client.hset(self._used, mapping=mapping)  # type: ignore[arg-type]
 
+    @_storage_errors
     async def last_used(self) -> dict[str, float]:
         raw = await self._storage.client.hgetall(self._used)
         return {_text(k): float(v) for k, v in raw.items()}
