@@ -162,7 +162,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -647,13 +646,17 @@ def tenant_admin() -> str:
 
 def issue_key(port: int) -> str:
     """A key of the bench tier issued through the gateway's admin API: the tenant column's."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/admin/keys",
-        data=json.dumps({"tier": "bench", "name": "bench"}).encode(),
-        headers={"Authorization": f"Bearer {TENANT_ADMIN_KEY}", "content-type": "application/json"},
+    body = json.dumps({"tier": "bench", "name": "bench"}).encode()
+    request = (
+        b"POST /admin/keys HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+        b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+        % (port, TENANT_ADMIN_KEY.encode(), len(body), body)
     )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return str(json.loads(answer.read())["key"])
+    status, answer = exchange(port, request)
+    if status != 201:
+        raise RuntimeError(f"tenant: POST /admin/keys answered {status}: {answer[:300]}")
+    return str(json.loads(answer)["key"])
 
 
 def gateway_config(backends: str, key: str) -> str:

@@ -12,6 +12,7 @@ its counters; its tier may carry the key's own limits and model allow-list.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -135,6 +136,9 @@ class Callers:
         self._tier_configs = config.tiers
         self._shadow = config.shadow
         self._issued_tiers: dict[tuple[str, int, str], Tier] = {}
+        # Issued keys seen on the wire -> (table generation, valid until, caller): a known key
+        # costs no SHA-256 and no Caller built while the table has not changed.
+        self._issued_seen: dict[str, tuple[int, float, Caller]] = {}
         self.tiers = {
             name: Tier.from_config(name, tier, config.shadow) for name, tier in config.tiers.items()
         }
@@ -150,12 +154,21 @@ class Callers:
             caller = self._known.get(api_key)
             if caller is not None:
                 return caller
+            seen = self._issued_seen.get(api_key)
+            if seen is not None and self.tenants is not None:
+                generation, until, caller = seen
+                if generation == self.tenants.generation and self.tenants.clock() < until:
+                    self.tenants.used(caller.key_id or "")
+                    return caller
             digest = hash_api_key(api_key)
             tier = self.keys.get(digest)
             if tier is None:
                 issued = self.tenants.lookup(digest) if self.tenants is not None else None
                 if issued is not None:
-                    return self._issued(issued, digest, scope)
+                    found = self._issued(issued, digest, scope)
+                    if isinstance(found, Caller):
+                        self._remember_issued(api_key, issued, digest, found)
+                    return found
                 return Refusal("invalid_api_key", "The API key is not valid.", self._ip(scope))
             caller = Caller(tier, key_client_id(digest), mask_key(api_key))
             if len(self._known) < 4 * len(self.keys):  # configured keys only: bounded
@@ -197,6 +210,19 @@ class Callers:
         models = frozenset(key.models) if key.models is not None else None
         return Caller(tier, key_client_id_of_issued(key.id), key.masked, key.id, models)
 
+    def _remember_issued(self, api_key: str, key: ApiKey, digest: str, caller: Caller) -> None:
+        """Remember ``caller`` for ``api_key`` until the table changes or the key's time is
+        up (its expiry, its revocation, the end of an old secret's grace)."""
+        assert self.tenants is not None
+        if len(self._issued_seen) >= _ISSUED_SEEN:
+            self._issued_seen.clear()
+        until = min(
+            key.expires_at or math.inf,
+            key.revoked_at or math.inf,
+            next((end for old, end in key.previous if old == digest), math.inf),
+        )
+        self._issued_seen[api_key] = (self.tenants.generation, until, caller)
+
     def _issued_tier(self, key: ApiKey) -> Tier | None:
         """The key's tier with the key's own limits over it (parsed once per change)."""
         cache_key = (key.id, key.rev, key.tier)
@@ -214,6 +240,10 @@ class Callers:
 
     def _ip(self, scope: Scope) -> str:
         return ip_client_id(self.trusted.client_host(scope))
+
+
+#: Most issued keys' callers remembered (each by its secret) before the memo starts over.
+_ISSUED_SEEN = 100_000
 
 
 def key_client_id_of_issued(key_id: str) -> str:

@@ -230,6 +230,7 @@ class Tenants:
         self.refresh_s = refresh_s
         self.touch_s = touch_s
         self.version = -1
+        self.generation = 0  # bumped by every change of this table (a memo of it is stale)
         self._by_digest: dict[str, ApiKey] = {}
         self._by_id: dict[str, ApiKey] = {}
         self._misses: dict[str, float] = {}  # digest -> when the store last said "unknown"
@@ -291,9 +292,11 @@ class Tenants:
             self._index(key)
         self._misses.clear()
         self.version = version
+        self.generation += 1
         return True
 
     def _index(self, key: ApiKey) -> None:
+        self.generation += 1
         old = self._by_id.get(key.id)
         if old is not None:
             for digest in old.digests():

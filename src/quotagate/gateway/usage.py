@@ -47,31 +47,64 @@ class UsageBook:
         # On Redis Cluster an anonymous tier's hash is in another slot than the caller's
         # limits (its address's): its counts go in a call of their own.
         self.cluster = cluster
+        # What every request would build again: today's keys and each model's field names
+        # (and a rejection's whole tally), for the day they were made on.
+        self._day = -1
+        self._today = date.min
+        self._keys: dict[str, str] = {}
+        self._rejected: dict[tuple[str, str | None], Tally] = {}
+        self._fields: dict[str | None, tuple[str, str, str]] = {}
 
     def apart(self, caller: Caller) -> bool:
         """Whether ``caller``'s counts cannot ride on its own calls (see ``cluster``)."""
         return self.cluster and account_client(caller) != caller.client
 
     def today(self) -> date:
-        return datetime.fromtimestamp(self.clock(), UTC).date()
+        day = int(self.clock() // 86_400)
+        if day != self._day:
+            self._day, self._today = day, datetime.fromtimestamp(day * 86_400, UTC).date()
+            self._keys.clear()
+            self._rejected.clear()
+        return self._today
 
     def rejected(self, caller: Caller, model: str | None) -> Tally:
-        return self._tally(caller, model, (("requests_rejected", 1),))
+        self.today()
+        tally = self._rejected.get((caller.client, model))
+        if tally is None:
+            if len(self._rejected) > _MEMO:
+                self._rejected.clear()
+            field = (model or "-") + "|requests_rejected"
+            tally = Tally(self._key(caller), ((field, 1),), self.retention_s)
+            self._rejected[(caller.client, model)] = tally
+        return tally
 
     def served(self, caller: Caller, model: str | None, used: Used) -> Tally:
-        counts = (
-            ("requests_admitted", 1),
-            ("prompt_tokens", used.prompt),
-            ("completion_tokens", used.completion),
-        )
-        return self._tally(caller, model, counts)
+        self.today()
+        fields = self._fields.get(model)
+        if fields is None:
+            if len(self._fields) > _MEMO:
+                self._fields.clear()
+            name = model or "-"
+            fields = self._fields[model] = (
+                name + "|requests_admitted",
+                name + "|prompt_tokens",
+                name + "|completion_tokens",
+            )
+        admitted, prompt, completion = fields
+        counts = ((admitted, 1), (prompt, used.prompt), (completion, used.completion))
+        return Tally(self._key(caller), counts, self.retention_s)
 
-    def _tally(
-        self, caller: Caller, model: str | None, counts: tuple[tuple[str, int], ...]
-    ) -> Tally:
-        name = model or "-"
-        fields = tuple((f"{name}|{count}", n) for count, n in counts if n)
-        return Tally(usage_key(account_client(caller), self.today()), fields, self.retention_s)
+    def _key(self, caller: Caller) -> str:
+        key = self._keys.get(caller.client)
+        if key is None:
+            if len(self._keys) > _MEMO:
+                self._keys.clear()
+            key = self._keys[caller.client] = usage_key(account_client(caller), self._today)
+        return key
+
+
+#: Most entries of each of the book's memos before it starts over.
+_MEMO = 100_000
 
 
 def account_client(caller: Caller) -> str:
