@@ -160,13 +160,10 @@ class Admin:
         return JSONResponse(self._public(found, used))
 
     async def update(self, request: Request, key_id: str) -> Response:
-        refused = await self._authorize(request)
-        if refused is not None:
-            return refused
-        found = await self._issued(key_id)
-        if isinstance(found, Response):
-            return found
-        previous = found.to_json()
+        changing = await self._changing(request, key_id)
+        if isinstance(changing, Response):
+            return changing
+        found, previous = changing
         parsed = await self._body(request, KeyChange)
         if isinstance(parsed, Response):
             return parsed
@@ -190,26 +187,20 @@ class Admin:
         return JSONResponse(self._public(found))
 
     async def revoke(self, request: Request, key_id: str) -> Response:
-        refused = await self._authorize(request)
-        if refused is not None:
-            return refused
-        found = await self._issued(key_id)
-        if isinstance(found, Response):
-            return found
-        previous = found.to_json()
+        changing = await self._changing(request, key_id)
+        if isinstance(changing, Response):
+            return changing
+        found, previous = changing
         if found.revoked_at is None:
             found.revoked_at = self._tenants().clock()
             await self._save(found, previous=previous)
         return JSONResponse(self._public(found))
 
     async def rotate(self, request: Request, key_id: str) -> Response:
-        refused = await self._authorize(request)
-        if refused is not None:
-            return refused
-        found = await self._issued(key_id)
-        if isinstance(found, Response):
-            return found
-        previous = found.to_json()
+        changing = await self._changing(request, key_id)
+        if isinstance(changing, Response):
+            return changing
+        found, previous = changing
         if found.revoked_at is not None:
             return _ERRORS.response(409, "revoked_api_key", f"The key {key_id} is revoked.")
         parsed = await self._body(request, Rotation, empty_ok=True)
@@ -350,6 +341,17 @@ class Admin:
                     return found
         shown = key_id if len(key_id) <= 80 else key_id[:80] + "…"
         return _ERRORS.response(404, "key_not_found", f"No key has the id {shown!r}.")
+
+    async def _changing(self, request: Request, key_id: str) -> tuple[ApiKey, str] | Response:
+        """For a change: the admin key checked, the issued key and its record as read (the
+        change is written only if it is still that)."""
+        refused = await self._authorize(request)
+        if refused is not None:
+            return refused
+        found = await self._issued(key_id)
+        if isinstance(found, Response):
+            return found
+        return found, found.to_json()
 
     async def _issued(self, key_id: str) -> ApiKey | Response:
         found = await self._find(key_id)
