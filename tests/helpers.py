@@ -51,6 +51,7 @@ __all__ = [
     "run_cli",
     "sample",
     "sse_events",
+    "stream_then_disconnect",
     "until",
 ]
 
@@ -255,6 +256,53 @@ async def mock_answer(path: str, body: dict[str, Any]) -> httpx.Response:
         yield answer
 
     return httpx.Response(200, headers={"content-type": "application/json"}, content=content())
+
+
+async def stream_then_disconnect(
+    app: FastAPI, path: str, body: dict[str, Any], key: str, events: int
+) -> list[bytes]:
+    """Drive the ASGI app as a server would: the client reads ``events`` SSE events, then goes
+    away (``http.disconnect``)."""
+    data = json.dumps(body).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [
+            (b"host", b"gateway.test"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(data)).encode()),
+            (b"x-api-key", key.encode()),
+        ],
+        "client": ("127.0.0.1", 5000),
+        "server": ("gateway.test", 80),
+    }
+    received: list[bytes] = []
+    gone = asyncio.Event()
+    asked = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal asked
+        if not asked:
+            asked = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            received.append(message["body"])
+            if b"".join(received).count(b"\n\n") >= events:
+                gone.set()
+
+    await asyncio.wait_for(app(scope, receive, send), timeout=30)
+    return received
 
 
 def error_of(body: Any) -> dict[str, Any]:

@@ -15,10 +15,20 @@ import httpx
 import pytest
 
 import quotagate as qg
-from helpers import config_from, error_code, gateway_app, in_process
+from helpers import (
+    NATURAL_LENGTH,
+    completion_prompt,
+    config_from,
+    error_code,
+    gateway_app,
+    in_process,
+    stream_then_disconnect,
+)
 from quotagate.errors import ConfigError
 from quotagate.gateway.app import Gateway
+from quotagate.gateway.backends.mock import MockBackend
 from quotagate.gateway.config import load_config
+from quotagate.testing import async_wait_until
 
 ADMIN = "adm-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -386,3 +396,27 @@ async def test_last_use_is_written_and_the_api_is_in_the_docs(
     assert all(
         op["tags"] == ["admin"] for path in admin_paths for op in schema["paths"][path].values()
     )
+
+
+async def test_a_client_gone_mid_stream_is_counted_with_what_was_generated(
+    tmp_path: Path, clock: qg.FakeClock
+) -> None:
+    app = gateway_app(
+        config_from(tmp_path, CONFIG), clock=clock, backend=MockBackend(tokens_per_second=50)
+    )
+    async with in_process(app) as c:
+        app.state.gateway.tenants.clock = clock
+        created = await create(c)
+        body = {"prompt": "Once upon", "max_tokens": 100, "stream": True}
+        received = await stream_then_disconnect(app, "/v1/completions", body, created["key"], 4)
+
+        async def counted() -> bool:
+            rows = (await usage(c, key=created["id"]))["data"]
+            return bool(rows) and rows[0]["requests_admitted"] == 1
+
+        await async_wait_until(counted, 10, "the stream counted")
+        (row,) = (await usage(c, key=created["id"]))["data"]
+    assert b"[DONE]" not in b"".join(received)  # it left mid-stream
+    assert row["prompt_tokens"] == completion_prompt("Once upon")
+    assert 4 <= row["completion_tokens"] < NATURAL_LENGTH  # what was generated, not 100
+    assert row["requests_rejected"] == 0

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 import quotagate as qg
 from helpers import (
@@ -28,6 +27,7 @@ from helpers import (
     mock_text,
     sample,
     sse_events,
+    stream_then_disconnect,
 )
 from quotagate.gateway.app import create_app
 from quotagate.gateway.backends.mock import MockBackend
@@ -201,53 +201,6 @@ async def test_a_stream_without_usage_is_charged_by_counting_its_text(
     assert state["tokens"]["remaining"] == PRO_TOKENS - (chat_prompt(MESSAGES) + 10)
 
 
-async def _stream_then_disconnect(
-    app: FastAPI, path: str, body: dict[str, Any], key: str, events: int
-) -> list[bytes]:
-    """Drive the ASGI app as a server would: the client reads ``events`` SSE events, then goes
-    away (``http.disconnect``)."""
-    data = json.dumps(body).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [
-            (b"host", b"gateway.test"),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-            (b"x-api-key", key.encode()),
-        ],
-        "client": ("127.0.0.1", 5000),
-        "server": ("gateway.test", 80),
-    }
-    received: list[bytes] = []
-    gone = asyncio.Event()
-    asked = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal asked
-        if not asked:
-            asked = True
-            return {"type": "http.request", "body": data, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            received.append(message["body"])
-            if b"".join(received).count(b"\n\n") >= events:
-                gone.set()
-
-    await asyncio.wait_for(app(scope, receive, send), timeout=30)
-    return received
-
-
 @pytest.mark.parametrize("route", ["completions", "chat"])
 async def test_a_client_that_disconnects_mid_stream_pays_for_what_was_generated(
     tmp_path: Path, storage: qg.Storage, route: str
@@ -263,7 +216,7 @@ async def test_a_client_that_disconnects_mid_stream_pays_for_what_was_generated(
         prompt = completion_prompt("Once upon")
     body = {**body, "max_tokens": 100, "stream": True}
     async with in_process(app) as client:
-        received = await _stream_then_disconnect(app, path, body, BOB, events=4)
+        received = await stream_then_disconnect(app, path, body, BOB, events=4)
 
         async def slot_is_back() -> bool:
             return (await limits_of(client, BOB))["concurrency"]["remaining"] == 4
@@ -308,7 +261,7 @@ async def test_a_client_gone_mid_stream_closes_the_upstream_stream(
     upstream = RecordingUpstream(answer)
     app = create_app(base_config(tmp_path), storage=storage, backend=upstream.backend())
     async with in_process(app) as client:
-        await _stream_then_disconnect(
+        await stream_then_disconnect(
             app, "/v1/completions", {"prompt": "x", "max_tokens": 900, "stream": True}, BOB, 3
         )
         await asyncio.wait_for(closed.wait(), timeout=10)
