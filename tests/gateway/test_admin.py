@@ -17,6 +17,7 @@ import pytest
 import quotagate as qg
 from helpers import (
     NATURAL_LENGTH,
+    RecordingUpstream,
     completion_prompt,
     config_from,
     error_code,
@@ -420,3 +421,33 @@ async def test_a_client_gone_mid_stream_is_counted_with_what_was_generated(
     assert row["prompt_tokens"] == completion_prompt("Once upon")
     assert 4 <= row["completion_tokens"] < NATURAL_LENGTH  # what was generated, not 100
     assert row["requests_rejected"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_the_model_server_failed_counts_nothing(
+    tmp_path: Path, clock: qg.FakeClock, stream: bool
+) -> None:
+    async def failing(request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "CUDA out of memory"}})
+
+    backend = RecordingUpstream(failing).backend()
+    app = gateway_app(config_from(tmp_path, CONFIG), clock=clock, backend=backend)
+    async with in_process(app) as c:
+        app.state.gateway.tenants.clock = clock
+        created = await create(c)
+        body = {"model": "m", "prompt": "hi", "max_tokens": 5, "stream": stream}
+        failed = await c.post("/v1/completions", json=body, headers={"X-API-Key": created["key"]})
+        rows = (await usage(c, key=created["id"]))["data"]
+    assert failed.status_code == 502
+    assert rows == []  # refunded: not admitted, and not rejected by a limit either
+
+
+async def test_the_admin_key_is_never_a_client_key(
+    client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    refused = await complete(client, ADMIN)
+    assert refused.status_code == 401
+    assert error_code(refused.json()) == "invalid_api_key"
+    both = CONFIG + f'\n[[keys]]\nkey = "{ADMIN}"\ntier = "pro"\n'
+    with pytest.raises(ConfigError, match=r"keys\[1\]: the admin key cannot also be a client key"):
+        config_from(tmp_path, both, "both.toml")

@@ -419,6 +419,13 @@ def load_config(
             raise ConfigError(f"admin.key_env: the variable {admin.key_env} is not set (got none)")
         hashed = admin.model_copy(update={"key_sha256": [*admin.key_sha256, hash_api_key(secret)]})
         config = config.model_copy(update={"admin": hashed})
+    if config.admin is not None:
+        clients = [i for i, key in enumerate(config.keys) if key.digest in config.admin.digests]
+        if clients:
+            raise ConfigError(
+                f"keys[{clients[0]}]: the admin key cannot also be a client key (got the same "
+                "key in [admin] and [[keys]])"
+            )
     if path is None and not is_loopback(config.server.host):
         config = config.model_copy(update={"keys": [k for k in config.keys if k.key != DEV_KEY]})
     return config
