@@ -281,7 +281,7 @@ class Admin:
         if admin is None or gateway.tenants is None:
             path = request.url.path
             return _ERRORS.response(404, "not_found", f"Not Found: {request.method} {path}")
-        client = gateway.callers.identify(request.scope).client
+        client = gateway.callers.address(request.scope)  # by address: the key is unknown yet
         failures = Hit(client_state_key(client, "admin_failures"), _FAILURES, 0, name="admin")
         seen = await gateway.limiter.hit_many([failures])
         if seen.states and seen.states[0].remaining == 0:

@@ -12,7 +12,6 @@ its counters; its tier may carry the key's own limits and model allow-list.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -169,12 +168,12 @@ class Callers:
                     if isinstance(found, Caller):
                         self._remember_issued(api_key, issued, digest, found)
                     return found
-                return Refusal("invalid_api_key", "The API key is not valid.", self._ip(scope))
+                return Refusal("invalid_api_key", "The API key is not valid.", self.address(scope))
             caller = Caller(tier, key_client_id(digest), mask_key(api_key))
             if len(self._known) < 4 * len(self.keys):  # configured keys only: bounded
                 self._known[api_key] = caller
             return caller
-        client = self._ip(scope)
+        client = self.address(scope)
         if self.anonymous is None:
             return Refusal(
                 "missing_api_key",
@@ -192,20 +191,20 @@ class Callers:
             digest = hash_api_key(api_key)
             issued = await self.tenants.find(digest)
         if issued is None:
-            return Refusal("invalid_api_key", "The API key is not valid.", self._ip(scope))
+            return Refusal("invalid_api_key", "The API key is not valid.", self.address(scope))
         return self._issued(issued, digest, scope)
 
     def _issued(self, key: ApiKey, digest: str, scope: Scope) -> Caller | Refusal:
         assert self.tenants is not None
         state = key.state(digest, self.tenants.clock())
         if state == "revoked":
-            return Refusal("revoked_api_key", "The API key has been revoked.", self._ip(scope))
+            return Refusal("revoked_api_key", "The API key has been revoked.", self.address(scope))
         if state == "expired":
-            return Refusal("expired_api_key", "The API key has expired.", self._ip(scope))
+            return Refusal("expired_api_key", "The API key has expired.", self.address(scope))
         tier = self._issued_tier(key)
         if tier is None:
             message = f"The API key's tier {key.tier!r} is not in the config."
-            return Refusal("invalid_api_key", message, self._ip(scope))
+            return Refusal("invalid_api_key", message, self.address(scope))
         self.tenants.used(key.id)
         models = frozenset(key.models) if key.models is not None else None
         return Caller(tier, key_client_id_of_issued(key.id), key.masked, key.id, models)
@@ -216,11 +215,7 @@ class Callers:
         assert self.tenants is not None
         if len(self._issued_seen) >= _ISSUED_SEEN:
             self._issued_seen.clear()
-        until = min(
-            key.expires_at or math.inf,
-            key.revoked_at or math.inf,
-            next((end for old, end in key.previous if old == digest), math.inf),
-        )
+        until = key.valid_until(digest)
         self._issued_seen[api_key] = (self.tenants.generation, until, caller)
 
     def _issued_tier(self, key: ApiKey) -> Tier | None:
@@ -238,7 +233,8 @@ class Callers:
             tier = self._issued_tiers[cache_key] = Tier.from_config(key.tier, config, self._shadow)
         return tier
 
-    def _ip(self, scope: Scope) -> str:
+    def address(self, scope: Scope) -> str:
+        """The client id of the request's address (``ip:<address>``, trusted proxies honoured)."""
         return ip_client_id(self.trusted.client_host(scope))
 
 

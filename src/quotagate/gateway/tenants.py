@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -85,6 +86,12 @@ class ApiKey:
         if digest == self.digest:
             return "ok"
         return "ok" if any(d == digest and now < until for d, until in self.previous) else "revoked"
+
+    def valid_until(self, digest: str) -> float:
+        """When ``state(digest, ...)`` stops being what it is now at the latest: the key's
+        expiry, its revocation, the end of an old secret's grace."""
+        grace = next((until for d, until in self.previous if d == digest), math.inf)
+        return min(self.expires_at or math.inf, self.revoked_at or math.inf, grace)
 
     def digests(self) -> list[str]:
         return [self.digest, *(d for d, _ in self.previous)]
