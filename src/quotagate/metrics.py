@@ -44,6 +44,7 @@ class ReplicaState(NamedTuple):
     replica: str
     in_flight: int
     up: bool
+    limit: int  # requests it may carry now (the adaptive controller's, or max_concurrency)
 
 
 class PrometheusMetrics:
@@ -192,6 +193,11 @@ def _backend_metrics(m: PrometheusMetrics) -> Iterator[Metric]:
     up = GaugeMetricFamily(
         "quotagate_backend_up", "1 while a replica is healthy (takes requests)", labels=labels
     )
+    limit = GaugeMetricFamily(
+        "quotagate_backend_concurrency_limit",
+        "Requests a replica may carry now: max_concurrency, or what [backends.adaptive] found",
+        labels=labels,
+    )
     states = list(m.replicas())
     # A replica gone from the fleet (and done with its requests) takes its series along: their
     # number stays bounded by the config, not by every replica an autoscaler ever had.
@@ -202,15 +208,16 @@ def _backend_metrics(m: PrometheusMetrics) -> Iterator[Metric]:
     for state in states:
         in_flight.add_metric([state.backend, state.replica], state.in_flight)
         up.add_metric([state.backend, state.replica], 1 if state.up else 0)
+        limit.add_metric([state.backend, state.replica], state.limit)
     queued = GaugeMetricFamily(
         "quotagate_backend_queued", "Requests waiting for a slot on a backend", labels=["backend"]
     )
     for backend, count in m.queues():
         queued.add_metric([backend], count)
-    yield from (in_flight, up, queued)
+    yield from (in_flight, up, limit, queued)
     yield _counter(
         "quotagate_upstream_requests",
-        "Requests sent to a replica, by outcome (ok, rejected, error, timeout, unavailable)",
+        "Requests sent to a replica, by outcome (ok, rejected, full, error, timeout, unavailable)",
         [*labels, "outcome"],
         m._upstream,
     )

@@ -67,6 +67,7 @@ class KeyLimits(_Body):
     requests: RateText | None = None
     tokens: RateText | None = None
     concurrency: int | None = Field(None, ge=1)
+    weight: float | None = Field(None, gt=0, le=1000)  # its share of a backend's queue
 
 
 class NewKey(_Body):

@@ -45,12 +45,27 @@ from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics, ReplicaState
 from ..rates import parse_rates
 from ..storage import FallbackStorage, Storage, mask_url
 from .admin import Admin
-from .backends import Backend, Route, UpstreamError, UpstreamRejected, backend_from_config
+from .backends import (
+    Backend,
+    Route,
+    UpstreamError,
+    UpstreamFull,
+    UpstreamRejected,
+    backend_from_config,
+)
 from .body import read_json
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
-from .fleet import BackendFactory, BackendPool, BackendUnavailable, Fleet, Replica
+from .fleet import (
+    BackendFactory,
+    BackendPool,
+    BackendUnavailable,
+    Fleet,
+    QueueFull,
+    Replica,
+    Ticket,
+)
 from .ledger import Admission, Ledger
 from .relay import SseRelay, Used, answer_tokens, usage_total, used_of
 from .reload import reloaded_config
@@ -92,6 +107,7 @@ class Gateway:
         # ``[backend]`` table); ``backends``, what builds a replica's client from its entry and URL.
         make = backends or backend_from_config
         self.fleet = Fleet(config.fleet, make if backend is None else lambda *_: backend)
+        self._rank_priorities()
         self.metrics = PrometheusMetrics()
         self.metrics.replicas = self._replica_states
         self.metrics.queues = lambda: [(n, p.gate.queued) for n, p in self.fleet.pools.items()]
@@ -108,9 +124,15 @@ class Gateway:
         # A lease outlives the longest request a backend allows, so only a crash expires it.
         self.lease_ttl = max(spec.timeout_s for spec in config.fleet) + 30
 
+    def _rank_priorities(self) -> None:
+        """Tell each queue the highest tier priority: the one the adaptive headroom is for."""
+        top = max((tier.priority for tier in self.callers.tiers.values()), default=0)
+        for pool in self.fleet.pools.values():
+            pool.gate.top = top
+
     def _replica_states(self) -> list[ReplicaState]:
         return [
-            ReplicaState(pool.name, r.label, r.in_flight, r.serving)
+            ReplicaState(pool.name, r.label, r.in_flight, r.serving, r.limit)
             for pool, r in self.fleet.replicas()
         ]
 
@@ -134,6 +156,7 @@ class Gateway:
             probes = self.fleet.reload(new.fleet)
             self._probes.add(probes)
             probes.add_done_callback(self._probes.discard)
+        self._rank_priorities()
         logger.setLevel(new.log_level.upper())
         logger.info(
             "quotagate: reloaded %s: %d tiers, %d key%s, %s",
@@ -284,11 +307,13 @@ class Gateway:
         )
         if isinstance(sent, Response):
             return sent
-        replica, (answer, parsed) = sent
+        replica, (answer, parsed), took = sent
         self.metrics.upstream(pool.name, replica.label, "ok")
         usage = parsed.get("usage")
         counted = 0 if usage_total(usage) is not None else answer_tokens(parsed)
         used = used_of(usage, cost.prompt, counted)
+        if replica.controller is not None and used.completion > 0:
+            replica.controller.latency(used.prompt, answer_per_token=took / used.completion)
         await self._finish(admission, pool, replica, used=used)
         if renamed:  # the client sees its own name back
             parsed["model"] = model
@@ -316,38 +341,61 @@ class Gateway:
         headers: Headers,
         pool: BackendPool,
         tried: tuple[Replica, ...] = (),
+        *,
+        again: int = 0,
     ) -> Replica | Response:
-        """A slot on a healthy replica within the queue timeout, or the 503 (all given back)."""
+        """A slot on a healthy replica within the queue timeout, or the 503 (all given back).
+        ``again``: the times the request was sent back by a full model server (it waits at
+        the head of the queue for what is left of its queue timeout)."""
         tier = admission.caller.tier
+        ticket = Ticket(tier.priority, admission.caller.client, admission.reserved, tier.weight)
+        timeout = pool.spec.queue_timeout_ms / 1000
+        wait = max(0.0, timeout - admission.queued_s) if again else timeout
+        if again:
+            pool.gate.redispatch_after(min(1.0, 0.05 * 2 ** (again - 1)))
+        queued = time.perf_counter()
         try:
-            replica = await pool.acquire(tier.priority, tried)
+            replica = await pool.acquire(ticket, tried, wait=wait, again=again > 0)
         except BackendUnavailable:
             await self.ledger.undo(admission)
             self.metrics.rejection(tier.name, "backend")
-            wait = pool.retry_after()
+            wait_s = pool.retry_after()
             return self.errors.response(
                 503,
                 "backend_unavailable",
                 f"No replica of the backend {pool.name!r} is reachable. "
-                f"Try again in {wait} seconds.",
-                [*headers, (b"retry-after", str(wait).encode())],
-                retry_after=wait,
+                f"Try again in {wait_s} seconds.",
+                [*headers, (b"retry-after", str(wait_s).encode())],
+                retry_after=wait_s,
             )
+        except QueueFull:
+            return await self._overloaded(admission, headers, pool, "its queue is full")
         except asyncio.CancelledError:  # the request went away while queued: give back
             self.ledger.background(self.ledger.undo(admission))
             raise
+        admission.queued_s += time.perf_counter() - queued
         if replica is None:
-            await self.ledger.undo(admission)
-            self.metrics.rejection(tier.name, "backend")
-            return self.errors.response(
-                503,
-                "backend_overloaded",
-                "The model server is at capacity. Try again in 1 seconds.",
-                [*headers, (b"retry-after", b"1")],
-                retry_after=1,
-            )
+            return await self._overloaded(admission, headers, pool, "no slot came in time")
+        _set_queue_header(headers, admission.queued_s)
         self.metrics.in_flight(tier.name, 1)
         return replica
+
+    async def _overloaded(
+        self, admission: Admission, headers: Headers, pool: BackendPool, why: str
+    ) -> Response:
+        """503 ``backend_overloaded`` (never 429: that is the client's own quota), with a
+        Retry-After from how fast the queue drains; everything the request took given back."""
+        tier = admission.caller.tier
+        await self.ledger.undo(admission)
+        self.metrics.rejection(tier.name, "backend")
+        wait = pool.gate.retry_after()
+        return self.errors.response(
+            503,
+            "backend_overloaded",
+            f"The model server is at capacity ({why}). Try again in {wait} seconds.",
+            [*headers, (b"retry-after", str(wait).encode())],
+            retry_after=wait,
+        )
 
     async def _send(
         self,
@@ -356,12 +404,15 @@ class Gateway:
         pool: BackendPool,
         replica: Replica,
         call: Callable[[Backend], Awaitable[_T]],
-    ) -> tuple[Replica, _T] | Response:
+    ) -> tuple[Replica, _T, float] | Response:
         """``call`` on the replica; one that could not be reached (so never started the
-        request) passes it to another healthy replica, each tried at most once. A failure's
-        response comes back with everything the request held given back. The outcome of a
-        call that succeeds is the caller's to count (a stream can still fail)."""
+        request) passes it to another healthy replica, each tried at most once; one that said
+        it is full (429, 503) sends it to another replica, or back to the head of the queue,
+        within the queue timeout. A failure's response comes back with everything the
+        request held given back. The outcome of a call that succeeds is the caller's to count
+        (a stream can still fail); with it comes the time it took to its first byte."""
         tried: tuple[Replica, ...] = ()
+        full = 0
         while True:
             sent = time.perf_counter()
             try:
@@ -371,6 +422,20 @@ class Gateway:
                 pool.succeeded(replica)
                 await self._finish(admission, pool, replica, used=None)
                 return self.errors.upstream(exc, headers)
+            except UpstreamFull as exc:
+                self.metrics.upstream(pool.name, replica.label, exc.outcome)
+                pool.succeeded(replica)
+                pool.overloaded(replica)
+                self._release(admission, pool, replica)
+                full += 1
+                others = (*tried, replica)
+                exclude = others if pool.gate.healthy(others) else ()
+                logger.debug("quotagate: backend %s: %s; queued again", pool.name, exc.message)
+                next_replica = await self._gate(admission, headers, pool, exclude, again=full)
+                if not isinstance(next_replica, Replica):
+                    return next_replica
+                replica = next_replica
+                continue
             except UpstreamError as exc:
                 self.metrics.upstream(pool.name, replica.label, exc.outcome)
                 pool.failed(replica, exc)
@@ -390,9 +455,10 @@ class Gateway:
             except BaseException:
                 await self._finish(admission, pool, replica, used=None)
                 raise
-            self.metrics.first_byte(pool.name, replica.label, time.perf_counter() - sent)
+            first_byte = time.perf_counter() - sent
+            self.metrics.first_byte(pool.name, replica.label, first_byte)
             pool.succeeded(replica)
-            return replica, result
+            return replica, result, first_byte
 
     def _fallback_allows(self) -> bool:
         storage = self.limiter.storage
@@ -454,7 +520,8 @@ class Gateway:
         sent = await self._send(admission, headers, pool, replica, open_stream)
         if isinstance(sent, Response):
             return sent
-        replica, (events, first) = sent
+        replica, (events, first), first_byte = sent
+        streaming = time.perf_counter()
         relay = SseRelay(admission.prompt, client_wants_usage)
         if client_model is not None:
             relay.rename(str(body["model"]), client_model)
@@ -476,7 +543,12 @@ class Gateway:
                 yield stream_error_event(exc)
             finally:
                 self.metrics.upstream(pool.name, replica.label, outcome)
-                await self._finish(admission, pool, replica, used=relay.used(), upstream=events)
+                used = relay.used()
+                if replica.controller is not None and outcome == "ok":
+                    rest = used.completion - 1
+                    per_token = (time.perf_counter() - streaming) / rest if rest > 0 else None
+                    replica.controller.latency(used.prompt, ttft=first_byte, tpot=per_token)
+                await self._finish(admission, pool, replica, used=used, upstream=events)
 
         response = StreamingResponse(body_iterator(), media_type="text/event-stream")
         response.raw_headers.extend(headers)
@@ -537,6 +609,16 @@ class Gateway:
     def render_metrics(self) -> Response:
         self.metrics.storage_mode(self.limiter.storage.mode)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _set_queue_header(headers: Headers, seconds: float) -> None:
+    """``x-quotagate-queue-ms``: what the request waited for a slot, in all."""
+    value = (b"x-quotagate-queue-ms", str(round(seconds * 1000)).encode())
+    for i, (name, _) in enumerate(headers):
+        if name == b"x-quotagate-queue-ms":
+            headers[i] = value
+            return
+    headers.append(value)
 
 
 async def _close(upstream: AsyncGenerator[bytes, None]) -> None:

@@ -56,6 +56,7 @@ class Tier:
     tokens: tuple[Rate, ...] | None
     concurrency: int | None
     priority: int
+    weight: float
     default_max_tokens: int
     shadow: bool
     model_requests: dict[str, tuple[Rate, ...]]
@@ -69,6 +70,7 @@ class Tier:
             tokens=parse_rates(tier.tokens) if tier.tokens else None,
             concurrency=tier.concurrency,
             priority=tier.priority,
+            weight=tier.weight,
             default_max_tokens=tier.default_max_tokens,
             shadow=shadow or tier.shadow,
             model_requests={

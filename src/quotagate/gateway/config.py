@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -183,6 +184,31 @@ class StorageConfig(_Section):
         return prefix
 
 
+class AdaptiveConfig(_Section):
+    """``[backends.adaptive]``: each replica's concurrency follows the model server's load
+    (``gateway/adaptive.py``), between ``min_concurrency`` and the backend's
+    ``max_concurrency``."""
+
+    min_concurrency: int = Field(2, ge=1)
+    metrics_url: str = "auto"  # auto: <url without /v1>/metrics; a URL; "/path"; "" = none
+    target_waiting: int = Field(0, ge=0)
+    interval_ms: int = Field(500, ge=50, le=60_000)
+    headroom: float = Field(0.1, ge=0, le=0.5)  # of each limit, kept for the top priority
+    latency_tolerance: float = Field(2.0, gt=1)
+
+    @field_validator("metrics_url")
+    @classmethod
+    def _url_or_path(cls, value: str) -> str:
+        if value in ("", "auto") or value.startswith("/"):
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f'expected "auto", "", a path such as "/metrics" or an http(s) URL (got {value!r})'
+            )
+        return value
+
+
 class _BackendFields(_Section):
     """What one model server (or each replica of one) is reached with and how hard."""
 
@@ -190,9 +216,22 @@ class _BackendFields(_Section):
     api_key_env: str | None = None
     max_concurrency: int = Field(64, ge=1)
     queue_timeout_ms: int = Field(2000, ge=0)
+    max_queued: int = Field(1000, ge=1)
+    max_queue_wait_ms: int | None = Field(None, ge=0)  # then served before any priority
+    adaptive: AdaptiveConfig | None = None
     mock_tokens_per_second: float = Field(0, ge=0)
     timeout_s: float = Field(600, gt=0)
     connect_timeout_s: float = Field(5, gt=0)
+
+    @model_validator(mode="after")
+    def _adaptive_bounds(self) -> _BackendFields:
+        adaptive = self.adaptive
+        if adaptive is not None and adaptive.min_concurrency > self.max_concurrency:
+            raise ValueError(
+                f"adaptive.min_concurrency: at most max_concurrency = {self.max_concurrency} "
+                f"(got {adaptive.min_concurrency})"
+            )
+        return self
 
 
 class BackendConfig(_BackendFields):
@@ -238,6 +277,12 @@ class FleetBackendConfig(_BackendFields):
             raise ValueError('urls: required when kind = "openai" (got [])')
         if self.kind == "mock" and self.urls:
             raise ValueError(f'urls: not allowed for kind = "mock" (got {self.urls!r})')
+        url = self.adaptive.metrics_url if self.adaptive is not None else ""
+        if "://" in url and len(self.urls) > 1:
+            raise ValueError(
+                "adaptive.metrics_url: one URL cannot be the metrics of several replicas; "
+                f'use "auto" or a path such as "/metrics" (got {url!r})'
+            )
         if len(set(self.urls)) != len(self.urls):
             raise ValueError(f"urls: a replica listed twice (got {self.urls!r})")
         if self.models is not None and CATCH_ALL in self.models and len(self.models) > 1:
@@ -287,6 +332,7 @@ class TierConfig(_Section):
     tokens: RateText | None = None
     concurrency: int | None = Field(None, ge=1)
     priority: int = 0
+    weight: float = Field(1, gt=0, le=1000)  # its clients' share of a backend's queue
     default_max_tokens: int = Field(1024, ge=1)
     shadow: bool = False
     models: dict[str, ModelLimits] = {}

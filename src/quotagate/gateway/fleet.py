@@ -18,11 +18,24 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+import httpx
+
+from .adaptive import Controller, Load
 from .backends import Backend, UpstreamError
 from .config import CATCH_ALL, LEGACY_BACKEND, FleetBackendConfig
-from .gate import BackendUnavailable, Replica, ReplicaGate
+from .gate import BackendUnavailable, QueueFull, Replica, ReplicaGate, Ticket
 
-__all__ = ["BackendFactory", "BackendPool", "BackendUnavailable", "Fleet", "Replica", "Target"]
+__all__ = [
+    "BackendFactory",
+    "BackendPool",
+    "BackendUnavailable",
+    "Fleet",
+    "QueueFull",
+    "Replica",
+    "Target",
+    "Ticket",
+    "metrics_url",
+]
 
 logger = logging.getLogger("quotagate")
 
@@ -64,14 +77,47 @@ class BackendPool:
         self.replicas: list[Replica] = [self._replica(url) for url in _urls(spec)]
         self.retiring: list[Replica] = []
         self.gate = ReplicaGate(self.replicas)
+        self._gate_settings()
         self.next_probe = 0.0  # time.monotonic() of the next probe
         self._probing: asyncio.Task[None] | None = None
+        self._adapting: asyncio.Task[None] | None = None
+        self._scraper: httpx.AsyncClient | None = None
+        self._scrape_failed: set[str] = set()  # replicas whose metrics could not be read
         self._closing: set[asyncio.Task[None]] = set()
         self.closed = False
 
     def _replica(self, url: str | None) -> Replica:
         backend = self._make(self.spec, url)
-        return Replica(backend, url, replica_label(url), self.spec.max_concurrency)
+        replica = Replica(backend, url, replica_label(url), self.spec.max_concurrency)
+        self._control(replica)
+        return replica
+
+    def _control(self, replica: Replica) -> None:
+        """Give the replica an adaptive controller, or take it away, as the entry says."""
+        adaptive = self.spec.adaptive
+        if adaptive is None:
+            replica.controller = None
+        elif replica.controller is None:
+            replica.controller = Controller(
+                min_concurrency=adaptive.min_concurrency,
+                max_concurrency=self.spec.max_concurrency,
+                target_waiting=adaptive.target_waiting,
+                headroom=adaptive.headroom,
+                latency_tolerance=adaptive.latency_tolerance,
+                in_flight=lambda: replica.in_flight,
+            )
+        else:
+            controller = replica.controller
+            controller.resize(adaptive.min_concurrency, self.spec.max_concurrency)
+            controller.target_waiting = adaptive.target_waiting
+            controller.headroom = adaptive.headroom
+            controller.tolerance = adaptive.latency_tolerance
+
+    def _gate_settings(self) -> None:
+        spec = self.spec
+        self.gate.max_queued = spec.max_queued
+        wait = spec.max_queue_wait_ms
+        self.gate.max_wait = None if wait is None else wait / 1000
 
     # -- what it serves ---------------------------------------------------------------------
 
@@ -108,16 +154,39 @@ class BackendPool:
 
     # -- slots ---------------------------------------------------------------------------------
 
-    async def acquire(self, priority: int, exclude: tuple[Replica, ...] = ()) -> Replica | None:
-        """A slot on a replica within the queue timeout (None: none came). Raises
-        ``BackendUnavailable`` when no healthy replica is left to wait for."""
-        return await self.gate.acquire(priority, self.spec.queue_timeout_ms / 1000, exclude)
+    async def acquire(
+        self,
+        ticket: Ticket | int,
+        exclude: tuple[Replica, ...] = (),
+        *,
+        wait: float | None = None,
+        again: bool = False,
+    ) -> Replica | None:
+        """A slot on a replica within ``wait`` (the queue timeout by default; None: none
+        came). Raises ``BackendUnavailable`` when no healthy replica is left to wait for,
+        ``QueueFull`` when ``max_queued`` wait already."""
+        timeout = self.spec.queue_timeout_ms / 1000 if wait is None else wait
+        replica = await self.gate.acquire(ticket, timeout, exclude, again=again)
+        if replica is not None and replica.controller is not None:
+            replica.controller.started()
+        return replica
 
     def release(self, replica: Replica) -> None:
         self.gate.release(replica)
         if replica.retired and replica.in_flight == 0 and replica in self.retiring:
             self.retiring.remove(replica)
             self._close(replica)
+
+    def overloaded(self, replica: Replica) -> None:
+        """The replica answered 429 or 503 (it is full): its limit is cut at once."""
+        controller = replica.controller
+        if controller is not None and controller.overloaded():
+            logger.info(
+                "quotagate: backend %s replica %s said it is full: concurrency limit now %d",
+                self.name,
+                replica.label,
+                controller.limit,
+            )
 
     def retry_after(self) -> int:
         """Seconds until the next probe may bring a replica back (at least 1)."""
@@ -191,6 +260,93 @@ class BackendPool:
         if self.checks_health or self.spec.models is None:
             await self.probe_all(first=True)
         self._schedule()
+        self._schedule_adaptive()
+
+    # -- adaptive concurrency --------------------------------------------------------------------
+
+    def _schedule_adaptive(self) -> None:
+        running = self._adapting is not None and not self._adapting.done()
+        if self.spec.adaptive is not None and not running and not self.closed:
+            self._adapting = asyncio.get_running_loop().create_task(self._adapt_loop())
+        elif self.spec.adaptive is None and self._adapting is not None:
+            self._adapting.cancel()
+            self._adapting = None
+
+    async def _adapt_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while self.spec.adaptive is not None:
+            interval = self.spec.adaptive.interval_ms / 1000
+            due = max(due + interval, loop.time())
+            await asyncio.sleep(due - loop.time())
+            try:
+                await self.adapt(interval)
+            except Exception:  # one bad interval must never end the loop
+                logger.exception("quotagate: backend %s: adapting concurrency failed", self.name)
+
+    async def adapt(self, within: float = 1.0) -> None:
+        """One interval: read every replica's metrics (within ``within`` seconds), then each
+        controller decides; a raised limit hands its slots to the queue."""
+        adaptive = self.spec.adaptive
+        if adaptive is None:
+            return
+        replicas = [r for r in self.replicas if r.controller is not None]
+        loads = await asyncio.gather(
+            *(self._scrape(r, adaptive.metrics_url, within) for r in replicas)
+        )
+        raised = False
+        for replica, load in zip(replicas, loads, strict=True):
+            controller = replica.controller
+            assert controller is not None
+            controller.load(load)
+            before = controller.limit
+            change = controller.tick()
+            if change is not None:
+                logger.debug(
+                    "quotagate: backend %s replica %s: concurrency limit %d -> %d (%s)",
+                    self.name,
+                    replica.label,
+                    before,
+                    controller.limit,
+                    controller.reason,
+                )
+            raised = raised or change == "increase"
+        if raised:
+            self.gate.dispatch()
+
+    async def _scrape(self, replica: Replica, setting: str, within: float) -> Load | None:
+        url = metrics_url(setting, replica.url)
+        if url is None:
+            return None
+        if self._scraper is None:
+            self._scraper = httpx.AsyncClient()
+        try:
+            response = await self._scraper.get(url, timeout=within)
+            response.raise_for_status()
+            load = Load.parse(response.text)
+            if load is None:
+                raise ValueError("none of the vLLM or llama.cpp load metrics are there")
+        except (httpx.HTTPError, ValueError) as exc:
+            if replica.label not in self._scrape_failed:
+                self._scrape_failed.add(replica.label)
+                logger.info(
+                    "quotagate: backend %s replica %s: no load metrics at %s (%s); "
+                    "following its answers and latency only",
+                    self.name,
+                    replica.label,
+                    url,
+                    exc,
+                )
+            return None
+        if replica.label in self._scrape_failed:
+            self._scrape_failed.discard(replica.label)
+            logger.info(
+                "quotagate: backend %s replica %s: reading its load metrics at %s",
+                self.name,
+                replica.label,
+                url,
+            )
+        return load
 
     def _schedule(self) -> None:
         if self._probing is not None:
@@ -225,6 +381,7 @@ class BackendPool:
                 replica = self._replica(url)
                 added.append(replica)
             replica.max_concurrency = spec.max_concurrency
+            self._control(replica)
             replicas.append(replica)
         gone = [r for r in self.replicas if r not in replicas]
         self.replicas[:] = replicas  # in place: the gate reads the same list
@@ -232,14 +389,17 @@ class BackendPool:
             self._retire(replica)
         if interval_changed:
             self._schedule()
+        self._gate_settings()
+        self._schedule_adaptive()
         self.gate.dispatch()
         return added
 
     def retire(self) -> None:
         """The backend left the config: no new requests; closed once its own finish."""
         self.closed = True
-        if self._probing is not None:
-            self._probing.cancel()
+        for task in (self._probing, self._adapting):
+            if task is not None:
+                task.cancel()
         gone, self.replicas[:] = list(self.replicas), []
         for replica in gone:
             self._retire(replica)
@@ -259,9 +419,12 @@ class BackendPool:
 
     async def aclose(self) -> None:
         self.closed = True
-        if self._probing is not None:
-            self._probing.cancel()
-            await asyncio.gather(self._probing, return_exceptions=True)
+        for task in (self._probing, self._adapting):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._scraper is not None:
+            await self._scraper.aclose()
         for replica in [*self.replicas, *self.retiring]:
             await replica.backend.aclose()
         if self._closing:
@@ -323,17 +486,21 @@ class Fleet:
                     data.append(entry)
         return data
 
-    def state(self) -> dict[str, dict[str, int]]:
-        """Per backend: replicas, healthy ones, requests in flight and queued (``/health``)."""
-        return {
-            name: {
+    def state(self) -> dict[str, dict[str, Any]]:
+        """Per backend: replicas, healthy ones, requests in flight and queued (``/health``);
+        with ``adaptive``, each replica's concurrency limit now."""
+        states: dict[str, dict[str, Any]] = {}
+        for name, pool in self.pools.items():
+            state: dict[str, Any] = {
                 "replicas": len(pool.replicas),
                 "healthy": sum(1 for r in pool.replicas if r.serving),
                 "in_flight": sum(r.in_flight for r in pool.all_replicas()),
                 "queued": pool.gate.queued,
             }
-            for name, pool in self.pools.items()
-        }
+            if pool.spec.adaptive is not None:
+                state["concurrency"] = {r.label: r.limit for r in pool.replicas}
+            states[name] = state
+        return states
 
     def describe(self) -> str:
         """For the start-up and reload lines: ``backend mock``, or each backend and its models."""
@@ -377,6 +544,21 @@ class Fleet:
     async def aclose(self) -> None:
         for pool in [*self.pools.values(), *self._leaving]:
             await pool.aclose()
+
+
+def metrics_url(setting: str, replica_url: str | None) -> str | None:
+    """Where a replica's Prometheus metrics are: ``auto`` is its URL less ``/v1``, then
+    ``/metrics``; a path is on the replica's host; a URL is itself; ``""`` is nowhere."""
+    if not setting or replica_url is None:
+        return None
+    if setting == "auto":
+        base = replica_url.rstrip("/")
+        base = base.removesuffix("/v1")
+        return base + "/metrics"
+    if setting.startswith("/"):
+        parts = urlsplit(replica_url)
+        return f"{parts.scheme}://{parts.netloc}{setting}"
+    return setting
 
 
 def _urls(spec: FleetBackendConfig) -> list[str | None]:

@@ -44,6 +44,7 @@ class Admission:
     prompt: int
     decision: Decision
     model: str | None = None  # as the client named it: the usage ledger's
+    queued_s: float = 0.0  # waited for a slot, in all (``x-quotagate-queue-ms``)
 
 
 class Ledger:

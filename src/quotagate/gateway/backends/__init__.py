@@ -16,6 +16,7 @@ __all__ = [
     "Backend",
     "Route",
     "UpstreamError",
+    "UpstreamFull",
     "UpstreamRejected",
     "backend_from_config",
 ]
@@ -53,6 +54,25 @@ class UpstreamError(QuotagateError):
     def replica_fault(self) -> bool:
         """Whether this counts against the replica's health: a slow answer does not."""
         return self.outcome != "timeout"
+
+
+class UpstreamFull(UpstreamError):
+    """The model server said it is full (429 or 503: vLLM's ``--max-num-queued-reqs``): it
+    did not start the request, which may go to another replica or wait for a slot again."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(
+            503, "backend_overloaded", f"the model server answered {status}: {detail}", unsent=True
+        )
+        self.upstream_status = status
+
+    @property
+    def outcome(self) -> str:
+        return "full"
+
+    @property
+    def replica_fault(self) -> bool:
+        return False  # alive and saying so
 
 
 class UpstreamRejected(QuotagateError):

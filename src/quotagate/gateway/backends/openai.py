@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from . import Answer, Route, UpstreamError, UpstreamRejected
+from . import Answer, Route, UpstreamError, UpstreamFull, UpstreamRejected
 from .http1 import Http1Pool
 
 __all__ = ["OpenAIBackend"]
@@ -134,6 +134,8 @@ def _raise_for_status(response: _Response, content: bytes) -> None:
     status = response.status
     if status < 300:
         return
+    if status in (429, 503):
+        raise UpstreamFull(status, content[:200].decode("utf-8", "replace"))
     if 400 <= status < 500:
         raise UpstreamRejected(
             status, content, response.header(b"content-type", "application/json")

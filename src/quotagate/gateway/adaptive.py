@@ -1,0 +1,252 @@
+"""Concurrency that follows the model server: a replica's limit between ``min_concurrency`` and
+``max_concurrency``, raised while the server keeps up and cut when it says it cannot.
+
+Signals, whichever the server offers:
+
+- its Prometheus metrics (``Load.parse``): vLLM's ``vllm:num_requests_waiting`` /
+  ``vllm:num_requests_running`` / ``vllm:kv_cache_usage_perc`` (older
+  ``vllm:gpu_cache_usage_perc``), llama.cpp's ``llamacpp:requests_deferred`` /
+  ``llamacpp:requests_processing``: more waiting than ``target_waiting`` is saturation, a
+  full KV cache holds the limit where it is;
+- the server saying it is full (a 429 or 503 answer): cut at once;
+- latency against its unloaded baseline (``Gradient``): time to first token, per size of
+  prompt, and time per output token; an interval whose average is ``latency_tolerance`` times
+  the baseline is saturation. This is all a server with no metrics endpoint (Ollama) gives.
+
+The rule is TCP's: slow start (doubling each interval) until the first saturation, then additive
+increase (``sqrt(limit)`` per interval, so a big limit recovers in seconds, not minutes) while
+the limit is in use and nothing says the server is full, and multiplicative decrease (x0.75)
+when something does. A cut is not repeated while the requests of the last one drain (more in
+flight than the new limit): what the server says in that time is the past.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+__all__ = ["DECREASE", "Controller", "Gradient", "Load"]
+
+#: The multiplicative decrease.
+DECREASE = 0.75
+#: A KV cache this full takes nothing more: the limit holds.
+KV_FULL = 0.98
+#: Samples an interval needs before its latency counts.
+MIN_SAMPLES = 3
+#: How fast a baseline forgets its best, per interval (so a changed model re-learns it).
+BASELINE_DRIFT = 1.01
+
+_RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
+_WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred")
+_KV = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
+
+
+class Load(NamedTuple):
+    """What a model server's ``/metrics`` said (None: it does not say)."""
+
+    running: float | None
+    waiting: float | None
+    kv_usage: float | None  # 0..1
+
+    @classmethod
+    def parse(cls, text: str) -> Load | None:
+        """Read the Prometheus text format; values of one name are summed over its labels (one
+        per model). None when no name we know is there."""
+        found: dict[str, float] = {}
+        for line in text.splitlines():
+            if not line or line[0] == "#":
+                continue
+            brace = line.find("{")
+            if brace >= 0:
+                name, rest = line[:brace], line[line.rfind("}") + 1 :]
+            else:
+                name, _, rest = line.partition(" ")
+            fields = rest.split()
+            try:
+                value = float(fields[0]) if fields else math.nan
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                found[name] = found.get(name, 0.0) + value
+
+        def first(names: tuple[str, ...]) -> float | None:
+            return next((found[n] for n in names if n in found), None)
+
+        load = cls(first(_RUNNING), first(_WAITING), first(_KV))
+        return None if load == (None, None, None) else load
+
+
+class Gradient:
+    """One latency signal: the interval's average against the best interval seen."""
+
+    __slots__ = ("_count", "_sum", "baseline")
+
+    def __init__(self) -> None:
+        self.baseline: float | None = None
+        self._sum = 0.0
+        self._count = 0
+
+    def add(self, seconds: float) -> None:
+        self._sum += seconds
+        self._count += 1
+
+    def ratio(self) -> float | None:
+        """This interval's average over the baseline (None: too few samples); starts the
+        next interval."""
+        count, total = self._count, self._sum
+        self._sum, self._count = 0.0, 0
+        if self.baseline is not None:
+            self.baseline *= BASELINE_DRIFT
+        if count < MIN_SAMPLES:
+            return None
+        mean = total / count
+        if self.baseline is None or mean < self.baseline:
+            self.baseline = mean
+        return mean / self.baseline if self.baseline > 0 else None
+
+
+class Controller:
+    """One replica's limit. ``tick`` runs every ``interval_ms``; ``overloaded`` on a 429 or 503;
+    ``load`` and ``latency`` feed it. ``in_flight`` reads what the replica carries now."""
+
+    def __init__(
+        self,
+        *,
+        min_concurrency: int,
+        max_concurrency: int,
+        target_waiting: int = 0,
+        headroom: float = 0.1,
+        latency_tolerance: float = 2.0,
+        in_flight: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.min = min_concurrency
+        self.max = max(min_concurrency, max_concurrency)
+        self.target_waiting = target_waiting
+        self.headroom = headroom
+        self.tolerance = latency_tolerance
+        self.in_flight = in_flight
+        self.clock = clock
+        self._limit = float(self.min)
+        self.slow_start = True
+        self.peak = 0  # most in flight since the last tick
+        self.last_load: Load | None = None
+        self.ttft: dict[int, Gradient] = {}  # by prompt size (a power of two)
+        self.tpot = Gradient()
+        self.answer = Gradient()  # non-streamed: seconds per output token, prefill and all
+        self.decreases = 0
+        self.ceiling: float | None = None  # in flight when the server was last saturated
+        self.reason = "starting"  # what the last change was for (logs, /health)
+
+    # -- what the gate reads -----------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        return int(self._limit)
+
+    @property
+    def below_top(self) -> int:
+        """What the tiers below the highest priority may use: the limit less its headroom."""
+        limit = int(self._limit)
+        return max(1, limit - max(1, math.ceil(limit * self.headroom))) if self.headroom else limit
+
+    def resize(self, min_concurrency: int, max_concurrency: int) -> None:
+        """A reload changed the bounds: the limit stays where it is, within them."""
+        self.min = min_concurrency
+        self.max = max(min_concurrency, max_concurrency)
+        self._limit = min(max(self._limit, self.min), self.max)
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def started(self) -> None:
+        """A request was sent (for the peak in flight of this interval)."""
+        self.peak = max(self.peak, self.in_flight())
+
+    def load(self, load: Load | None) -> None:
+        self.last_load = load
+
+    def latency(
+        self,
+        prompt_tokens: int,
+        *,
+        ttft: float | None = None,
+        tpot: float | None = None,
+        answer_per_token: float | None = None,
+    ) -> None:
+        """One stream's time to first token (for its prompt's size) and time per output token
+        after it; or a non-streamed answer's time per output token, all in."""
+        if answer_per_token is not None:
+            self.answer.add(answer_per_token)
+        if ttft is not None:
+            size = max(0, prompt_tokens).bit_length()
+            gradient = self.ttft.get(size)
+            if gradient is None:
+                gradient = self.ttft[size] = Gradient()
+            gradient.add(ttft)
+        if tpot is not None:
+            self.tpot.add(tpot)
+
+    def overloaded(self) -> bool:
+        """The server answered 429 or 503: cut now (unless a cut is still draining). Returns
+        whether the limit changed."""
+        return self._decrease("the server answered it was full")
+
+    # -- the rule -------------------------------------------------------------------------------
+
+    def tick(self) -> str | None:
+        """One interval's decision: ``"decrease"``, ``"increase"`` or None (held)."""
+        saturated = self._saturated()
+        peak, self.peak = max(self.peak, self.in_flight()), 0
+        if saturated is not None:
+            why, share = saturated
+            return "decrease" if self._decrease(why, share) else None
+        load = self.last_load
+        if load is not None and load.kv_usage is not None and load.kv_usage >= KV_FULL:
+            self.reason = "KV cache full"
+            return None
+        if peak < self.limit or self._limit >= self.max:
+            return None  # the limit is not what holds requests back
+        if self.slow_start:
+            self._limit = min(self.max, self._limit * 2)
+        else:
+            near = self.ceiling is not None and 0.9 <= self._limit / self.ceiling <= 1.1
+            step = 1.0 if near else max(1.0, math.sqrt(self._limit))  # probe where it broke
+            self._limit = min(self.max, self._limit + step)
+        self.reason = "keeping up"
+        return "increase"
+
+    def _saturated(self) -> tuple[str, float] | None:
+        """Why the server is saturated now, and the share of what is in flight it can take
+        (from its metrics: running + target_waiting over running + waiting; else ``DECREASE``),
+        or None."""
+        load = self.last_load
+        found = None
+        if load is not None and load.waiting is not None and load.waiting > self.target_waiting:
+            running = load.running or 0.0
+            share = (running + self.target_waiting) / (running + load.waiting)
+            found = f"{load.waiting:g} waiting on the server", share
+        ratios = [(g.ratio(), "time to first token") for g in self.ttft.values()]
+        ratios.append((self.tpot.ratio(), "time per output token"))
+        ratios.append((self.answer.ratio(), "answer time per token"))
+        for ratio, name in ratios:
+            if found is None and ratio is not None and ratio > self.tolerance:
+                found = f"{name} {ratio:.1f}x its unloaded baseline", DECREASE
+        return found
+
+    def _decrease(self, reason: str, share: float = DECREASE) -> bool:
+        """Cut to ``share`` of what is in flight (or of the limit, if less is in flight)."""
+        in_flight = self.in_flight()
+        if in_flight > self.limit:
+            return False  # the last cut is still draining
+        self.slow_start = False
+        base = min(self._limit, float(in_flight)) or self._limit
+        self.ceiling = base
+        cut = max(float(self.min), min(math.floor(base * share), base - 1))
+        if cut >= self._limit:
+            return False
+        self._limit = cut
+        self.decreases += 1
+        self.reason = reason
+        return True
