@@ -217,12 +217,12 @@ class Controller:
         self.reason = "keeping up"
         return "increase"
 
-    def _saturated(self) -> tuple[str, float] | None:
+    def _saturated(self) -> tuple[str, float | None] | None:
         """Why the server is saturated now, and the share of what is in flight it can take
-        (from its metrics: running + target_waiting over running + waiting; else ``DECREASE``),
+        (from its metrics: running + target_waiting over running + waiting; else None),
         or None."""
         load = self.last_load
-        found = None
+        found: tuple[str, float | None] | None = None
         if load is not None and load.waiting is not None and load.waiting > self.target_waiting:
             running = load.running or 0.0
             share = (running + self.target_waiting) / (running + load.waiting)
@@ -232,18 +232,21 @@ class Controller:
         ratios.append((self.answer.ratio(), "answer time per token"))
         for ratio, name in ratios:
             if found is None and ratio is not None and ratio > self.tolerance:
-                found = f"{name} {ratio:.1f}x its unloaded baseline", DECREASE
+                found = f"{name} {ratio:.1f}x its unloaded baseline", None
         return found
 
-    def _decrease(self, reason: str, share: float = DECREASE) -> bool:
-        """Cut to ``share`` of what is in flight (or of the limit, if less is in flight)."""
+    def _decrease(self, reason: str, share: float | None = None) -> bool:
+        """Cut to ``share`` of what is in flight (or of the limit, if less is in flight): what
+        the server's metrics say it takes, else ``DECREASE``."""
         in_flight = self.in_flight()
         if in_flight > self.limit:
             return False  # the last cut is still draining
         self.slow_start = False
         base = min(self._limit, float(in_flight)) or self._limit
-        self.ceiling = base
-        cut = max(float(self.min), min(math.floor(base * share), base - 1))
+        # Where it broke: what the server said it can take, else what it was given.
+        self.ceiling = base if share is None else base * share
+        cut = base * (DECREASE if share is None else share)
+        cut = max(float(self.min), min(math.floor(cut), base - 1))
         if cut >= self._limit:
             return False
         self._limit = cut
