@@ -451,3 +451,19 @@ async def test_the_admin_key_is_never_a_client_key(
     both = CONFIG + f'\n[[keys]]\nkey = "{ADMIN}"\ntier = "pro"\n'
     with pytest.raises(ConfigError, match=r"keys\[1\]: the admin key cannot also be a client key"):
         config_from(tmp_path, both, "both.toml")
+
+
+async def test_a_keys_own_weight_is_its_share_of_the_queue(client: httpx.AsyncClient) -> None:
+    heavy = await create(client, limits={"weight": 3})
+    plain = await create(client)
+    bad = await client.post(
+        "/admin/keys", json={"tier": "pro", "limits": {"weight": 0}}, headers=AUTH
+    )
+    assert bad.status_code == 400
+    gateway: Gateway = client._transport.app.state.gateway  # type: ignore[attr-defined]
+    weights = []
+    for key in (heavy["key"], plain["key"]):
+        scope = {"type": "http", "headers": [(b"x-api-key", key.encode())], "client": None}
+        caller = await gateway.callers.identify_issued(scope)
+        weights.append(caller.tier.weight)  # type: ignore[union-attr]
+    assert weights == [3, 1]
