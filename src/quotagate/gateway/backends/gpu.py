@@ -29,10 +29,13 @@ The engine, step by step (vLLM's continuous batching, much simplified):
 A sequence can be aborted at any time (the client went away): it leaves the queue or the
 batch and frees its KV at once; it gets no token from the step in progress.
 
-``max_queued``: a submit that would make more than this many sequences wait is refused (503,
-``ServiceUnavailableError``), as vLLM's ``--max-num-queued-reqs`` refuses an overloaded engine.
-The waiting count includes sequences that arrived during the step in progress (they are
-admitted when the next one starts), as vLLM's ``num_requests_waiting`` does.
+``max_queued``: a submit that would make more than this many sequences wait for room in the
+KV cache is refused (503, ``ServiceUnavailableError``), as vLLM's ``--max-num-queued-reqs``
+refuses an overloaded engine. It counts the sequences the next step could not admit as things
+stand (FIFO: the first that does not fit and all behind it), so a burst that arrives at an
+engine with room is never refused. The ``waiting`` gauge counts every sequence in the queue:
+like vLLM's ``num_requests_waiting``, it includes those that arrived during the step in
+progress, which the next step admits.
 
 ``kv_usage`` is the reserved fraction (0 to 1): it rises when a sequence is admitted, not as
 it writes its tokens, so it shows the load the engine has committed to.
@@ -86,7 +89,8 @@ class GpuOptions:
         step_ms: the shortest decode step; a lone sequence gets ``1000 / step_ms`` tokens/s.
         prefill_tokens_per_second: prompt tokens processed a second (None: 10 x
             ``tokens_per_second``).
-        max_queued: refuse (503) a submit that would make more sequences wait; None: never.
+        max_queued: refuse (503) a submit that would make more sequences wait for KV room;
+            None: never.
 
     Raises:
         ValueError: a figure out of range (the message names it and its value).
@@ -254,13 +258,24 @@ class GpuModel:
                 "in the completion). Please reduce the length of the messages or completion.",
             )
         limit = self.options.max_queued
-        if limit is not None and len(self._waiting) + n > limit:
+        if limit is not None and self._blocked(extra=(needed,) * n) > limit:
             return Refusal(
                 "queue_full",
-                f"The server is overloaded: {len(self._waiting)} requests are waiting and this "
-                f"one would add {n}; at most {limit} may wait. Retry later or on another replica.",
+                f"The server is overloaded: {self._blocked()} requests wait for room in the KV "
+                f"cache and at most {limit} may. Retry later or on another replica.",
             )
         return None
+
+    def _blocked(self, extra: tuple[int, ...] = ()) -> int:
+        """The waiting sequences (then ``extra`` reservations) the next step could not admit
+        as things stand: those behind the first that does not fit (FIFO)."""
+        room = self.options.kv_tokens - self._reserved
+        reservations = [s.reserved for s in self._waiting] + list(extra)
+        for admissible, reserved in enumerate(reservations):
+            if reserved > room:
+                return len(reservations) - admissible
+            room -= reserved
+        return 0
 
     def submit(
         self, prompt_tokens: int, output_tokens: int, finish_reason: FinishReason = "length"
