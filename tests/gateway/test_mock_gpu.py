@@ -184,7 +184,7 @@ def test_a_submit_above_max_queued_is_refused_with_vllms_503() -> None:
             "code": 503,
         }
     }
-    assert "2 requests wait for room in the KV cache and at most 2 may" in refused.message
+    assert "the queue for room in the KV cache is full (2 of 2)" in refused.message
     assert model.waiting == 3  # nothing changed
     model.begin_step()
     model.end_step()

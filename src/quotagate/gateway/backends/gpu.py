@@ -261,8 +261,8 @@ class GpuModel:
         if limit is not None and self._blocked(extra=(needed,) * n) > limit:
             return Refusal(
                 "queue_full",
-                f"The server is overloaded: {self._blocked()} requests wait for room in the KV "
-                f"cache and at most {limit} may. Retry later or on another replica.",
+                f"The server is overloaded: the queue for room in the KV cache is full "
+                f"({self._blocked()} of {limit}). Retry later or on another replica.",
             )
         return None
 
