@@ -354,11 +354,17 @@ def usage(
     print_usage(answer, as_csv)
 
 
+_POSITIVE = click.FloatRange(min=0, min_open=True)
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=9000, show_default=True)
 @click.option(
-    "--tokens-per-second", type=float, default=0.0, show_default=True, help="0 = instant."
+    "--tokens-per-second",
+    type=click.FloatRange(min=0),
+    help="Each answer's pace (default 0: at once); with --gpu, a full batch's throughput "
+    "(default 4000).",
 )
 @click.option(
     "--model",
@@ -373,20 +379,84 @@ def usage(
     show_default=True,
     help="Waited before each answer.",
 )
+@click.option(
+    "--output-tokens",
+    type=click.IntRange(min=1),
+    help="An answer's length when its max_tokens is not shorter (default 24).",
+)
+@click.option(
+    "--gpu",
+    is_flag=True,
+    help="Pace answers by a simulated GPU (batching, a KV cache) and serve vLLM's /metrics.",
+)
+@click.option(
+    "--kv-tokens",
+    type=click.IntRange(min=1),
+    help="With --gpu: the KV cache in tokens, prompt + output in flight (default 200000).",
+)
+@click.option(
+    "--step-ms",
+    type=_POSITIVE,
+    help="With --gpu: the shortest decode step (default 20: 50 tokens/s for a lone request).",
+)
+@click.option(
+    "--prefill-tokens-per-second",
+    type=_POSITIVE,
+    help="With --gpu: prompt tokens processed a second (default 10 x --tokens-per-second).",
+)
+@click.option(
+    "--max-queued",
+    type=click.IntRange(min=1),
+    help="With --gpu: answer 503 rather than queue more than N requests (default: no limit).",
+)
 def mock(
-    host: str, port: int, tokens_per_second: float, models: tuple[str, ...], latency_ms: float
+    host: str,
+    port: int,
+    tokens_per_second: float | None,
+    models: tuple[str, ...],
+    latency_ms: float,
+    output_tokens: int | None,
+    gpu: bool,
+    kv_tokens: int | None,
+    step_ms: float | None,
+    prefill_tokens_per_second: float | None,
+    max_queued: int | None,
 ) -> None:
     """Serve the mock model alone, as an OpenAI-compatible model server (no limits).
 
     Several on their own ports, each with its --model names, stand in for a fleet of replicas.
+    With --gpu it behaves like one vLLM replica: requests share a GPU's throughput, wait for
+    room in its KV cache, and GET /metrics shows vLLM's gauges.
     """
     import uvicorn
 
     from .gateway.backends import MOCK_MODEL
-    from .gateway.backends.mock import create_mock_app
+    from .gateway.backends.gpu import GpuOptions
+    from .gateway.backends.mock import NATURAL_LENGTH, create_mock_app
 
+    engine: dict[str, Any] = {  # the GpuOptions fields given (their defaults are GpuOptions')
+        "kv_tokens": kv_tokens,
+        "step_ms": step_ms,
+        "prefill_tokens_per_second": prefill_tokens_per_second,
+        "max_queued": max_queued,
+    }
+    given = {name: value for name, value in engine.items() if value is not None}
+    options = None
+    if gpu:
+        if tokens_per_second == 0:
+            raise click.BadParameter("must be above 0 with --gpu", param_hint="--tokens-per-second")
+        if tokens_per_second is not None:
+            given["tokens_per_second"] = tokens_per_second
+        options = GpuOptions(**given)
+    elif given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise click.UsageError(f"{flags}: only with --gpu")
     app = create_mock_app(
-        tokens_per_second, models=models or (MOCK_MODEL,), latency_s=latency_ms / 1000
+        tokens_per_second or 0.0,
+        models=models or (MOCK_MODEL,),
+        latency_s=latency_ms / 1000,
+        output_tokens=output_tokens or NATURAL_LENGTH,
+        gpu=options,
     )
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
