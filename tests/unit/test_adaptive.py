@@ -75,15 +75,29 @@ def test_slow_start_doubles_then_a_saturation_ends_it() -> None:
         assert c.tick() == "increase"
         assert c.limit == expected
     busy(c, carried)
-    c.load(Load(running=12, waiting=4, kv_usage=0.9))
+    c.load(Load(running=12, waiting=1, kv_usage=0.9))
+    c.load(Load(running=12, waiting=4, kv_usage=0.9))  # the fewer of two readings: 1
     assert c.tick() == "decrease"
-    assert c.limit == 12  # 16 in flight x (12 running + 0 allowed) / (12 + 4)
+    assert c.limit == 14  # 16 in flight x (12 running + 0 allowed) / (12 + 1), floored
     assert not c.slow_start
-    carried.count = 12
+    carried.count = 14
     c.started()
     c.load(Load(running=12, waiting=0, kv_usage=0.9))
     assert c.tick() == "increase"
-    assert c.limit == 13  # near where it broke: probing by one
+    assert c.limit == 15  # near where it broke: probing by one
+
+
+def test_one_reading_of_a_request_waiting_is_not_a_queue() -> None:
+    c, carried = controller()
+    c.slow_start = False
+    c._limit = 10.0
+    for waiting in (0, 3, 0, 3):  # a request caught between steps, now and then
+        busy(c, carried)
+        c.load(Load(running=10, waiting=waiting, kv_usage=0.5))
+        assert c.tick() == "increase"
+    busy(c, carried)
+    c.load(Load(running=10, waiting=2, kv_usage=0.5))
+    assert c.tick() == "decrease"  # two readings in a row: a queue
 
 
 def test_an_unused_limit_is_not_raised() -> None:

@@ -6,8 +6,9 @@ Signals, whichever the server offers:
 - its Prometheus metrics (``Load.parse``): vLLM's ``vllm:num_requests_waiting`` /
   ``vllm:num_requests_running`` / ``vllm:kv_cache_usage_perc`` (older
   ``vllm:gpu_cache_usage_perc``), llama.cpp's ``llamacpp:requests_deferred`` /
-  ``llamacpp:requests_processing``: more waiting than ``target_waiting`` is saturation, a
-  full KV cache holds the limit where it is;
+  ``llamacpp:requests_processing``: more waiting than ``target_waiting`` in two readings in a
+  row is saturation (one request that arrived mid-step is not a queue), a full KV cache holds
+  the limit where it is;
 - the server saying it is full (a 429 or 503 answer): cut at once;
 - latency against its unloaded baseline (``Gradient``): time to first token, per size of
   prompt, and time per output token; an interval whose average is ``latency_tolerance`` times
@@ -133,6 +134,7 @@ class Controller:
         self.slow_start = True
         self.peak = 0  # most in flight since the last tick
         self.last_load: Load | None = None
+        self.previous_load: Load | None = None
         self.ttft: dict[int, Gradient] = {}  # by prompt size (a power of two)
         self.tpot = Gradient()
         self.answer = Gradient()  # non-streamed: seconds per output token, prefill and all
@@ -165,7 +167,15 @@ class Controller:
         self.peak = max(self.peak, self.in_flight())
 
     def load(self, load: Load | None) -> None:
-        self.last_load = load
+        """The interval's reading of the server's metrics (None: none)."""
+        self.previous_load, self.last_load = self.last_load, load
+
+    def _waiting(self) -> float | None:
+        """Requests waiting on the server in the last two readings, the fewer of the two: a
+        request that arrived during a step waits for the next one, and is not a queue."""
+        readings = (self.last_load, self.previous_load)
+        counts = [r.waiting for r in readings if r is not None and r.waiting is not None]
+        return min(counts) if len(counts) == 2 else None
 
     def latency(
         self,
@@ -222,11 +232,12 @@ class Controller:
         (from its metrics: running + target_waiting over running + waiting; else None),
         or None."""
         load = self.last_load
+        waiting = self._waiting()
         found: tuple[str, float | None] | None = None
-        if load is not None and load.waiting is not None and load.waiting > self.target_waiting:
+        if load is not None and waiting is not None and waiting > self.target_waiting:
             running = load.running or 0.0
-            share = (running + self.target_waiting) / (running + load.waiting)
-            found = f"{load.waiting:g} waiting on the server", share
+            share = (running + self.target_waiting) / (running + waiting)
+            found = f"{waiting:g} waiting on the server", share
         ratios = [(g.ratio(), "time to first token") for g in self.ttft.values()]
         ratios.append((self.tpot.ratio(), "time per output token"))
         ratios.append((self.answer.ratio(), "answer time per token"))
