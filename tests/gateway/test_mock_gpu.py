@@ -289,6 +289,8 @@ async def test_a_consumer_gone_aborts_and_closing_ends_generations_in_progress()
     assert server.model.reserved == 0
     with pytest.raises(GpuStopped):
         await second.wait()
+    async with server:  # it starts again, with an empty engine
+        assert [item async for item in generation_of(server, 1, 2)] == [(0, 1), (0, 2)]
 
 
 # --- HTTP, in process ------------------------------------------------------------------------

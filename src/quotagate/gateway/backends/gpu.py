@@ -238,6 +238,11 @@ class GpuModel:
         return sum(self.requests_finished.values())
 
     @property
+    def in_step(self) -> bool:
+        """A step has begun and not ended."""
+        return self._step is not None
+
+    @property
     def idle(self) -> bool:
         """Nothing runs and nothing waits."""
         return not self._running and not self._waiting
@@ -452,6 +457,8 @@ class GpuServer:
             for sequence in generation.sequences:
                 self.model.abort(sequence)
             generation._deliver(None)
+        if self.model.in_step:  # cancelled mid-step: end it, so that a restart can begin one
+            self.model.end_step()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -517,10 +524,11 @@ class GpuServer:
 
     def _deliver(self, ended: StepEnd) -> None:
         for sequence in ended.tokens:
-            generation, choice = self._owners[sequence.id]
-            generation._deliver((choice, sequence.generated))
+            if owner := self._owners.get(sequence.id):  # None: submitted to the model itself
+                generation, choice = owner
+                generation._deliver((choice, sequence.generated))
         for sequence in ended.finished:
-            del self._owners[sequence.id]
+            self._owners.pop(sequence.id, None)
 
 
 # --- /metrics --------------------------------------------------------------------------------
