@@ -280,7 +280,7 @@ class BackendPool:
             due = max(due + interval, loop.time())
             await asyncio.sleep(due - loop.time())
             try:
-                await self.adapt(interval)
+                await self.adapt(max(interval, 1.0))  # a busy server's metrics may be slow
             except Exception:  # one bad interval must never end the loop
                 logger.exception("quotagate: backend %s: adapting concurrency failed", self.name)
 
