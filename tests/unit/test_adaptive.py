@@ -100,12 +100,23 @@ def test_one_reading_of_a_request_waiting_is_not_a_queue() -> None:
     assert c.tick() == "decrease"  # two readings in a row: a queue
 
 
+def test_lower_tiers_using_all_they_may_raise_the_limit() -> None:
+    """A lower tier stops at the limit less its headroom: that is the limit in use, so it is
+    raised (else a gateway whose top tier is idle stays at min_concurrency for ever)."""
+    c, carried = controller(min_c=10, max_c=64, headroom=0.1)
+    c.slow_start = False
+    carried.count = c.below_top  # 9 of 10: all the lower tiers may have
+    c.started()
+    assert c.tick() == "increase"
+    assert c.limit > 10
+
+
 def test_an_unused_limit_is_not_raised() -> None:
-    c, carried = controller()
+    c, carried = controller(min_c=4)
     carried.count = 1
     c.started()
     assert c.tick() is None
-    assert c.limit == 2
+    assert c.limit == 4
 
 
 def test_a_full_kv_cache_holds_the_limit() -> None:

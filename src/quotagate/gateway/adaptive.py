@@ -216,8 +216,9 @@ class Controller:
         if load is not None and load.kv_usage is not None and load.kv_usage >= KV_FULL:
             self.reason = "KV cache full"
             return None
-        if peak < self.limit or self._limit >= self.max:
-            return None  # the limit is not what holds requests back
+        if peak < self.below_top or self._limit >= self.max:
+            return None  # the limit is not what holds requests back (lower tiers stop at
+            # below_top: that is them using all they may)
         if self.slow_start:
             self._limit = min(self.max, self._limit * 2)
         else:
