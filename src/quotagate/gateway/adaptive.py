@@ -123,14 +123,16 @@ class Controller:
         in_flight: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.min = min_concurrency
-        self.max = max(min_concurrency, max_concurrency)
-        self.target_waiting = target_waiting
-        self.headroom = headroom
-        self.tolerance = latency_tolerance
+        self._limit = float(min_concurrency)
+        self.configure(
+            min_concurrency=min_concurrency,
+            max_concurrency=max_concurrency,
+            target_waiting=target_waiting,
+            headroom=headroom,
+            latency_tolerance=latency_tolerance,
+        )
         self.in_flight = in_flight
         self.clock = clock
-        self._limit = float(self.min)
         self.slow_start = True
         self.peak = 0  # most in flight since the last tick
         self.last_load: Load | None = None
@@ -153,6 +155,21 @@ class Controller:
         """What the tiers below the highest priority may use: the limit less its headroom."""
         limit = int(self._limit)
         return max(1, limit - max(1, math.ceil(limit * self.headroom))) if self.headroom else limit
+
+    def configure(
+        self,
+        *,
+        min_concurrency: int,
+        max_concurrency: int,
+        target_waiting: int,
+        headroom: float,
+        latency_tolerance: float,
+    ) -> None:
+        """Take the settings (at start, and again on a reload: what it has learnt stays)."""
+        self.resize(min_concurrency, max_concurrency)
+        self.target_waiting = target_waiting
+        self.headroom = headroom
+        self.tolerance = latency_tolerance
 
     def resize(self, min_concurrency: int, max_concurrency: int) -> None:
         """A reload changed the bounds: the limit stays where it is, within them."""

@@ -97,21 +97,20 @@ class BackendPool:
         adaptive = self.spec.adaptive
         if adaptive is None:
             replica.controller = None
-        elif replica.controller is None:
+            return
+        if replica.controller is None:
             replica.controller = Controller(
                 min_concurrency=adaptive.min_concurrency,
                 max_concurrency=self.spec.max_concurrency,
-                target_waiting=adaptive.target_waiting,
-                headroom=adaptive.headroom,
-                latency_tolerance=adaptive.latency_tolerance,
                 in_flight=lambda: replica.in_flight,
             )
-        else:
-            controller = replica.controller
-            controller.resize(adaptive.min_concurrency, self.spec.max_concurrency)
-            controller.target_waiting = adaptive.target_waiting
-            controller.headroom = adaptive.headroom
-            controller.tolerance = adaptive.latency_tolerance
+        replica.controller.configure(
+            min_concurrency=adaptive.min_concurrency,
+            max_concurrency=self.spec.max_concurrency,
+            target_waiting=adaptive.target_waiting,
+            headroom=adaptive.headroom,
+            latency_tolerance=adaptive.latency_tolerance,
+        )
 
     def _gate_settings(self) -> None:
         spec = self.spec

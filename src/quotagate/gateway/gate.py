@@ -323,17 +323,21 @@ class ReplicaGate:
         replica.in_flight -= 1
         self.drain.tick()
         if self._queued:
-            self.dispatch()
+            self._serve()  # health is as it was: no waiter is stranded by a freed slot
 
     def redispatch_after(self, delay: float) -> None:
         """Run ``dispatch`` in ``delay`` seconds: a request sent back by a full server is
         tried again then, if no slot freed before (backing off)."""
-        asyncio.get_running_loop().call_later(delay, self.dispatch)
+        asyncio.get_running_loop().call_later(delay, self._serve)
 
     def dispatch(self) -> None:
         """Hand free slots to waiters in the queue's order; fail the waiters no healthy replica
-        is left for. Run when slots free, replicas come and go, or capacity changes."""
+        is left for. Run when replicas come and go or capacity changes."""
         self._fail_stranded()
+        self._serve()
+
+    def _serve(self) -> None:
+        """Hand free slots to waiters in the queue's order."""
         while self._queued:
             waiter = self._next_again()
             if waiter is None:
