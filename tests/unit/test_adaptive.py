@@ -193,6 +193,24 @@ def test_latency_far_above_its_baseline_is_saturation() -> None:
     assert "time per output token" in c.reason
 
 
+def test_latency_is_not_judged_where_the_metrics_count_the_servers_queue() -> None:
+    """A batch that grows is slower per token without being full: with a queue count in the
+    metrics (nothing waiting) slower tokens are no cut."""
+    c, carried = controller(latency_tolerance=2.0)
+    c.slow_start = False
+    c._limit = 20.0
+    for _ in range(3):
+        c.latency(100, ttft=0.05, tpot=0.02)
+    c.load(Load(running=2, waiting=0, kv_usage=0.1))
+    busy(c, carried)
+    assert c.tick() == "increase"
+    for _ in range(3):
+        c.latency(100, ttft=0.2, tpot=0.08)  # 4x: a bigger batch
+    c.load(Load(running=18, waiting=0, kv_usage=0.6))
+    busy(c, carried)
+    assert c.tick() == "increase"
+
+
 def test_time_to_first_token_is_compared_within_a_prompt_size() -> None:
     """Long prompts take longer to the first token: no saturation from mixing sizes."""
     c, carried = controller()

@@ -1,5 +1,5 @@
-"""A backend's queue within one priority: weighted deficit round robin over clients, costed in
-tokens, FIFO within a client; aging, bounds, and nothing left behind by a waiter that leaves."""
+"""A backend's queue within one priority: weighted fair queuing over clients, costed in tokens,
+FIFO within a client; aging, bounds, and nothing left behind by a waiter that leaves."""
 
 from __future__ import annotations
 
@@ -88,6 +88,48 @@ async def test_weights_three_to_one_serve_three_to_one() -> None:
     order = await serve_order(gate, pool[0], waiting, 40)
     gold = sum(1 for i in order if i < 30)
     assert gold == 30  # 3 of every 4 for 40 slots, exactly
+    for w in waiting:
+        w.cancel()
+
+
+async def test_a_client_that_sends_again_as_soon_as_served_keeps_its_weighted_share() -> None:
+    """A client with one request at a time (its next sent as soon as the last is served) gets
+    its weight's share against a client with many queued: its queue empties for an instant
+    after every turn, and that must not cost it its place."""
+    pool = one_replica()
+    gate = ReplicaGate(pool)
+    await gate.acquire(Ticket(0, "x"), 0)
+    waiting = await queue(gate, [Ticket(0, "tin", 10) for _ in range(40)])
+    gold: list[asyncio.Future[Any]] = []
+
+    async def send_gold() -> None:
+        gold.append(asyncio.ensure_future(gate.acquire(Ticket(0, "gold", 10, weight=3), 60)))
+        await settle()
+
+    await send_gold()
+    served_gold = 0
+    for _ in range(40):
+        gate.release(pool[0])
+        await settle()
+        if gold[-1].done():
+            served_gold += 1
+            await send_gold()
+    assert served_gold == 30  # 3 of every 4, as with both always queued
+    for w in [*waiting, *gold]:
+        w.cancel()
+
+
+async def test_a_client_whose_requests_all_timed_out_is_not_set_back() -> None:
+    pool = one_replica()
+    gate = ReplicaGate(pool)
+    await gate.acquire(Ticket(0, "x"), 0)
+    waiting = await queue(gate, [Ticket(0, "busy", 10) for _ in range(20)])
+    late = [asyncio.ensure_future(gate.acquire(Ticket(0, "late", 10), 0.01)) for _ in range(10)]
+    assert await asyncio.gather(*late) == [None] * 10
+    await serve_order(gate, pool[0], waiting, 2)
+    # Back after its ten timed out: served next, not behind ten turns it never had.
+    waiting += await queue(gate, [Ticket(0, "late", 10)])
+    assert await serve_order(gate, pool[0], waiting, 2) in ([20, 2], [2, 20])
     for w in waiting:
         w.cancel()
 

@@ -12,7 +12,9 @@ Signals, whichever the server offers:
 - the server saying it is full (a 429 or 503 answer): cut at once;
 - latency against its unloaded baseline (``Gradient``): time to first token, per size of
   prompt, and time per output token; an interval whose average is ``latency_tolerance`` times
-  the baseline is saturation. This is all a server with no metrics endpoint (Ollama) gives.
+  the baseline is saturation. This is all a server with no metrics endpoint (Ollama) gives, and
+  only such a server is judged by it: where the metrics count the server's queue, a batch that
+  grows (slower per token, but not full) is not cut.
 
 The rule is TCP's: slow start (doubling each interval) until the first saturation, then additive
 increase (``sqrt(limit)`` per interval, so a big limit recovers in seconds, not minutes) while
@@ -259,6 +261,8 @@ class Controller:
         ratios = [(g.ratio(), "time to first token") for g in self.ttft.values()]
         ratios.append((self.tpot.ratio(), "time per output token"))
         ratios.append((self.answer.ratio(), "answer time per token"))
+        if load is not None and load.waiting is not None:
+            return found  # its queue says it: a batch that grows is slower per token, not full
         for ratio, name in ratios:
             if found is None and ratio is not None and ratio > self.tolerance:
                 found = f"{name} {ratio:.1f}x its unloaded baseline", None

@@ -9,11 +9,10 @@ the queue timeout, and each slot that frees on ANY replica goes to the next wait
    was full), in arrival order;
 2. with ``max_queue_wait_ms``, a request that has waited that long, whatever its priority
    (so a lower tier is never starved for ever);
-3. the highest tier ``priority`` waiting, strictly; within one priority, weighted deficit round
-   robin over clients (``_Level``): each client's turn earns ``quantum x weight`` tokens of
-   credit and serves its requests, FIFO, while their cost (prompt estimate + reserved output)
-   fits the credit. The quantum is the largest cost the level has seen, so every turn serves at
-   least one request when weights are 1: O(1) per decision.
+3. the highest tier ``priority`` waiting, strictly; within one priority, weighted fair queuing
+   over clients (``_Level``), costed in tokens (prompt estimate + reserved output): each client
+   is served in proportion to its weight, FIFO within one, with the shares of weighted deficit
+   round robin, in O(log n) per decision.
 
 A client that queues 100 requests therefore cannot make another client of its priority wait
 behind them: the other's next request is served within one round. Memory is bounded by
@@ -29,6 +28,7 @@ lower-tier request waits.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import time
 from collections import OrderedDict
@@ -113,7 +113,7 @@ class Ticket:
 
 
 class _Waiter:
-    __slots__ = ("exclude", "future", "queued", "seq", "since", "ticket")
+    __slots__ = ("exclude", "finish", "future", "queued", "seq", "since", "start", "ticket")
 
     def __init__(
         self,
@@ -129,32 +129,41 @@ class _Waiter:
         self.seq = seq
         self.since = since
         self.queued = True
+        self.start = self.finish = 0.0  # virtual times, within its priority (``_Level``)
 
 
 class _Flow:
-    """One client's waiters within one priority, and its deficit (tokens of credit)."""
+    """One client's place within one priority: its waiters, and the virtual time its last one
+    finishes (where its next one starts)."""
 
-    __slots__ = ("credited", "deficit", "waiters", "weight")
+    __slots__ = ("finish", "served", "waiting")
 
-    def __init__(self, weight: float) -> None:
-        self.waiters: OrderedDict[int, _Waiter] = OrderedDict()
-        self.deficit = 0.0
-        self.credited = False  # its current turn's quantum is in ``deficit``
-        self.weight = weight
-
-    def head(self) -> _Waiter:
-        return next(iter(self.waiters.values()))
+    def __init__(self) -> None:
+        self.finish = 0.0
+        self.served = 0.0  # the finish of its last waiter served
+        self.waiting = 0
 
 
 class _Level:
-    """One priority's waiters: weighted deficit round robin over clients, FIFO within one."""
+    """One priority's waiters: weighted start-time fair queuing over clients, FIFO within one.
 
-    __slots__ = ("by_age", "flows", "quantum")
+    Each waiter gets a start tag, ``max(vtime, its client's finish)``, and moves its client's
+    finish on by ``cost / weight``; the lowest start is served next (arrival breaks ties) and
+    ``vtime`` becomes its start. A client that keeps requests waiting is served in proportion to
+    its weight, in tokens; one that comes back the moment its last was served keeps its place
+    (its finish is ahead of ``vtime``), which plain round robin loses when a queue empties for
+    an instant; one that was away starts at ``vtime``, with no credit saved up. The same shares
+    as weighted deficit round robin, in O(log n) per decision.
+    """
+
+    __slots__ = ("by_age", "flows", "heap", "idle", "vtime")
 
     def __init__(self) -> None:
-        self.flows: OrderedDict[str, _Flow] = OrderedDict()  # in turn order, the current first
+        self.flows: dict[str, _Flow] = {}
+        self.heap: list[tuple[float, int, _Waiter]] = []  # (start, seq): served ones linger
         self.by_age: OrderedDict[int, _Waiter] = OrderedDict()
-        self.quantum = 1
+        self.idle: list[tuple[float, str]] = []  # (finish, client) of flows left with none
+        self.vtime = 0.0
 
     def __len__(self) -> int:
         return len(self.by_age)
@@ -163,54 +172,50 @@ class _Level:
         ticket = waiter.ticket
         flow = self.flows.get(ticket.client)
         if flow is None:
-            flow = self.flows[ticket.client] = _Flow(ticket.weight)
-        flow.weight = ticket.weight
-        flow.waiters[waiter.seq] = waiter
+            flow = self.flows[ticket.client] = _Flow()
+        waiter.start = max(self.vtime, flow.finish)
+        flow.finish = waiter.finish = waiter.start + ticket.cost / ticket.weight
+        flow.waiting += 1
+        heapq.heappush(self.heap, (waiter.start, waiter.seq, waiter))
         self.by_age[waiter.seq] = waiter
-        self.quantum = max(self.quantum, ticket.cost)
 
     def next(self) -> _Waiter:
-        """The waiter served next (not taken yet): the current client's head while its credit
-        covers it, else the next client's turn."""
-        flows = self.flows
-        passes = 0
-        while True:
-            client, flow = next(iter(flows.items()))
-            if not flow.credited:
-                flow.deficit += self.quantum * flow.weight
-                flow.credited = True
-            head = flow.head()
-            if head.ticket.cost <= flow.deficit:
-                return head
-            flow.credited = False
-            flows.move_to_end(client)
-            passes += 1
-            if passes >= len(flows):  # a whole round served no one (weights below 1)
-                self._skip_rounds()
-                passes = 0
-
-    def _skip_rounds(self) -> None:
-        """Credit every client the rounds that would pass before the first of them can be
-        served, at once: O(clients) instead of O(rounds x clients)."""
-        rounds = min(
-            (flow.head().ticket.cost - flow.deficit) / (self.quantum * flow.weight)
-            for flow in self.flows.values()
-        )
-        whole = max(0, math.ceil(rounds) - 1)
-        for flow in self.flows.values():
-            flow.deficit += whole * self.quantum * flow.weight
+        """The waiter served next (not taken yet)."""
+        heap = self.heap
+        while not heap[0][2].queued:
+            heapq.heappop(heap)
+        return heap[0][2]
 
     def remove(self, waiter: _Waiter, *, served: bool) -> None:
-        """Take ``waiter`` out; ``served`` charges its cost to its client. A client left with
-        no waiter leaves the round, its credit with it."""
+        """Take ``waiter`` out; ``served`` moves virtual time to its start. A client whose
+        waiters all left unserved (timed out, went away) is where its last served one put it."""
         client = waiter.ticket.client
         flow = self.flows[client]
-        del flow.waiters[waiter.seq]
         del self.by_age[waiter.seq]
+        flow.waiting -= 1
         if served:
-            flow.deficit -= waiter.ticket.cost
-        if not flow.waiters:
-            del self.flows[client]
+            self.vtime = max(self.vtime, waiter.start)
+            flow.served = waiter.finish
+        if not flow.waiting:
+            flow.finish = flow.served
+            if flow.finish <= self.vtime:
+                del self.flows[client]
+            else:
+                heapq.heappush(self.idle, (flow.finish, client))
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what no longer counts: clients with none waiting whose place virtual time has
+        passed, and the heap entries of waiters gone (once they outnumber the live ones)."""
+        idle, flows, vtime = self.idle, self.flows, self.vtime
+        while idle and idle[0][0] <= vtime:
+            _, client = heapq.heappop(idle)
+            flow = flows.get(client)
+            if flow is not None and not flow.waiting and flow.finish <= vtime:
+                del flows[client]
+        if len(self.heap) > 2 * len(self.by_age) + 64:
+            self.heap = [entry for entry in self.heap if entry[2].queued]
+            heapq.heapify(self.heap)
 
     def oldest(self) -> _Waiter:
         return next(iter(self.by_age.values()))
@@ -261,7 +266,8 @@ class ReplicaGate:
 
     def clients(self) -> int:
         """Clients with a request waiting (a test's view of what the queue holds)."""
-        return sum(len(level.flows) for level in self._levels.values()) + len(self._again)
+        waiting = (f for level in self._levels.values() for f in level.flows.values() if f.waiting)
+        return sum(1 for _ in waiting) + len(self._again)
 
     def healthy(self, exclude: Collection[Replica] = ()) -> bool:
         return any(r.serving and r not in exclude for r in self.replicas)
