@@ -75,14 +75,14 @@ def test_slow_start_doubles_then_a_saturation_ends_it() -> None:
         assert c.tick() == "increase"
         assert c.limit == expected
     busy(c, carried)
-    c.load(Load(running=12, waiting=1, kv_usage=0.9))
-    c.load(Load(running=12, waiting=4, kv_usage=0.9))  # the fewer of two readings: 1
+    c.load(Load(running=12, waiting=1, kv_usage=0.4))
+    c.load(Load(running=12, waiting=4, kv_usage=0.4))  # the fewer of two readings: 1
     assert c.tick() == "decrease"
     assert c.limit == 14  # 16 in flight x (12 running + 0 allowed) / (12 + 1), floored
     assert not c.slow_start
     carried.count = 14
     c.started()
-    c.load(Load(running=12, waiting=0, kv_usage=0.9))
+    c.load(Load(running=12, waiting=0, kv_usage=0.4))
     assert c.tick() == "increase"
     assert c.limit == 15  # near where it broke: probing by one
 
@@ -93,10 +93,10 @@ def test_one_reading_of_a_request_waiting_is_not_a_queue() -> None:
     c._limit = 10.0
     for waiting in (0, 3, 0, 3):  # a request caught between steps, now and then
         busy(c, carried)
-        c.load(Load(running=10, waiting=waiting, kv_usage=0.5))
+        c.load(Load(running=10, waiting=waiting, kv_usage=0.4))
         assert c.tick() == "increase"
     busy(c, carried)
-    c.load(Load(running=10, waiting=2, kv_usage=0.5))
+    c.load(Load(running=10, waiting=2, kv_usage=0.4))
     assert c.tick() == "decrease"  # two readings in a row: a queue
 
 
@@ -126,6 +126,38 @@ def test_a_full_kv_cache_holds_the_limit() -> None:
     assert c.tick() is None
     assert c.limit == 2
     assert c.reason == "KV cache full"
+
+
+def test_the_limit_stays_within_what_the_kv_cache_holds() -> None:
+    """40 running fill 80% of the cache: it holds 50. A limit above that is cut to it (the
+    rest would queue on the server, where the highest priority cannot pass them), and raised
+    no further while the cache says so; lower tiers then leave the headroom free in the cache."""
+    c, carried = controller(min_c=2, max_c=128, headroom=0.1)
+    c._limit = 64.0
+    busy(c, carried)
+    c.load(Load(running=40, waiting=0, kv_usage=0.8))
+    assert c.tick() == "decrease"
+    assert c.limit == 50
+    assert not c.slow_start
+    assert c.below_top == 45  # 5 of the 50 the cache holds are the highest priority's
+    carried.count = 45
+    c.started()
+    c.load(Load(running=45, waiting=0, kv_usage=0.9))
+    assert c.tick() is None  # in use, but all the cache holds
+    assert c.limit == 50
+    c.load(Load(running=45, waiting=0, kv_usage=0.75))  # shorter requests now: 60 fit
+    carried.count = 45
+    c.started()
+    assert c.tick() == "increase"
+    assert 50 < c.limit <= 60
+
+
+def test_a_cache_less_than_half_full_does_not_cap_the_limit() -> None:
+    c, carried = controller(min_c=8, max_c=64)
+    busy(c, carried)
+    c.load(Load(running=8, waiting=0, kv_usage=0.4))
+    assert c.tick() == "increase"
+    assert c.limit == 16
 
 
 def test_a_full_answer_cuts_at_once_but_not_again_while_draining() -> None:
@@ -193,9 +225,10 @@ def test_latency_far_above_its_baseline_is_saturation() -> None:
     assert "time per output token" in c.reason
 
 
-def test_latency_is_not_judged_where_the_metrics_count_the_servers_queue() -> None:
-    """A batch that grows is slower per token without being full: with a queue count in the
-    metrics (nothing waiting) slower tokens are no cut."""
+def test_first_token_time_is_not_judged_where_the_metrics_count_the_servers_queue() -> None:
+    """When a request arrives within a decode step swings its first token by a step: with a
+    queue count in the metrics (nothing waiting), a later first token is no cut; a slower
+    token after it still is."""
     c, carried = controller(latency_tolerance=2.0)
     c.slow_start = False
     c._limit = 20.0
@@ -205,10 +238,15 @@ def test_latency_is_not_judged_where_the_metrics_count_the_servers_queue() -> No
     busy(c, carried)
     assert c.tick() == "increase"
     for _ in range(3):
-        c.latency(100, ttft=0.2, tpot=0.08)  # 4x: a bigger batch
-    c.load(Load(running=18, waiting=0, kv_usage=0.6))
+        c.latency(100, ttft=0.2, tpot=0.03)  # first tokens 4x later, tokens 1.5x slower
+    c.load(Load(running=18, waiting=0, kv_usage=0.3))
     busy(c, carried)
     assert c.tick() == "increase"
+    for _ in range(3):
+        c.latency(100, ttft=0.05, tpot=0.05)  # 2.5x per token: a batch past the knee
+    busy(c, carried)
+    assert c.tick() == "decrease"
+    assert "time per output token" in c.reason
 
 
 def test_time_to_first_token_is_compared_within_a_prompt_size() -> None:

@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import pytest
 
+from quotagate.gateway.adaptive import Controller
 from quotagate.gateway.gate import QueueFull, Replica, ReplicaGate, Ticket
 
 
@@ -163,6 +164,24 @@ async def test_weights_below_one_are_served_in_proportion_without_spinning() -> 
     )
     order = await serve_order(gate, pool[0], waiting, 9)
     assert sum(1 for i in order if i >= 6) == 6  # b: twice a's share while both wait
+    for w in waiting:
+        w.cancel()
+
+
+async def test_the_highest_priority_takes_its_headroom_at_once_past_lower_waiters() -> None:
+    """Lower tiers fill all they may (the limit less its headroom) and more of them wait: a
+    request of the highest priority takes the headroom's slot on arrival, not when one of
+    theirs next finishes."""
+    pool = one_replica(10)
+    pool[0].controller = Controller(min_concurrency=10, max_concurrency=10, headroom=0.1)
+    gate = ReplicaGate(pool)
+    gate.top = 10
+    held = [await gate.acquire(Ticket(1, "free"), 0) for _ in range(9)]
+    assert all(r is pool[0] for r in held)
+    waiting = await queue(gate, [Ticket(1, "free") for _ in range(5)])
+    assert gate.queued == 5  # 9 of 10: the lower tiers' share is full
+    assert await gate.acquire(Ticket(10, "pro"), 0) is pool[0]  # no wait at all
+    assert gate.queued == 5
     for w in waiting:
         w.cancel()
 

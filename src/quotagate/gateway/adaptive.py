@@ -7,14 +7,16 @@ Signals, whichever the server offers:
   ``vllm:num_requests_running`` / ``vllm:kv_cache_usage_perc`` (older
   ``vllm:gpu_cache_usage_perc``), llama.cpp's ``llamacpp:requests_deferred`` /
   ``llamacpp:requests_processing``: more waiting than ``target_waiting`` in two readings in a
-  row is saturation (one request that arrived mid-step is not a queue), a full KV cache holds
-  the limit where it is;
+  row is saturation (one request that arrived mid-step is not a queue); the requests its KV
+  cache holds (those running over the share of the cache they fill) cap the limit, so the
+  headroom kept for the highest priority is room in the cache, not a place in its queue;
 - the server saying it is full (a 429 or 503 answer): cut at once;
 - latency against its unloaded baseline (``Gradient``): time to first token, per size of
   prompt, and time per output token; an interval whose average is ``latency_tolerance`` times
-  the baseline is saturation. This is all a server with no metrics endpoint (Ollama) gives, and
-  only such a server is judged by it: where the metrics count the server's queue, a batch that
-  grows (slower per token, but not full) is not cut.
+  the baseline is saturation: a batch grown past where the server's throughput stops rising
+  only makes every request slower. Time to first token (which swings by a decode step with
+  when a request arrives) is judged only where no metrics count the server's queue; it is all
+  the queue signal a server with no metrics endpoint (Ollama) gives.
 
 The rule is TCP's: slow start (doubling each interval) until the first saturation, then additive
 increase (``sqrt(limit)`` per interval, so a big limit recovers in seconds, not minutes) while
@@ -231,21 +233,40 @@ class Controller:
         if saturated is not None:
             why, share = saturated
             return "decrease" if self._decrease(why, share) else None
+        capacity = self._capacity()
+        if capacity is not None and self._limit > capacity:
+            self.slow_start = False
+            self.ceiling = capacity
+            self._limit = float(capacity)
+            self.reason = f"its KV cache holds about {capacity}"
+            return "decrease"
         load = self.last_load
         if load is not None and load.kv_usage is not None and load.kv_usage >= KV_FULL:
             self.reason = "KV cache full"
             return None
-        if peak < self.below_top or self._limit >= self.max:
+        ceiling = self.max if capacity is None else min(self.max, capacity)
+        if peak < self.below_top or self._limit >= ceiling:
             return None  # the limit is not what holds requests back (lower tiers stop at
-            # below_top: that is them using all they may)
+            # below_top: that is them using all they may), or it is all the server holds
         if self.slow_start:
-            self._limit = min(self.max, self._limit * 2)
+            self._limit = min(ceiling, self._limit * 2)
         else:
             near = self.ceiling is not None and 0.9 <= self._limit / self.ceiling <= 1.1
             step = 1.0 if near else max(1.0, math.sqrt(self._limit))  # probe where it broke
-            self._limit = min(self.max, self._limit + step)
+            self._limit = min(ceiling, self._limit + step)
         self.reason = "keeping up"
         return "increase"
+
+    def _capacity(self) -> int | None:
+        """Requests the server holds at once, from its last reading: those it runs over the
+        share of its KV cache they fill, plus ``target_waiting``. The limit stays within it, so
+        the headroom is room in the cache for the highest priority, not a place in the server's
+        queue behind the others. None when the server does not say (or its cache is less than
+        half full: too little to tell from)."""
+        load = self.last_load
+        if load is None or not load.running or load.kv_usage is None or load.kv_usage < 0.5:
+            return None
+        return max(self.min, math.floor(load.running / load.kv_usage) + self.target_waiting)
 
     def _saturated(self) -> tuple[str, float | None] | None:
         """Why the server is saturated now, and the share of what is in flight it can take
@@ -259,10 +280,10 @@ class Controller:
             share = (running + self.target_waiting) / (running + waiting)
             found = f"{waiting:g} waiting on the server", share
         ratios = [(g.ratio(), "time to first token") for g in self.ttft.values()]
+        if load is not None and load.waiting is not None:
+            ratios = []  # its queue is counted: a first token's wait is told better by that
         ratios.append((self.tpot.ratio(), "time per output token"))
         ratios.append((self.answer.ratio(), "answer time per token"))
-        if load is not None and load.waiting is not None:
-            return found  # its queue says it: a batch that grows is slower per token, not full
         for ratio, name in ratios:
             if found is None and ratio is not None and ratio > self.tolerance:
                 found = f"{name} {ratio:.1f}x its unloaded baseline", None

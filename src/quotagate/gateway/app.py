@@ -81,6 +81,11 @@ logger = logging.getLogger("quotagate")
 
 _T = TypeVar("_T")
 
+#: A stream's time per token goes to the adaptive controller after this many events, not at
+#: its end: a long answer's end is many seconds after the batch it measured (slow start would
+#: have doubled the limit past the unloaded batch before any baseline was learnt).
+TPOT_EVENTS = 16
+
 
 class Gateway:
     """The gateway's state and request pipeline; ``create_app`` wraps it in FastAPI."""
@@ -526,14 +531,25 @@ class Gateway:
         if client_model is not None:
             relay.rename(str(body["model"]), client_model)
 
+        controller = replica.controller
+
         async def body_iterator() -> AsyncIterator[bytes]:
             # The events of one upstream read go out in one write, not one write each.
             outcome = "ok"  # a client that leaves mid-stream is no fault of the replica's
+            timed = controller is None  # its time per token is told early, once
+            events_seen = 0
             try:
                 if out := relay.feed(first):
                     yield b"".join(out)
                 async for chunk in events:
                     if out := relay.feed(chunk):
+                        if not timed:
+                            events_seen += len(out)
+                            if events_seen >= TPOT_EVENTS:
+                                per_token = (time.perf_counter() - streaming) / events_seen
+                                assert controller is not None
+                                controller.latency(admission.prompt, tpot=per_token)
+                                timed = True
                         yield b"".join(out)
                 if out := relay.flush():
                     yield b"".join(out)
@@ -544,10 +560,10 @@ class Gateway:
             finally:
                 self.metrics.upstream(pool.name, replica.label, outcome)
                 used = relay.used()
-                if replica.controller is not None and outcome == "ok":
+                if controller is not None and outcome == "ok":
                     rest = used.completion - 1
-                    per_token = (time.perf_counter() - streaming) / rest if rest > 0 else None
-                    replica.controller.latency(used.prompt, ttft=first_byte, tpot=per_token)
+                    tpot = (time.perf_counter() - streaming) / rest if rest > 0 else None
+                    controller.latency(used.prompt, ttft=first_byte, tpot=None if timed else tpot)
                 await self._finish(admission, pool, replica, used=used, upstream=events)
 
         response = StreamingResponse(body_iterator(), media_type="text/event-stream")

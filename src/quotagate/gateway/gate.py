@@ -293,8 +293,10 @@ class ReplicaGate:
             ticket = Ticket(ticket)
         top = ticket.priority >= self.top
         # Sent back by a full server: straight to another replica with room, else the head of
-        # the queue, to wait for a slot that frees (not the one that was just refused).
-        if (not again and not self._queued) or exclude:
+        # the queue, to wait for a slot that frees (not the one that was just refused). A new
+        # request takes a slot at once unless someone it must not pass waits: a free slot that
+        # the queue has not taken is one no waiter could (the headroom of the highest priority).
+        if (not again and not self._ahead(ticket.priority)) or exclude:
             replica = self._pick(exclude, top)
             if replica is not None:
                 replica.in_flight += 1
@@ -323,6 +325,10 @@ class ReplicaGate:
         except asyncio.CancelledError:
             self._abandon(waiter)
             raise
+
+    def _ahead(self, priority: int) -> bool:
+        """Whether a waiter would be served before a new request of ``priority``."""
+        return bool(self._again) or any(p >= priority for p in self._levels)
 
     def release(self, replica: Replica) -> None:
         """Give a slot back; a waiter takes it (or another replica's, if it excluded this one)."""
