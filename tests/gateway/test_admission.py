@@ -183,3 +183,31 @@ def test_bad_adaptive_settings_are_refused_naming_the_field(tmp_path: Path) -> N
     path.write_text(config(adaptive=ADAPTIVE.replace('""', '"ftp://x"')), "utf-8")
     with pytest.raises(ConfigError, match="metrics_url"):
         load_config(str(path), environ={})
+
+
+async def test_a_streams_time_per_token_is_told_16_events_in_and_once(tmp_path: Path) -> None:
+    """The controller learns a stream's time per token 16 events into it (the batch it joined,
+    not seconds later at its end), and its time to first token at the end: each once."""
+    replicas = Replicas(A)
+    app = app_of(tmp_path, replicas, config(adaptive=ADAPTIVE))
+    controller = app.state.gateway.fleet.pools["big"].replicas[0].controller
+    told: list[tuple[float | None, float | None]] = []
+
+    def latency(prompt: int, *, ttft: float | None = None, tpot: float | None = None) -> None:
+        told.append((ttft, tpot))
+
+    controller.latency = latency
+    async with in_process(app) as client:
+        answer = await ask(client, stream=True, max_tokens=40)
+        assert answer.status_code == 200
+        short = await ask(client, stream=True, max_tokens=3)
+        assert short.status_code == 200
+    assert len(told) == 3
+    (early_ttft, early_tpot), (end_ttft, end_tpot), (short_ttft, short_tpot) = told
+    assert early_ttft is None
+    assert early_tpot is not None
+    assert early_tpot >= 0
+    assert end_ttft is not None
+    assert end_tpot is None  # not a second time
+    assert short_ttft is not None
+    assert short_tpot is not None  # too short to tell early
