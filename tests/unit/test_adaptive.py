@@ -75,14 +75,14 @@ def test_slow_start_doubles_then_a_saturation_ends_it() -> None:
         assert c.tick() == "increase"
         assert c.limit == expected
     busy(c, carried)
-    c.load(Load(running=12, waiting=1, kv_usage=0.4))
-    c.load(Load(running=12, waiting=4, kv_usage=0.4))  # the fewer of two readings: 1
+    c.load(Load(running=12, waiting=1, kv_usage=None))
+    c.load(Load(running=12, waiting=4, kv_usage=None))  # the fewer of two readings: 1
     assert c.tick() == "decrease"
     assert c.limit == 14  # 16 in flight x (12 running + 0 allowed) / (12 + 1), floored
     assert not c.slow_start
     carried.count = 14
     c.started()
-    c.load(Load(running=12, waiting=0, kv_usage=0.4))
+    c.load(Load(running=12, waiting=0, kv_usage=None))
     assert c.tick() == "increase"
     assert c.limit == 15  # near where it broke: probing by one
 
@@ -98,6 +98,44 @@ def test_one_reading_of_a_request_waiting_is_not_a_queue() -> None:
     busy(c, carried)
     c.load(Load(running=10, waiting=2, kv_usage=0.4))
     assert c.tick() == "decrease"  # two readings in a row: a queue
+
+
+def test_a_limit_not_in_use_is_not_cut_by_what_the_server_says() -> None:
+    """4 in flight under a limit of 8: requests caught mid-step in two readings, or slower
+    tokens, are not the limit's doing; cutting it would only queue the next burst here."""
+    c, carried = controller(min_c=2, max_c=64)
+    c.slow_start = False
+    c._limit = 8.0
+    for _ in range(3):
+        c.latency(100, tpot=0.02)
+    carried.count = 4
+    c.started()
+    c.load(Load(running=3, waiting=1, kv_usage=0.1))
+    c.tick()
+    for _ in range(3):
+        c.latency(100, tpot=0.08)
+    c.load(Load(running=3, waiting=1, kv_usage=0.1))
+    c.started()
+    assert c.tick() is None
+    assert c.limit == 8
+
+
+def test_a_few_waiting_that_the_kv_cache_has_room_for_are_between_steps() -> None:
+    """At many requests a second some are always between steps: one or two waiting with room
+    in the cache, in reading after reading, are no queue; more than a tenth of the batch, or
+    more than the cache has room for, is one."""
+    c, carried = controller(min_c=2, max_c=256)
+    c.slow_start = False
+    c._limit = 100.0
+    for _ in range(3):
+        busy(c, carried)
+        c.load(Load(running=80, waiting=2, kv_usage=0.5))  # room for 80 more
+        assert c.tick() == "increase"
+    busy(c, carried)
+    c.load(Load(running=80, waiting=12, kv_usage=0.5))
+    busy(c, carried)
+    c.load(Load(running=80, waiting=12, kv_usage=0.5))
+    assert c.tick() == "decrease"
 
 
 def test_lower_tiers_using_all_they_may_raise_the_limit() -> None:

@@ -21,8 +21,10 @@ Signals, whichever the server offers:
 The rule is TCP's: slow start (doubling each interval) until the first saturation, then additive
 increase (``sqrt(limit)`` per interval, so a big limit recovers in seconds, not minutes) while
 the limit is in use and nothing says the server is full, and multiplicative decrease (x0.75)
-when something does. A cut is not repeated while the requests of the last one drain (more in
-flight than the new limit): what the server says in that time is the past.
+when something does, while the limit is in use: at light load a request that arrived mid-step
+looks like a queue, and a cut would only make the next burst wait in the gateway. A cut is not
+repeated while the requests of the last one drain (more in flight than the new limit): what
+the server says in that time is the past. A 429 or 503 cuts at once, in use or not.
 """
 
 from __future__ import annotations
@@ -195,8 +197,20 @@ class Controller:
         """Requests waiting on the server in the last two readings, the fewer of the two: a
         request that arrived during a step waits for the next one, and is not a queue."""
         readings = (self.last_load, self.previous_load)
-        counts = [r.waiting for r in readings if r is not None and r.waiting is not None]
+        counts = [self._queued(r) for r in readings if r is not None and r.waiting is not None]
         return min(counts) if len(counts) == 2 else None
+
+    @staticmethod
+    def _queued(load: Load) -> float:
+        """What of a reading's waiting is a queue. A few requests that the KV cache has room
+        for (at the running ones' average size) are between steps: the next one takes them.
+        At many requests a second some are always between steps, so two readings in a row
+        do not tell them from a queue; a real queue outgrows a tenth of the batch."""
+        waiting, running, kv = load.waiting or 0.0, load.running, load.kv_usage
+        if not waiting or not running or kv is None or kv <= 0:
+            return waiting
+        room = (1.0 - kv) / (kv / running)  # requests of the average size that still fit
+        return 0.0 if waiting <= min(room, max(1.0, running / 10)) else waiting
 
     def latency(
         self,
@@ -230,7 +244,9 @@ class Controller:
         """One interval's decision: ``"decrease"``, ``"increase"`` or None (held)."""
         saturated = self._saturated()
         peak, self.peak = max(self.peak, self.in_flight()), 0
-        if saturated is not None:
+        # lower tiers stop at below_top: that is them using all they may
+        in_use = peak >= self.below_top
+        if saturated is not None and in_use:  # else the limit is not what feeds the server
             why, share = saturated
             return "decrease" if self._decrease(why, share) else None
         capacity = self._capacity()
@@ -245,9 +261,8 @@ class Controller:
             self.reason = "KV cache full"
             return None
         ceiling = self.max if capacity is None else min(self.max, capacity)
-        if peak < self.below_top or self._limit >= ceiling:
-            return None  # the limit is not what holds requests back (lower tiers stop at
-            # below_top: that is them using all they may), or it is all the server holds
+        if not in_use or self._limit >= ceiling:
+            return None  # the limit is not what holds requests back, or all the server holds
         if self.slow_start:
             self._limit = min(ceiling, self._limit * 2)
         else:
