@@ -73,7 +73,13 @@ Scenarios (``--only NAME,...``; all by default):
               what the KV holds, so the mock's own queue fills). Target (ours): flooded p99
               TTFT at most 2x the unloaded p99 (pro alone, through the same gateway); pro
               alone behind a fixed limit (the model server's own latency) is printed beside
-              it. The p99 is also given for each half of the window
+              it. The p99 is also given for each half of the window. A closed loop bounds the
+              mock's queue by the number of streams; so the same again with an OPEN-loop flood
+              (100 new requests a second, 3x what the mock completes, whatever happens to
+              them): FIFO behind a limit no queue reaches (4096) lets the mock's own queue grow
+              for as long as the flood lasts, and pro waits behind all of it (the queue by
+              quarter of the window, and pro's oldest request still waiting at its end); ours
+              keeps pro's p99 within the same 2x
 
 A share target "+-10%" is read as relative to the weighted share, for every key: a 25% share
 must be 22.5-27.5%, its 75% peer 67.5-82.5% (the deviation is printed, so the other reading,
@@ -131,6 +137,7 @@ from quotagate.testing import ServerProcess, http_status
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_SEEDS = itertools.count()  # each stream draws its own answer lengths, repeatably
+REQUEST_IDS = itertools.count()
 BASELINE_COMMIT = "a8e6d93"  # the gateway before fair queuing: FIFO within one priority
 GATEWAY_CORE = 0
 LOAD_CORE = 1  # the mock and this script
@@ -225,6 +232,7 @@ class Client:
     prompt_tokens: int
     max_tokens: int
     spread: int = 0  # each request's max_tokens is drawn from max_tokens +- spread
+    rate: float = 0.0  # > 0: open loop, this many new requests a second (``streams`` unused)
 
     @property
     def lengths(self) -> range:
@@ -547,6 +555,8 @@ class ClientStats:
     queue_ms: list[float] = field(default_factory=list)  # x-quotagate-queue-ms, admitted in window
     errors: Counter[str] = field(default_factory=Counter)
     usage_mismatch: int = 0  # answers whose events differ from their usage chunk
+    pending: dict[int, float] = field(default_factory=dict)  # sent, no first token yet
+    oldest_wait: float | None = None  # at the window's end: the longest a request had waited
 
 
 async def one_request(
@@ -559,7 +569,23 @@ async def one_request(
 ) -> bool:
     """Send one streamed completion and read it to its end; whether the connection stays open."""
     sent = time.monotonic()
-    writer.write(request)
+    ticket = next(REQUEST_IDS)
+    stats.pending[ticket] = sent
+    try:
+        writer.write(request)
+        return await read_answer(reader, sent, ticket, client, stats, window)
+    finally:
+        stats.pending.pop(ticket, None)
+
+
+async def read_answer(
+    reader: asyncio.StreamReader,
+    sent: float,
+    ticket: int,
+    client: Client,
+    stats: ClientStats,
+    window: Window,
+) -> bool:
     status, headers = await read_head(reader)
     keep = headers.get("connection", "").lower() != "close"
     if status != 200:
@@ -581,6 +607,8 @@ async def one_request(
             # The mock's content events carry one token each; the role event's content is "".
             at = event.find(b'"content":"')
             if at >= 0 and event[at + 11 : at + 12] != b'"':
+                if events == 0:
+                    stats.pending.pop(ticket, None)
                 if events == 0 and now in window:
                     stats.admitted += 1
                     stats.prompt += client.prompt_tokens
@@ -597,6 +625,41 @@ async def one_request(
     elif usage["prompt_tokens"] != client.prompt_tokens:
         stats.errors[f"prompt_tokens {usage['prompt_tokens']} != {client.prompt_tokens}"] += 1
     return keep
+
+
+async def open_loop(port: int, client: Client, stats: ClientStats, window: Window) -> None:
+    """Requests arriving at ``client.rate`` a second whatever happens to them (each on a
+    connection of its own), until the window ends: a queue fed faster than it drains grows."""
+    requests = [client.request(port, n) for n in client.lengths]
+    draw = random.Random(f"{client.name}-open").choice
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        try:
+            reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        except OSError as exc:
+            stats.errors[f"connect: {type(exc).__name__}"] += 1
+            return
+        try:
+            await one_request(reader, writer, draw(requests), client, stats, window)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            stats.errors[type(exc).__name__] += 1
+        finally:
+            writer.close()
+
+    started = time.monotonic()
+    sent = 0
+    try:
+        while time.monotonic() < window.end:
+            task = asyncio.create_task(one())
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            sent += 1
+            await asyncio.sleep(max(0.0, started + sent / client.rate - time.monotonic()))
+    finally:
+        for task in list(pending):
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def stream_loop(port: int, client: Client, stats: ClientStats, window: Window) -> None:
@@ -718,12 +781,14 @@ class Run:
             return None
         return (points[-1][1] - points[0][1]) / (points[-1][0] - points[0][0])
 
-    def ttft(self, name: str, half: int | None = None) -> list[float]:
-        """TTFT seconds of ``name``'s requests, all or in the first (0) or second (1) half."""
+    def ttft(self, name: str, part: int | None = None, parts: int = 2) -> list[float]:
+        """TTFT seconds of ``name``'s requests, all or in one ``part`` (0 first) of the window
+        cut in ``parts`` by when their first token came."""
         records = self.clients[name].ttft
-        if half is not None and records:
-            middle = records[0][0] + (records[-1][0] - records[0][0]) / 2
-            records = [r for r in records if (r[0] < middle) == (half == 0)]
+        if part is not None and records:
+            start, end = records[0][0], records[-1][0]
+            size = (end - start) / parts or 1.0
+            records = [r for r in records if min(parts - 1, int((r[0] - start) / size)) == part]
         return [t for _, t in records]
 
     def notes(self) -> list[str]:
@@ -793,6 +858,12 @@ async def drive(
     tasks = [
         asyncio.create_task(stream_loop(gateway.port, clients[n], stats[clients[n].name], window))
         for _, n in starts
+        if not clients[n].rate
+    ]
+    tasks += [
+        asyncio.create_task(open_loop(gateway.port, c, stats[c.name], window))
+        for c in clients
+        if c.rate
     ]
     sampler = asyncio.create_task(sample(gateway.port, mock.port, window, samples))
     try:
@@ -800,6 +871,10 @@ async def drive(
         before = cpu_mark(gateway, mock)
         await asyncio.sleep(max(0.0, window.end - time.monotonic()))
         after = cpu_mark(gateway, mock)
+        end = time.monotonic()
+        for client_stats in stats.values():
+            if client_stats.pending:
+                client_stats.oldest_wait = end - min(client_stats.pending.values())
         async with asyncio.timeout(10):
             await sampler
     finally:
@@ -1212,6 +1287,10 @@ TTFT_TIERS = (Tier("free", priority=1), Tier("pro", priority=10))
 PRO = Client("pro", "pro", 4, prompt_tokens=200, max_tokens=16)  # short: many TTFT samples
 FREE_FLOOD = FLOOD
 FIFO_TTFT_SLOTS = 256  # above the 100 the KV cache holds: the mock's own queue fills
+# Open loop: 3x the ~33 answers a second the mock completes, whatever happens to them; in front
+# of it a limit no queue reaches, so the mock's own queue grows for as long as the flood lasts.
+OPEN_FLOOD = Client("flood", "free", 0, prompt_tokens=200, max_tokens=100, spread=50, rate=100.0)
+OPEN_SLOTS = 4096
 
 
 def queue_text(queue_ms: Sequence[float]) -> str:
@@ -1262,6 +1341,9 @@ def scenario_ttft(bench: Bench, cache: dict[str, Run]) -> Scenario:
     if not bench.args.no_baseline:
         fifo = GatewaySpec(FIFO_TTFT_SLOTS, TTFT_TIERS, fifo=True)
         plan += [("fifo unloaded", fifo, [PRO]), ("fifo flooded", fifo, [PRO, FREE_FLOOD])]
+        open_fifo = GatewaySpec(OPEN_SLOTS, TTFT_TIERS, fifo=True)
+        plan += [("fifo open-loop flood", open_fifo, [PRO, OPEN_FLOOD])]
+    plan += [("ours open-loop flood", adaptive, [PRO, OPEN_FLOOD])]
     for label, spec, clients in plan:
         scenario.runs[label] = bench.run(ADAPTIVE_MOCK, spec, clients)
     scenario.lines.append(
@@ -1291,6 +1373,27 @@ def scenario_ttft(bench: Bench, cache: dict[str, Run]) -> Scenario:
     if "fifo flooded" in runs:
         measured, _ = p99_ratio(runs["fifo flooded"], runs["fifo unloaded"])
         scenario.lines.append(f"   fifo, flooded over unloaded: {measured}")
+        for label in ("fifo open-loop flood", "ours open-loop flood"):
+            opened = runs[label]
+            waiting = opened.samples.waiting
+            size = max(1, len(waiting) // 4)
+            quarters = [percentile(waiting[i * size : (i + 1) * size], 50) for i in range(4)]
+            oldest = opened.clients["pro"].oldest_wait
+            scenario.lines.append(
+                f"   {label} ({OPEN_FLOOD.rate:g} requests/s): the mock's waiting queue by "
+                f"quarter of the window {', '.join(_fmt(q) for q in quarters)}; pro: "
+                f"{len(opened.ttft('pro'))} first tokens in the window, its oldest request "
+                f"waiting at the end {_fmt(oldest, '.1f') if oldest is not None else '-'} s"
+            )
+    measured, ratio = p99_ratio(runs["ours open-loop flood"], runs["ours adaptive unloaded"])
+    scenario.checks.append(
+        Check(
+            "ours: pro p99 TTFT under the open-loop flood over unloaded",
+            measured,
+            f"<= {TTFT_TARGET_RATIO:g}x",
+            ratio is not None and ratio <= TTFT_TARGET_RATIO,
+        )
+    )
     return scenario
 
 
@@ -1403,6 +1506,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # The open-loop flood holds a connection per request waiting (servers inherit the limit).
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     out = sys.stderr if args.json else sys.stdout
     try:
         with terminate_as_interrupt():
