@@ -150,7 +150,7 @@ QUEUE_TIMEOUT_MS = 120_000
 # Tier limits no run comes near: only the backend's slots and the GPU are scarce.
 TIER_REQUESTS = "10000000/minute"
 TIER_TOKENS = "1000000000000/minute"
-TIER_CONCURRENCY = 1000
+TIER_CONCURRENCY = 100_000  # the open-loop flood holds thousands at once
 # The chat format's overhead by gateway/tokens.py: 3 per message and 3 to prime the reply.
 CHAT_OVERHEAD_TOKENS = 6
 SHARE_TOLERANCE = 0.10  # relative to the weighted share
