@@ -133,7 +133,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from quotagate.testing import ServerProcess, http_status
+from quotagate.testing import ServerProcess, core_busy, http_status, process_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_SEEDS = itertools.count()  # each stream draws its own answer lengths, repeatably
@@ -384,29 +384,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     env.update(extra or {})
     return env
-
-
-def process_cpu(pid: int | None) -> float:
-    """utime + stime of a process in seconds (0 once it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def core_busy() -> dict[int, float]:
-    """Busy CPU seconds so far per core: every state of /proc/stat but idle and iowait."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy: dict[int, float] = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
-            values = [int(x) for x in fields[:8]]
-            busy[int(name[3:])] = (sum(values) - values[3] - values[4]) / tick
-    return busy
 
 
 def own_cpu() -> float:

@@ -169,7 +169,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TextIO
 
-from quotagate.testing import ServerProcess, http_status
+from quotagate.testing import ServerProcess, core_busy, http_status, process_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "benchmarks"
@@ -299,29 +299,6 @@ class Column:
 # --- CPU accounting ----------------------------------------------------------------------------
 
 
-def process_cpu(pid: int | None) -> float:
-    """utime + stime of a process in seconds (0 once it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def core_busy() -> dict[int, float]:
-    """Busy CPU seconds so far per core: every state of /proc/stat but idle and iowait."""
-    tick = os.sysconf("SC_CLK_TCK")
-    busy: dict[int, float] = {}
-    for line in Path("/proc/stat").read_text().splitlines():
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in CORES:
-            values = [int(x) for x in fields[:8]]
-            busy[int(name[3:])] = (sum(values) - values[3] - values[4]) / tick
-    return busy
-
-
 def own_cpu() -> tuple[float, float]:
     """CPU seconds of this script, and of its finished children (every wrk run)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -342,7 +319,7 @@ def cpu_sample(servers: Sequence[Server]) -> CpuSample:
     script, wrk = own_cpu()
     return CpuSample(
         wall=time.monotonic(),
-        busy=core_busy(),
+        busy=core_busy(CORES),
         servers={server.name: server.cpu_seconds() for server in servers},
         script=script,
         wrk=wrk,

@@ -40,9 +40,11 @@ __all__ = [
     "ServerProcess",
     "ServerStartError",
     "async_wait_until",
+    "core_busy",
     "free_port",
     "http_status",
     "port_open",
+    "process_cpu",
     "wait_until",
 ]
 
@@ -169,6 +171,33 @@ async def async_wait_until(
 
 
 # --- processes ------------------------------------------------------------------------------
+
+
+def process_cpu(pid: int | None) -> float:
+    """utime + stime of a process in seconds (0 once it is gone): a benchmark's CPU per
+    request of the process under test."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def core_busy(cores: Sequence[int] | None = None) -> dict[int, float]:
+    """Busy CPU seconds so far per core (of ``cores``, or all): every state of /proc/stat but
+    idle and iowait."""
+    tick = os.sysconf("SC_CLK_TCK")
+    busy: dict[int, float] = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            core = int(name[3:])
+            if cores is None or core in cores:
+                values = [int(x) for x in fields[:8]]
+                busy[core] = (sum(values) - values[3] - values[4]) / tick
+    return busy
 
 
 class ServerStartError(RuntimeError):
