@@ -128,11 +128,12 @@ import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from gateway import iter_body, read_head  # benchmarks/gateway.py: the same raw HTTP/1.1
 from quotagate.testing import ServerProcess, core_busy, http_status, process_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -447,36 +448,6 @@ def extract_baseline(workdir: Path, out: TextIO) -> dict[str, str]:
 
 
 # --- HTTP, raw asyncio -------------------------------------------------------------------------
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    raw = await reader.readuntil(b"\r\n\r\n")
-    status_line, *lines = raw.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers
-
-
-async def iter_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> AsyncIterator[bytes]:
-    """The body as it arrives: chunked, by Content-Length, or until the connection closes."""
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-            if size == 0:
-                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                    pass
-                return
-            chunk = await reader.readexactly(size + 2)
-            yield chunk[:-2]
-    elif "content-length" in headers:
-        length = int(headers["content-length"])
-        if length:
-            yield await reader.readexactly(length)
-    else:
-        yield await reader.read()
 
 
 async def http_get(port: int, path: str) -> tuple[int, bytes]:
