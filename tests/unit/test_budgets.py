@@ -3,7 +3,7 @@ at their boundary (a day at 00:00, a month on the 1st whatever its length)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -101,3 +101,30 @@ def test_waits_in_words() -> None:
     assert wait_text(39.2) == "40 s"
     assert wait_text(2 * 86400 + 3 * 3600) == "2 d 3 h"
     assert wait_text(3600) == "1 h"
+
+
+def test_calendar_periods_agree_with_the_standard_library_for_every_day_of_two_centuries() -> None:
+    """The integer arithmetic the Lua scripts share, against ``datetime``, one moment in each
+    day from 1970 to 2170 (every month end, February and leap day included)."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    day = 86_400_000_000
+    for days in range(0, 200 * 366):
+        now = days * day + (days * 7919 % 86_400) * 1_000_000  # some moment in the day
+        moment = epoch + timedelta(microseconds=now)
+        month_start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        month_end = (month_start + timedelta(days=32)).replace(day=1)
+        week_start = (moment - timedelta(days=moment.weekday())).replace(
+            hour=0, minute=0, second=0, microsecond=0
+        )
+        year_start = month_start.replace(month=1)
+        assert period_bounds("month", now) == (micros(month_start), micros(month_end))
+        assert period_bounds("week", now) == (micros(week_start), micros(week_start) + 7 * day)
+        assert period_bounds("year", now) == (
+            micros(year_start),
+            micros(year_start.replace(year=year_start.year + 1)),
+        )
+
+
+def micros(moment: datetime) -> int:
+    delta = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 
+from ..algorithms.calendar import PERIOD_CODES, calendar_bounds
 from ..errors import ConfigError
 
 __all__ = [
@@ -37,7 +37,6 @@ _PER = 1_000_000  # prices are per million tokens
 #: The calendar periods a budget may have, and what the message calls each.
 PERIODS = {"hour": "hourly", "day": "daily", "week": "weekly", "month": "monthly", "year": "yearly"}
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _BUDGET_RE = re.compile(r"^\s*\$\s*(?P<amount>\d+(?:\.\d+)?)\s*/\s*(?P<period>[a-z]+)\s*$", re.I)
 
 
@@ -118,35 +117,7 @@ def parse_budgets(text: str) -> tuple[Budget, ...]:
 def period_bounds(period: str, now_us: int) -> tuple[int, int]:
     """The calendar period (UTC) holding ``now_us`` (microseconds since the epoch): its start
     and its end, both in microseconds; the end is the next period's start."""
-    now = _EPOCH + timedelta(microseconds=now_us)
-    if period == "hour":
-        start = now.replace(minute=0, second=0, microsecond=0)
-        end = start + timedelta(hours=1)
-    elif period == "day":
-        start = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=1)
-    elif period == "week":
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        start = day - timedelta(days=day.weekday())  # Monday
-        end = start + timedelta(days=7)
-    elif period == "month":
-        start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = (
-            start.replace(year=start.year + 1, month=1)
-            if start.month == 12
-            else (start.replace(month=start.month + 1))
-        )
-    elif period == "year":
-        start = now.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = start.replace(year=start.year + 1)
-    else:
-        raise ValueError(f"unknown budget period {period!r}")
-    return _micros(start), _micros(end)
-
-
-def _micros(moment: datetime) -> int:
-    delta = moment - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * MICROS + delta.microseconds
+    return calendar_bounds(now_us, PERIOD_CODES[period])
 
 
 def wait_text(seconds: float) -> str:
