@@ -19,10 +19,18 @@ FixedWindowResult = tuple[int, tuple[int, int], int, int, int]
 
 
 def fixed_window(
-    window_end: int | None, count: int, now: int, capacity: int, length: int, cost: int
+    window_end: int | None,
+    count: int,
+    now: int,
+    capacity: int,
+    length: int,
+    cost: int,
+    current_end: int | None = None,
 ) -> FixedWindowResult:
-    """Decide one fixed-window limit; all times in microseconds."""
-    current_end = (now // length + 1) * length
+    """Decide one fixed-window limit; all times in microseconds. ``current_end``: the end of
+    the window holding ``now`` when it is not a multiple of ``length`` (a calendar month)."""
+    if current_end is None:
+        current_end = (now // length + 1) * length
     used = count if window_end == current_end else 0
     reset_after = current_end - now
     if cost > capacity:
@@ -33,9 +41,15 @@ def fixed_window(
 
 
 def fixed_window_adjust(
-    window_end: int | None, count: int, now: int, length: int, delta: int
+    window_end: int | None,
+    count: int,
+    now: int,
+    length: int,
+    delta: int,
+    current_end: int | None = None,
 ) -> tuple[int, int]:
     """Charge or refund units in the current window: ``(window_end, new_count)``, count >= 0."""
-    current_end = (now // length + 1) * length
+    if current_end is None:
+        current_end = (now // length + 1) * length
     used = count if window_end == current_end else 0
     return current_end, max(0, used + delta)

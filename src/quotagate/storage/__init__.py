@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError
 from .base import (
+    CALENDAR,
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT_MS,
     FIXED_WINDOW,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from .redis import RedisStorage
 
 __all__ = [
+    "CALENDAR",
     "DEFAULT_PREFIX",
     "DEFAULT_TIMEOUT_MS",
     "FALLBACK_POLICIES",

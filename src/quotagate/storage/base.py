@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from ..decision import Lease
 
 __all__ = [
+    "CALENDAR",
     "DEFAULT_PREFIX",
     "DEFAULT_TIMEOUT_MS",
     "FIXED_WINDOW",
@@ -39,6 +40,9 @@ DEFAULT_TIMEOUT_MS = 100
 #: Algorithm codes on the wire.
 GCRA = 1
 FIXED_WINDOW = 2
+#: A fixed window of a calendar period in UTC (``algorithms.calendar``): its ``interval`` is
+#: the period's code (hour 1, day 2, week 3, month 4, year 5), not a length.
+CALENDAR = 3
 #: What marks a tally in a program: after the limits (and the lease), ``T``, its ttl in ms,
 #: then ``field, increment`` pairs, its hash's key last in ``keys``. A decision writes it only
 #: when it rejects, a settlement always.

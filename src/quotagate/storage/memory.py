@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 
 from .._types import Clock
 from ..algorithms import concurrency, fixed_window, fixed_window_adjust, gcra, gcra_adjust
+from ..algorithms.calendar import calendar_bounds
 from ..algorithms.gcra import rescaled
 from ..decision import Lease
 from ..errors import ConfigError
-from .base import GCRA, TALLY, Args, StorageMode
+from .base import CALENDAR, GCRA, TALLY, Args, StorageMode
 
 __all__ = ["MemoryStorage"]
 
@@ -203,7 +204,8 @@ class MemoryStorage:
                     out += (max(0, (capacity * interval - reset_after) // interval), reset_after)
             else:
                 end, count = stored if isinstance(stored, tuple) else (None, 0)
-                end, count = fixed_window_adjust(end, count, now, interval, delta)
+                current = _calendar_end(algorithm, interval, now)
+                end, count = fixed_window_adjust(end, count, now, interval, delta, current)
                 self._put(key, (end, count), now)
                 out += (max(0, capacity - count), end - now)
         return out
@@ -290,7 +292,13 @@ def _decide_limit(
         )
         return v, (tat, interval), remaining, reset_after, retry_after
     end, count = stored if stored.__class__ is tuple else (None, 0)
-    return fixed_window(end, count, now, capacity, interval, cost)
+    current = _calendar_end(algorithm, interval, now)
+    return fixed_window(end, count, now, capacity, interval, cost, current)
+
+
+def _calendar_end(algorithm: int, interval: int, now: int) -> int | None:
+    """The end of a ``CALENDAR`` limit's period (its ``interval`` is the period's code)."""
+    return calendar_bounds(now, interval)[1] if algorithm == CALENDAR else None
 
 
 def _current(

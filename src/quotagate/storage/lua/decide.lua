@@ -6,8 +6,8 @@
 -- ARGV[1]     now in microseconds, or "" to read the server's TIME (the default: instances with
 --             skewed clocks agree). A client-supplied time is for tests and sets no expiry.
 -- ARGV[2]     n, the number of limits
--- ARGV[3..]   4 per limit: algorithm (1 GCRA, 2 fixed window), capacity,
---             interval_us (GCRA emission interval | window length), cost
+-- ARGV[3..]   4 per limit: algorithm (1 GCRA, 2 fixed window, 3 calendar window), capacity,
+--             interval_us (GCRA emission interval | window length | calendar period code), cost
 -- A GCRA state is "tat interval_us", a fixed window's "window_end count"
 -- then, when a lease is asked: lease limit, ttl_us (0 only reads), lease id
 -- then, to count a rejection: "T", ttl_ms, field, increment, ... (the hash's key last in KEYS)
@@ -16,6 +16,44 @@
 --          remaining, reset_after_us, retry_after_us}; on a rejection, remaining and
 --          reset_after are as things stand (nothing was spent)
 --   verdict: 0 allowed (everything stored), 1 limited, 2 too large (nothing stored)
+
+-- The end of a calendar period (algorithm 3: ``interval`` is its code: hour 1, day 2, week 3,
+-- month 4, year 5), in UTC. The twin of algorithms/calendar.py (days_from_civil, civil_from_days).
+local US_DAY = 86400000000
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mm = m + 9
+  if m > 2 then mm = m - 3 end
+  local doy = math.floor((153 * mm + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function calendar_end(now, code)
+  if code == 1 then return (math.floor(now / 3600000000) + 1) * 3600000000 end
+  if code == 2 then return (math.floor(now / US_DAY) + 1) * US_DAY end
+  if code == 3 then
+    local monday = 4 * US_DAY
+    return (math.floor((now - monday) / (7 * US_DAY)) + 1) * 7 * US_DAY + monday
+  end
+  local z = math.floor(now / US_DAY) + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  if code == 4 then
+    if m == 12 then return days_from_civil(y + 1, 1, 1) * US_DAY end
+    return days_from_civil(y, m + 1, 1) * US_DAY
+  end
+  return days_from_civil(y + 1, 1, 1) * US_DAY
+end
 
 local now
 if ARGV[1] == "" then
@@ -87,7 +125,12 @@ for i = 1, n do
       end
     end
   else
-    local window_end = (math.floor(now / interval) + 1) * interval
+    local window_end
+    if algorithm == 3 then
+      window_end = calendar_end(now, interval)
+    else
+      window_end = (math.floor(now / interval) + 1) * interval
+    end
     local used = 0
     local stored = redis.call("GET", key)
     if stored then
