@@ -21,8 +21,11 @@ __all__ = [
 #: The current time in seconds: ``time.time`` in production, a ``FakeClock`` in tests.
 Clock = Callable[[], float]
 
-#: How a limit counts: GCRA (smooth, the default) or calendar-aligned fixed windows.
-Algorithm = Literal["gcra", "fixed_window"]
+#: How a limit counts: GCRA (smooth, the default), fixed windows aligned to multiples of their
+#: length, or ``calendar``: fixed windows of a calendar period in UTC (an hour, a day from
+#: 00:00, a week from Monday, a month from the 1st, a year: a rate's period must be one of these;
+#: "N/month" is then a calendar month, not 30 days). Budgets count this way.
+Algorithm = Literal["gcra", "fixed_window", "calendar"]
 
 #: Why a decision came out as it did.
 #: ``unavailable``: the storage is down and the fallback policy is ``deny``.

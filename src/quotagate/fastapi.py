@@ -112,7 +112,9 @@ class LimitSpec:
         """A spec whose every mistake is found now, at decoration time, not per request: bad
         rate text, a callable that takes the wrong arguments, a bad cost or algorithm."""
         if algorithm not in get_args(Algorithm):
-            raise ConfigError(f"algorithm must be 'gcra' or 'fixed_window', got {algorithm!r}")
+            raise ConfigError(
+                f"algorithm must be one of {list(get_args(Algorithm))}, got {algorithm!r}"
+            )
         key = None if key_func is None else of_request(key_func, "key_func")
         if callable(rates):
             rates = of_request(rates, "limit provider", key_func=key or limiter_key)

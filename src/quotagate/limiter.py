@@ -21,12 +21,21 @@ from typing import Any, NamedTuple
 
 from ._types import Algorithm, Clock, Reason
 from .algorithms import Verdict
+from .algorithms.calendar import DAY, HOUR, MONTH, WEEK, YEAR
 from .decision import Decision, Lease, LimitState
 from .errors import ConfigError
 from .keys import CONCURRENCY, hash_tagged
 from .overlimit import OverlimitCache
 from .rates import Rate, RateLike, as_rates
-from .storage import FIXED_WINDOW, GCRA, TALLY, MemoryStorage, Storage, storage_from_url
+from .storage import (
+    CALENDAR,
+    FIXED_WINDOW,
+    GCRA,
+    TALLY,
+    MemoryStorage,
+    Storage,
+    storage_from_url,
+)
 
 __all__ = ["Acquire", "Hit", "RateLimiter", "Tally"]
 
@@ -371,8 +380,10 @@ def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template
 
     A state is named by its period, not its amount, so a changed amount keeps what was counted
     (a second rate of the same period gets ``#2``)."""
-    if algorithm not in ("gcra", "fixed_window"):
-        raise ConfigError(f"algorithm must be 'gcra' or 'fixed_window', got {algorithm!r}")
+    if algorithm not in ("gcra", "fixed_window", "calendar"):
+        raise ConfigError(
+            f"algorithm must be 'gcra', 'fixed_window' or 'calendar', got {algorithm!r}"
+        )
     template = []
     seen: dict[str, int] = {}
     for r in as_rates(rates):
@@ -380,9 +391,24 @@ def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template
         suffix = r.key_suffix if n == 1 else f"{r.key_suffix}#{n}"
         if algorithm == "gcra":
             template.append((":" + suffix, GCRA, r.amount, r.interval_us, r))
-        else:
+        elif algorithm == "fixed_window":
             template.append((":fw:" + suffix, FIXED_WINDOW, r.amount, r.period_us, r))
+        else:
+            template.append((":cal:" + suffix, CALENDAR, r.amount, _calendar_code(r), r))
     return tuple(template)
+
+
+#: A rate's period in seconds -> its calendar period's code (a month is "N/month": 30 days).
+_CALENDAR_CODES = {3600: HOUR, 86400: DAY, 7 * 86400: WEEK, 30 * 86400: MONTH, 360 * 86400: YEAR}
+
+
+def _calendar_code(rate: Rate) -> int:
+    code = _CALENDAR_CODES.get(int(rate.period)) if rate.period == int(rate.period) else None
+    if code is None:
+        raise ConfigError(
+            f"a calendar limit's period is an hour, a day, a week, a month or a year (got {rate})"
+        )
+    return code
 
 
 def _add(

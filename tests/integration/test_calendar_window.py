@@ -90,3 +90,28 @@ async def test_every_period_end_agrees_with_python_on_random_moments(
         period = (DAY, WEEK, MONTH, YEAR)[i % 4]
         out = await spend(storage, f"{key_prefix}:r{i}", period, 0, now)
         assert out[4] == calendar_bounds(now, period)[1] - now, (now, period)
+
+
+async def test_a_calendar_limit_through_the_engine_resets_on_the_first_of_the_month(
+    storage: qg.Storage, clock: qg.FakeClock
+) -> None:
+    """``algorithm="calendar"``: "N/month" is a calendar month, not 30 days."""
+    limiter = qg.RateLimiter(storage, overlimit_cache=False)
+    clock.now = at(2026, 2, 27, 12) / 1_000_000
+    spent = await limiter.hit("acme", "50000000/month", cost=49_000_000, algorithm="calendar")
+    assert spent.allowed
+    assert spent.remaining == 1_000_000
+    assert spent.reset_after == pytest.approx(36 * 3600)  # to 1 March 00:00, 2026 has no 29th
+    over = await limiter.hit("acme", "50000000/month", cost=2_000_000, algorithm="calendar")
+    assert not over.allowed
+    assert over.retry_after == pytest.approx(36 * 3600)
+    clock.advance(36 * 3600)
+    assert (
+        await limiter.hit("acme", "50000000/month", cost=2_000_000, algorithm="calendar")
+    ).allowed
+
+
+async def test_a_calendar_limit_needs_a_calendar_period(storage: qg.Storage) -> None:
+    limiter = qg.RateLimiter(storage)
+    with pytest.raises(qg.ConfigError, match="calendar"):
+        await limiter.hit("acme", "5/10 minutes", algorithm="calendar")

@@ -61,6 +61,7 @@ def test_budgets_parse_one_per_period() -> None:
     assert parse_budgets("$0.50 / days") == (Budget(500_000, "day"),)
     assert str(Budget(5_000_000, "day")) == "$5.00/day"
     assert Budget(5_000_000, "day").adjective == "daily"
+    assert str(Budget(50_000_000, "month").rate) == "50000000/month"
     for bad in ("5/day", "$5/fortnight", "$5/day; $6/day", "", "$0/day", "$-1/day"):
         with pytest.raises(ConfigError):
             parse_budgets(bad)
