@@ -19,6 +19,7 @@ import re
 from typing import Literal
 
 __all__ = [
+    "BUDGET",
     "CONCURRENCY",
     "HEALTH",
     "REQUESTS",
@@ -39,9 +40,11 @@ REQUESTS = "requests"
 TOKENS = "tokens"
 CONCURRENCY = "concurrency"
 HEALTH = "health"
+BUDGET = "budget"
 
-#: What a limit counts, whatever model it is scoped to: requests, tokens or held slots.
-Family = Literal["requests", "tokens", "concurrency"]
+#: What a limit counts, whatever model it is scoped to: requests, tokens, held slots or
+#: micro-dollars (a spend budget).
+Family = Literal["requests", "tokens", "concurrency", "budget"]
 
 # The short form each name takes in a storage key: the keys of running deployments (state
 # outlives a restart on Redis) stay what they were.
@@ -50,6 +53,7 @@ _KEY_PARTS = {
     TOKENS: "tok",
     CONCURRENCY: "conc",
     HEALTH: "health",
+    BUDGET: "usd",
     "model_requests": "mreq",
     "model_tokens": "mtok",
 }
@@ -58,6 +62,7 @@ _FAMILIES: dict[str, Family] = {
     TOKENS: "tokens",
     CONCURRENCY: "concurrency",
     HEALTH: "requests",
+    BUDGET: "budget",
     "model_requests": "requests",
     "model_tokens": "tokens",
 }

@@ -134,9 +134,13 @@ def test_usage_prints_a_table_or_csv(gateway: str) -> None:
         "requests_rejected",
         "prompt_tokens",
         "completion_tokens",
+        "cost_usd",
     ]
     assert lines[-1].split()[:3] == ["total", "2", "0"]
+    assert lines[-1].split()[-1] == "0.0"  # the mock model has no price here
     assert as_csv.returncode == 0, as_csv.stderr
     header, row = as_csv.stdout.splitlines()
-    assert header == "model,requests_admitted,requests_rejected,prompt_tokens,completion_tokens"
+    assert header == (
+        "model,requests_admitted,requests_rejected,prompt_tokens,completion_tokens,cost_usd"
+    )
     assert row.startswith("quotagate-mock,2,0,")

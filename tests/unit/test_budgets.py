@@ -11,6 +11,7 @@ from quotagate.errors import ConfigError
 from quotagate.gateway.budgets import (
     Budget,
     Price,
+    dollars,
     parse_budgets,
     period_bounds,
     usd,
@@ -51,6 +52,12 @@ def test_usd_amounts() -> None:
     assert usd_text(4_981_299) == "4.9812"  # rounded down: never more than there is
     assert usd_text(5_000_000, 2) == "5.00"
     assert usd_text(0) == "0.0000"
+    assert [dollars(m) for m in (5_000_000, 500_000, 100, 4_981_234)] == [
+        "5.00",
+        "0.50",
+        "0.0001",
+        "4.981234",
+    ]
 
 
 def test_budgets_parse_one_per_period() -> None:

@@ -28,7 +28,7 @@ from ..limiter import Hit
 from ..rates import parse_rates
 from .body import read_json
 from .callers import key_client_id_of_issued
-from .config import RateText, describe_error
+from .config import BudgetText, RateText, describe_error
 from .responses import Errors
 from .tenants import ApiKey, Tenants, new_key_id, new_secret
 from .usage import GroupBy, days, rows, usage_key
@@ -68,6 +68,7 @@ class KeyLimits(_Body):
     tokens: RateText | None = None
     concurrency: int | None = Field(None, ge=1)
     weight: float | None = Field(None, gt=0, le=1000)  # its share of a backend's queue
+    budget: BudgetText | None = None  # "$500/month": over its tier's (what was spent stays)
 
 
 class NewKey(_Body):

@@ -39,7 +39,7 @@ from ..http import (
     rejected_limit,
     retry_after_ms,
 )
-from ..keys import HEALTH, client_state_key
+from ..keys import BUDGET, HEALTH, client_state_key
 from ..limiter import Hit, RateLimiter
 from ..metrics import CONTENT_TYPE_LATEST, PrometheusMetrics, ReplicaState
 from ..rates import parse_rates
@@ -54,6 +54,7 @@ from .backends import (
     backend_from_config,
 )
 from .body import read_json
+from .budgets import budget_headers, describe_budgets, over_budget, split
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
@@ -126,6 +127,7 @@ class Gateway:
         self.errors = Errors(config.server.error_format)
         self.callers = Callers(config, self.tenants)
         self.health_rates = parse_rates(config.health.requests)
+        self.prices = {model: entry.price for model, entry in config.prices.items()}
         # A lease outlives the longest request a backend allows, so only a crash expires it.
         self.lease_ttl = max(spec.timeout_s for spec in config.fleet) + 30
 
@@ -279,11 +281,25 @@ class Gateway:
                 param="model",
             )
         tier = caller.tier
+        price = self.prices.get(model or "") or self.prices.get(target.upstream_model or "")
+        if price is None and tier.unpriced == "refuse":
+            return self.errors.response(
+                400,
+                "model_not_priced",
+                f"The model {model!r} has no price, and this tier serves only priced models.",
+                [NO_RETRY],
+                param="model",
+            )
         cost = request_cost(route, body, tier.default_max_tokens)
-        plan = limits(tier, caller.client, model, cost.reserved, self.lease_ttl)
+        money = 0
+        if price is not None and tier.budgets:
+            prompts = cost.prompt * (body.get("n") or 1)  # as the token reservation counts
+            money = price.cost(prompts, cost.reserved - prompts)
+        plan = limits(tier, caller.client, model, cost.reserved, self.lease_ttl, money=money)
 
         decision = await self.ledger.reserve(plan, shadow=tier.shadow, caller=caller, model=model)
-        headers = rate_limit_headers(decision) + openai_headers(decision)
+        shown, spent = split(decision)
+        headers = rate_limit_headers(shown) + openai_headers(shown) + budget_headers(spent)
         if not decision.allowed:
             rejected = self._reject(decision, tier)
             if rejected is not None:
@@ -291,7 +307,9 @@ class Gateway:
         elif self._fallback_allows():
             self.metrics.unlimited(tier.name)
         self.metrics.tokens(tier.name, "reserved", cost.reserved)
-        admission = Admission(caller, plan, cost.reserved, cost.prompt, decision, model)
+        admission = Admission(
+            caller, plan, cost.reserved, cost.prompt, decision, model, price=price, money=money
+        )
 
         pool = target.pool
         replica = await self._gate(admission, headers, pool)
@@ -337,8 +355,11 @@ class Gateway:
             self.metrics.shadow_rejection(tier.name, limit)
             return None
         self.metrics.rejection(tier.name, limit)
-        more = openai_headers(decision) + retry_after_ms(decision)
-        return self.errors.rejection(decision, more, limit=limit)
+        shown, spent = split(decision)
+        more = openai_headers(shown) + retry_after_ms(decision) + budget_headers(spent)
+        if limit == BUDGET:
+            return self.errors.rejection(shown, more, **over_budget(decision, tier.budgets))
+        return self.errors.rejection(shown, more, limit=limit)
 
     async def _gate(
         self,
@@ -576,7 +597,7 @@ class Gateway:
     async def health(self, request: Request) -> Response:
         client = self.callers.identify(request.scope).client
         hit = Hit(client_state_key(client, HEALTH), self.health_rates, name=HEALTH)
-        decision = await self.ledger.reserve(Limits([hit], [], None))
+        decision = await self.ledger.reserve(Limits([hit], [], None, []))
         # A health check reports the storage; it is not denied because the storage is down.
         if not decision.allowed and decision.reason != "unavailable":
             self.metrics.request("none", "health", 429)
@@ -602,6 +623,7 @@ class Gateway:
             return caller.response(self.errors)
         tier = caller.tier
         decision = await self.ledger.reserve(limits(tier, caller.client, None, 0, 0, read=True))
+        shown, spent = split(decision)
         described = [
             {
                 "name": state.name,
@@ -610,10 +632,14 @@ class Gateway:
                 "remaining": state.remaining,
                 "reset_after": 0.0 if state.rate is None else round(state.reset_after, 3),
             }
-            for state in decision.states
+            for state in shown.states
         ]
+        answer: dict[str, Any] = {"tier": tier.name, "client": caller.display, "limits": described}
+        if spent:
+            now = getattr(self.limiter.storage, "clock", None) or time.time  # the storage's
+            answer["budgets"] = describe_budgets(spent, tier.budgets, now())
         self.metrics.request(tier.name, "ratelimit", 200)
-        return JSONResponse({"tier": tier.name, "client": caller.display, "limits": described})
+        return JSONResponse(answer)
 
     async def models(self) -> Response:
         try:

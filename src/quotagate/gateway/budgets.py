@@ -11,12 +11,16 @@ length (28 to 31 days for a month).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
 from ..algorithms.calendar import PERIOD_CODES, calendar_bounds
+from ..decision import Decision, LimitState
 from ..errors import ConfigError
+from ..keys import BUDGET
 from ..rates import Rate
 
 __all__ = [
@@ -24,8 +28,13 @@ __all__ = [
     "PERIODS",
     "Budget",
     "Price",
+    "budget_headers",
+    "describe_budgets",
+    "dollars",
+    "over_budget",
     "parse_budgets",
     "period_bounds",
+    "split",
     "usd",
     "usd_text",
     "wait_text",
@@ -61,6 +70,14 @@ def usd_text(micros: int, places: int = 4) -> str:
     step = 10 ** (6 - places)
     whole, part = divmod(micros // step, 10**places)
     return f"{whole}.{part:0{places}d}"
+
+
+def dollars(micros: int) -> str:
+    """An amount as a person writes it: ``5.00``, ``0.50``, ``0.0001`` (cents at least, and
+    every micro-dollar there is)."""
+    text = usd_text(micros, 6).rstrip("0")
+    whole, _, part = text.partition(".")
+    return f"{whole}.{part:0<2}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +120,7 @@ class Budget:
         return Rate(self.amount, _PERIOD_SECONDS[self.period])
 
     def __str__(self) -> str:
-        return f"${usd_text(self.amount, 2)}/{self.period}"
+        return f"${dollars(self.amount)}/{self.period}"
 
 
 def parse_budgets(text: str) -> tuple[Budget, ...]:
@@ -143,3 +160,89 @@ def wait_text(seconds: float) -> str:
     if minutes:
         return f"{minutes} min"
     return f"{secs} s"
+
+
+def split(decision: Decision) -> tuple[Decision, tuple[LimitState, ...]]:
+    """The decision as the rate-limit headers show it (its budgets' micro-dollars left out:
+    the most restrictive of the other limits picked again when a budget was), and its budgets'
+    states."""
+    spent = tuple(s for s in decision.states if s.name == BUDGET)
+    if not spent:
+        return decision, ()
+    others = tuple(s for s in decision.states if s.name != BUDGET)
+    if decision.name != BUDGET:  # the pick is another limit's: it stays
+        return decision._replace(states=others), spent
+    pick = min(
+        (s for s in others if s.limit > 0),
+        key=lambda s: (s.remaining / s.limit, -s.reset_after),
+        default=None,
+    )
+    if pick is None:
+        shown = decision._replace(states=others, limit=0, remaining=0, reset_after=0.0)
+    else:
+        shown = decision._replace(
+            states=others, limit=pick.limit, remaining=pick.remaining, reset_after=pick.reset_after
+        )
+    return shown, spent
+
+
+def budget_headers(spent: tuple[LimitState, ...]) -> list[tuple[bytes, bytes]]:
+    """``x-quotagate-budget-{limit,remaining,reset}`` of the tightest budget: USD, USD,
+    seconds to its period's end."""
+    if not spent:
+        return []
+    tightest = min(spent, key=lambda s: (s.remaining / s.limit, -s.reset_after))
+    return [
+        (b"x-quotagate-budget-limit", usd_text(tightest.limit).encode()),
+        (b"x-quotagate-budget-remaining", usd_text(tightest.remaining).encode()),
+        (b"x-quotagate-budget-reset", b"%d" % -(-tightest.reset_after // 1)),
+    ]
+
+
+def budget_of(state: LimitState, budgets: tuple[Budget, ...]) -> Budget:
+    """The tier's budget a state counts."""
+    return next((b for b in budgets if b.rate == state.rate), budgets[0])
+
+
+def over_budget(decision: Decision, budgets: tuple[Budget, ...]) -> dict[str, object]:
+    """The error fields of a request a budget refused: ``budget_exceeded`` until the period
+    ends, or ``request_too_large`` when its cost bound is more than the whole budget."""
+    spent = [s for s in decision.states if s.name == BUDGET]
+    if decision.reason == "too_large":
+        state = next((s for s in spent if math.isinf(s.retry_after)), spent[0])
+        budget = budget_of(state, budgets)
+        return {
+            "error": "request_too_large",
+            "message": f"This request may cost more than the whole ${dollars(budget.amount)} "
+            f"{budget.adjective} budget: it can never pass. Ask for fewer tokens (max_tokens).",
+            "limit": BUDGET,
+        }
+    state = max(spent, key=lambda s: s.retry_after)
+    budget = budget_of(state, budgets)
+    return {
+        "error": "budget_exceeded",
+        "message": f"The ${dollars(budget.amount)} {budget.adjective} budget is used up; "
+        f"it resets in {wait_text(state.retry_after)}.",
+        "limit": BUDGET,
+    }
+
+
+def describe_budgets(
+    spent: tuple[LimitState, ...], budgets: tuple[Budget, ...], now: float
+) -> list[dict[str, object]]:
+    """``/v1/ratelimit``'s view of each budget: its period, USD limit and left, and when the
+    period resets (seconds, and the UTC moment)."""
+    described: list[dict[str, object]] = []
+    for state in spent:
+        budget = budget_of(state, budgets)
+        resets = datetime.fromtimestamp(round(now + state.reset_after), UTC)
+        described.append(
+            {
+                "period": budget.period,
+                "limit_usd": usd_text(state.limit),
+                "remaining_usd": usd_text(state.remaining),
+                "reset_after": round(state.reset_after, 3),
+                "resets_at": resets.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+        )
+    return described

@@ -21,6 +21,7 @@ from starlette.types import Scope
 from ..http import NO_RETRY
 from ..identity import TrustedProxies, bearer_or_header_key, hash_api_key, mask_key
 from ..keys import (
+    BUDGET,
     CONCURRENCY,
     REQUESTS,
     TOKENS,
@@ -31,6 +32,7 @@ from ..keys import (
 )
 from ..limiter import Acquire, Hit
 from ..rates import Rate, parse_rates
+from .budgets import Budget, parse_budgets
 from .config import GatewayConfig, TierConfig
 from .responses import Errors
 from .tenants import ApiKey, Tenants
@@ -61,6 +63,12 @@ class Tier:
     shadow: bool
     model_requests: dict[str, tuple[Rate, ...]]
     model_tokens: dict[str, tuple[Rate, ...]]
+    budgets: tuple[Budget, ...] = ()  # micro-dollars per calendar period
+    unpriced: str = "free"  # a model with no price: "free" or "refuse"
+
+    @property
+    def budget_rates(self) -> tuple[Rate, ...]:
+        return tuple(budget.rate for budget in self.budgets)
 
     @classmethod
     def from_config(cls, name: str, tier: TierConfig, shadow: bool) -> Tier:
@@ -77,6 +85,8 @@ class Tier:
                 m: parse_rates(v.requests) for m, v in tier.models.items() if v.requests
             },
             model_tokens={m: parse_rates(v.tokens) for m, v in tier.models.items() if v.tokens},
+            budgets=parse_budgets(tier.budget) if tier.budget else (),
+            unpriced=tier.unpriced,
         )
 
     def describe(self) -> str:
@@ -113,15 +123,17 @@ class Refusal:
 
 class Limits(NamedTuple):
     """The engine's view of a request: what it is charged (``requests`` cost 1, ``tokens``
-    the reservation) and the concurrency slot it holds."""
+    the reservation, ``money`` its cost bound in micro-dollars) and the concurrency slot it
+    holds."""
 
     requests: list[Hit]
     tokens: list[Hit]
     acquire: Acquire | None
+    money: list[Hit]
 
     @property
     def hits(self) -> list[Hit]:
-        return self.requests + self.tokens
+        return self.requests + self.tokens + self.money
 
 
 def api_key_client(api_key: str) -> str:
@@ -258,11 +270,12 @@ def limits(
     lease_ttl: float,
     *,
     read: bool = False,
+    money: int = 0,
 ) -> Limits:
     """Every limit a request of ``tier`` from ``client`` to ``model`` is checked against:
     one request, ``reserved`` tokens (held until the answer says what was used) and a
-    concurrency slot for ``lease_ttl`` seconds at most. ``read``: nothing consumed, each
-    limit's state only (``/v1/ratelimit``)."""
+    concurrency slot for ``lease_ttl`` seconds at most, and ``money`` micro-dollars of the
+    tier's budgets. ``read``: nothing consumed, each limit's state only (``/v1/ratelimit``)."""
     cost = 0 if read else 1
     reserved = 0 if read else reserved
     requests: list[Hit] = []
@@ -283,7 +296,11 @@ def limits(
         if tier.concurrency
         else None
     )
-    return Limits(requests, tokens, acquire)
+    spent: list[Hit] = []
+    if tier.budgets:
+        key = client_state_key(client, BUDGET)
+        spent.append(Hit(key, tier.budget_rates, 0 if read else money, "calendar", BUDGET))
+    return Limits(requests, tokens, acquire, spent)
 
 
 def _hit(client: str, name: str, rates: tuple[Rate, ...], cost: int) -> Hit:

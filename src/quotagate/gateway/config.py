@@ -41,6 +41,7 @@ from ..storage import (
     scheme_error,
     storage_from_url,
 )
+from .budgets import Price, parse_budgets
 
 __all__ = [
     "CATCH_ALL",
@@ -49,6 +50,7 @@ __all__ = [
     "LEGACY_BACKEND",
     "AdminConfig",
     "BackendConfig",
+    "BudgetText",
     "ErrorFormat",
     "FleetBackendConfig",
     "GatewayConfig",
@@ -133,6 +135,17 @@ def _existing_file(path: str | None) -> str | None:
 
 
 RateText = Annotated[str, AfterValidator(_rate_text)]
+
+
+def _budget_text(value: str) -> str:
+    try:
+        parse_budgets(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+BudgetText = Annotated[str, AfterValidator(_budget_text)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
@@ -336,6 +349,8 @@ class TierConfig(_Section):
     default_max_tokens: int = Field(1024, ge=1)
     shadow: bool = False
     models: dict[str, ModelLimits] = {}
+    budget: BudgetText | None = None  # "$5/day; $50/month": USD per calendar period (UTC)
+    unpriced: Literal["free", "refuse"] = "free"  # a model with no [prices] entry
 
 
 class KeyConfig(_Section):
@@ -355,6 +370,25 @@ class KeyConfig(_Section):
         return self.sha256.lower() if self.sha256 else hash_api_key(self.key or "")
 
 
+class PriceConfig(_Section):
+    """A model's price in USD per million tokens."""
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _micro_dollars(self) -> PriceConfig:
+        try:
+            Price.of(self.input, self.output)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def price(self) -> Price:
+        return Price.of(self.input, self.output)
+
+
 class GatewayConfig(_Section):
     server: ServerConfig = ServerConfig()
     storage: StorageConfig = StorageConfig()
@@ -365,6 +399,7 @@ class GatewayConfig(_Section):
     admin: AdminConfig | None = None
     tiers: dict[str, TierConfig] = {}
     keys: list[KeyConfig] = []
+    prices: dict[str, PriceConfig] = {}  # by model name, as clients ask for it
     shadow: bool = False
     log_level: LogLevel = "info"
 

@@ -25,6 +25,7 @@ from ..decision import Decision
 from ..errors import StorageError
 from ..limiter import Hit, RateLimiter, Tally
 from ..metrics import PrometheusMetrics
+from .budgets import Price
 from .callers import Caller, Limits
 from .relay import Used
 from .usage import UsageBook
@@ -45,6 +46,14 @@ class Admission:
     decision: Decision
     model: str | None = None  # as the client named it: the usage ledger's
     queued_s: float = 0.0  # waited for a slot, in all (``x-quotagate-queue-ms``)
+    price: Price | None = None  # its model's, when it has one
+    money: int = 0  # micro-dollars reserved on the tier's budgets
+
+    def cost(self, used: Used | None) -> int:
+        """Micro-dollars the answer cost (none: not served, or no price)."""
+        if used is None or self.price is None:
+            return 0
+        return self.price.cost(used.prompt, used.completion)
 
 
 class Ledger:
@@ -129,10 +138,13 @@ class Ledger:
         charged = 0 if used is None else used.total
         delta = charged - admission.reserved
         charges = [_recharged(hit, delta) for hit in admission.limits.tokens] if delta else []
+        spent = admission.cost(used) - admission.money
+        if spent:
+            charges += (_recharged(hit, spent) for hit in admission.limits.money)
         book = self.usage
         tally = None
         if book is not None and used is not None:
-            tally = book.served(caller, admission.model, used)
+            tally = book.served(caller, admission.model, used, admission.cost(used))
             if book.apart(caller):
                 self.background(self._count(tally))
                 tally = None

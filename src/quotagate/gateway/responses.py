@@ -41,6 +41,8 @@ def error_type(status: int, code: str, limit: str | None = None) -> str:
     limit counts requests)."""
     if status >= 500:
         return "server_error"
+    if status == 429 and limit == "budget":
+        return "insufficient_quota"  # as OpenAI names a spent quota of money
     if status == 429 and code != "request_too_large":
         return "tokens" if limit == "tokens" else "requests"
     return "invalid_request_error"

@@ -1,5 +1,6 @@
 """The usage ledger: per account, UTC day and model, the requests admitted and rejected (by a
-limit) and the prompt and completion tokens, as settled on the real usage.
+limit), the prompt and completion tokens and what they cost (``cost_usd``, from the model's
+price), as settled on the real usage.
 
 An account is an issued key's id (``key_...``), a config key's (``cfg_...``), or an anonymous
 tier (``tier:<name>``). Each account's day is one hash in the storage, beside the account's
@@ -22,8 +23,14 @@ from .relay import Used
 
 __all__ = ["COUNTS", "GroupBy", "UsageBook", "account_client", "days", "rows", "usage_key"]
 
-#: The figures of a row, in order.
-COUNTS = ("requests_admitted", "requests_rejected", "prompt_tokens", "completion_tokens")
+#: The figures of a row, in order (money is counted in micro-dollars, shown as ``cost_usd``).
+COUNTS = (
+    "requests_admitted",
+    "requests_rejected",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_micro_usd",
+)
 GroupBy = Literal["day", "model", "key"]
 
 
@@ -53,7 +60,7 @@ class UsageBook:
         self._today = date.min
         self._keys: dict[str, str] = {}
         self._rejected: dict[tuple[str, str | None], Tally] = {}
-        self._fields: dict[str | None, tuple[str, str, str]] = {}
+        self._fields: dict[str | None, tuple[str, str, str, str]] = {}
 
     def apart(self, caller: Caller) -> bool:
         """Whether ``caller``'s counts cannot ride on its own calls (see ``cluster``)."""
@@ -78,7 +85,8 @@ class UsageBook:
             self._rejected[(caller.client, model)] = tally
         return tally
 
-    def served(self, caller: Caller, model: str | None, used: Used) -> Tally:
+    def served(self, caller: Caller, model: str | None, used: Used, cost: int = 0) -> Tally:
+        """A served request's counts; ``cost`` in micro-dollars (its model's price)."""
         self.today()
         fields = self._fields.get(model)
         if fields is None:
@@ -89,9 +97,16 @@ class UsageBook:
                 name + "|requests_admitted",
                 name + "|prompt_tokens",
                 name + "|completion_tokens",
+                name + "|cost_micro_usd",
             )
-        admitted, prompt, completion = fields
-        counts = ((admitted, 1), (prompt, used.prompt), (completion, used.completion))
+        admitted, prompt, completion, money = fields
+        counts: tuple[tuple[str, int], ...] = (
+            (admitted, 1),
+            (prompt, used.prompt),
+            (completion, used.completion),
+        )
+        if cost:
+            counts += ((money, cost),)
         return Tally(self._key(caller), counts, self.retention_s)
 
     def _key(self, caller: Caller) -> str:
@@ -129,4 +144,11 @@ def rows(
             group = {"day": day.isoformat(), "model": model, "key": account}[group_by]
             row = summed.setdefault(group, dict.fromkeys(COUNTS, 0))
             row[count] += n
-    return [{group_by: group, **summed[group]} for group in sorted(summed)]
+    return [{group_by: group, **_shown(summed[group])} for group in sorted(summed)]
+
+
+def _shown(counts: dict[str, int]) -> dict[str, object]:
+    """A row's figures as the API gives them: money in USD (exact to the micro-dollar)."""
+    shown: dict[str, object] = {k: v for k, v in counts.items() if k != "cost_micro_usd"}
+    shown["cost_usd"] = round(counts["cost_micro_usd"] / 1_000_000, 6)
+    return shown

@@ -126,18 +126,20 @@ def print_usage(answer: dict[str, Any], as_csv: bool) -> None:
         "requests_rejected",
         "prompt_tokens",
         "completion_tokens",
+        "cost_usd",
     )
     data = answer["data"]
     if as_csv:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows([row[c] for c in columns] for row in data)
+        writer.writerows([row.get(c, 0) for c in columns] for row in data)
         click.echo(out.getvalue(), nl=False)
         return
     click.echo(f"usage {answer['from']} .. {answer['to']} by {group}")
-    total = ["total", *(sum(int(row[c]) for row in data) for c in columns[1:])]
-    table = [list(columns), *([row[c] for c in columns] for row in data), total]
+    total: list[object] = ["total", *(sum(int(row[c]) for row in data) for c in columns[1:-1])]
+    total.append(round(sum(float(row.get("cost_usd", 0)) for row in data), 6))
+    table = [list(columns), *([row.get(c, 0) for c in columns] for row in data), total]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(columns))]
     for row in table:
         cells = [
