@@ -22,9 +22,12 @@ from helpers import (
     error_of,
     gateway_app,
     in_process,
+    stream_then_disconnect,
 )
 from quotagate.gateway.app import create_app
+from quotagate.gateway.backends.mock import MockBackend
 from quotagate.gateway.config import load_config
+from quotagate.testing import async_wait_until
 from support import RedisServer
 
 CONFIG = """
@@ -303,3 +306,40 @@ async def test_a_keys_own_budget_through_the_admin_api_keeps_what_was_spent(
             headers=auth,
         )
         assert bad.status_code == 400
+
+
+async def test_a_stream_is_charged_its_usage_and_a_client_gone_what_was_generated(
+    tmp_path: Path,
+) -> None:
+    # $100 per million output tokens: 100 micro-dollars a token, one in the headers' 4 decimals.
+    clock = qg.FakeClock(at(2026, 12, 2, 12))
+    text = CONFIG.format(budget="$1/day", input="0", output="100", unpriced="free")
+    config = config_from(tmp_path, text)
+    app = create_app(
+        config, storage=qg.MemoryStorage(clock=clock), backend=MockBackend(tokens_per_second=50)
+    )
+    body = {"model": "quotagate-mock", "messages": MESSAGES, "max_tokens": 100, "stream": True}
+
+    async def remaining(client: httpx.AsyncClient) -> int:
+        shown = (await client.get("/v1/ratelimit", headers=KEY)).json()["budgets"][0]
+        return round(float(shown["remaining_usd"]) * 1_000_000)
+
+    async with in_process(app) as client:
+        streamed = await client.post(
+            "/v1/chat/completions",
+            json={**body, "stream_options": {"include_usage": True}, "max_tokens": 10},
+            headers=KEY,
+        )
+        assert streamed.text.endswith("data: [DONE]\n\n")
+        assert await remaining(client) == 1_000_000 - 10 * 100  # its usage: 10 tokens
+        received = await stream_then_disconnect(
+            app, "/v1/chat/completions", body, "sk-acme-0001", events=4
+        )
+        assert b"[DONE]" not in b"".join(received)
+
+        async def settled() -> bool:
+            return await remaining(client) > 1_000_000 - 1_000 - 100 * 100  # not the bound
+
+        await async_wait_until(settled, 10, "the stream is settled")
+        charged = 1_000_000 - 1_000 - await remaining(client)
+    assert 3 * 100 <= charged < ANSWER * 100  # what was generated before it left, not 100
