@@ -50,8 +50,12 @@ logger = logging.getLogger("quotagate")
 
 
 def load_script(name: str) -> str:
-    """Text of a packaged Lua script (``decide`` or ``adjust``)."""
-    return resources.files("quotagate.storage").joinpath(f"lua/{name}.lua").read_text("utf-8")
+    """Text of a packaged Lua script (``decide`` or ``adjust``), with the parts it shares
+    with the other in place of its ``--@include <part>`` lines (one EVAL has no imports)."""
+    text = resources.files("quotagate.storage").joinpath(f"lua/{name}.lua").read_text("utf-8")
+    return re.sub(
+        r"^--@include (\w+)\n", lambda found: load_script(found[1]), text, flags=re.MULTILINE
+    )
 
 
 class RedisStorage:
