@@ -90,10 +90,11 @@ class Tier:
         )
 
     def describe(self) -> str:
-        """``free[60/minute req, 40000/minute tok, 4 conc]`` for the start-up line."""
+        """``free[60/minute req, 40000/minute tok, 4 conc, $5.00/day]`` for the start-up line."""
+        spend = "".join(f", {budget}" for budget in self.budgets)
         return (
             f"{self.name}[{_rates_text(self.requests)} req, {_rates_text(self.tokens)} tok, "
-            f"{self.concurrency or '∞'} conc]"
+            f"{self.concurrency or '∞'} conc{spend}]"
         )
 
 
