@@ -56,6 +56,7 @@ class PrometheusMetrics:
         self._rejections: _Counts = {}
         self._shadow: _Counts = {}
         self._unlimited: _Counts = {}
+        self._cuts: _Counts = {}
         self._tokens: _Counts = {}
         self._in_flight: _Counts = {}
         self._mode: StorageMode | None = None
@@ -84,6 +85,12 @@ class PrometheusMetrics:
     def unlimited(self, tier: str) -> None:
         key = (tier,)
         self._unlimited[key] = self._unlimited.get(key, 0) + 1
+
+    def cut(self, tier: str, how: str) -> None:
+        """An answer held to what its client's limits still allowed: ``stream`` (ended by
+        the gateway) or ``max_tokens`` (injected upstream)."""
+        key = (tier, how)
+        self._cuts[key] = self._cuts.get(key, 0) + 1
 
     def tokens(self, tier: str, kind: str, amount: int) -> None:
         if amount > 0:
@@ -148,6 +155,12 @@ class _Collector:
             "Requests admitted without counting (storage down, fallback policy allow)",
             ["tier"],
             m._unlimited,
+        )
+        yield _counter(
+            "quotagate_allowance_cuts",
+            "Answers held to what the client's token limits or budget still allowed",
+            ["tier", "how"],
+            m._cuts,
         )
         yield _counter(
             "quotagate_tokens",

@@ -54,10 +54,11 @@ from .backends import (
     backend_from_config,
 )
 from .body import read_json
-from .budgets import budget_headers, describe_budgets, over_budget, split
+from .budgets import allowance, budget_headers, describe_budgets, over_budget, split
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
+from .estimates import Estimates
 from .fleet import (
     BackendFactory,
     BackendPool,
@@ -73,7 +74,7 @@ from .reload import reloaded_config
 from .responses import JSON_TYPE, Errors, stream_error_event
 from .schemas import validate_body
 from .tenants import Tenants, key_store
-from .tokens import request_cost
+from .tokens import output_cap, request_cost
 from .usage import UsageBook
 
 __all__ = ["Gateway", "create_app"]
@@ -118,6 +119,7 @@ class Gateway:
         self.metrics.replicas = self._replica_states
         self.metrics.queues = lambda: [(n, p.gate.queued) for n, p in self.fleet.pools.items()]
         self.ledger = Ledger(self.limiter, self.metrics)
+        self.estimates = Estimates()
         self.admin = Admin(self)
         self._probes: set[asyncio.Future[Any]] = set()
 
@@ -291,6 +293,12 @@ class Gateway:
                 param="model",
             )
         cost = request_cost(route, body, tier.default_max_tokens)
+        cap = output_cap(body) or tier.default_max_tokens
+        estimated = tier.reserve == "estimate" and (body.get("n") or 1) == 1
+        if estimated:  # the answer likely to come, not the whole cap
+            likely = self.estimates.p95(caller.client, tier.name, model)
+            out = min(cap, tier.default_max_tokens if likely is None else likely)
+            cost = cost._replace(reserved=cost.prompt + out)
         money = 0
         if price is not None and tier.budgets:
             prompts = cost.prompt * (body.get("n") or 1)  # as the token reservation counts
@@ -310,12 +318,21 @@ class Gateway:
         admission = Admission(
             caller, plan, cost.reserved, cost.prompt, decision, model, price=price, money=money
         )
+        if estimated and decision.allowed:
+            admission.allowance = allowance(decision, cap, cost.reserved - cost.prompt, price)
 
         pool = target.pool
         replica = await self._gate(admission, headers, pool)
         if not isinstance(replica, Replica):
             return replica
         upstream_body = None if cost.capped else raw  # changed: serialised again
+        if admission.allowance is not None and not body.get("stream"):
+            # What the limits still allow, as the model server's own cap on the answer.
+            body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = (
+                admission.allowance
+            )
+            upstream_body = None
+            self._cut(admission, "max_tokens")
         renamed = target.upstream_model != model  # an alias: the upstream's own name goes on
         if renamed:
             body["model"] = target.upstream_model
@@ -511,8 +528,22 @@ class Gateway:
         everything back when the request was not served (None); a stream's upstream is closed
         first, so the model server stops generating."""
         self._release(admission, pool, replica)
+        if used is not None:
+            caller = admission.caller
+            self.estimates.add(caller.client, caller.tier.name, admission.model, used.completion)
         await self.ledger.settle(
             admission, used, None if upstream is None else lambda: _close(upstream)
+        )
+
+    def _cut(self, admission: Admission, how: str) -> None:
+        """An answer held to what its client's limits still allow: counted and logged."""
+        caller = admission.caller
+        self.metrics.cut(caller.tier.name, how)
+        logger.info(
+            "quotagate: %s held to %d tokens (%s): what its limits still allow",
+            caller.key_id or caller.display,
+            admission.allowance,
+            "the stream ended" if how == "stream" else "max_tokens upstream",
         )
 
     async def _stream(
@@ -548,7 +579,7 @@ class Gateway:
             return sent
         replica, (events, first), first_byte = sent
         streaming = time.perf_counter()
-        relay = SseRelay(admission.prompt, client_wants_usage)
+        relay = SseRelay(admission.prompt, client_wants_usage, admission.allowance)
         if client_model is not None:
             relay.rename(str(body["model"]), client_model)
 
@@ -563,6 +594,8 @@ class Gateway:
                 if out := relay.feed(first):
                     yield b"".join(out)
                 async for chunk in events:
+                    if relay.cut:
+                        break  # ended for the client: the upstream is closed as it settles
                     if out := relay.feed(chunk):
                         if not timed:
                             events_seen += len(out)
@@ -572,7 +605,11 @@ class Gateway:
                                 controller.latency(admission.prompt, tpot=per_token)
                                 timed = True
                         yield b"".join(out)
-                if out := relay.flush():
+                        if relay.cut:
+                            break
+                if relay.cut:
+                    self._cut(admission, "stream")
+                elif out := relay.flush():
                     yield b"".join(out)
             except UpstreamError as exc:
                 outcome = exc.outcome

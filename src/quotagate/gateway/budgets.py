@@ -20,7 +20,7 @@ from decimal import Decimal, InvalidOperation
 from ..algorithms.calendar import PERIOD_CODES, calendar_bounds
 from ..decision import Decision, LimitState
 from ..errors import ConfigError
-from ..keys import BUDGET
+from ..keys import BUDGET, family
 from ..rates import Rate
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "PERIODS",
     "Budget",
     "Price",
+    "allowance",
     "budget_headers",
     "describe_budgets",
     "dollars",
@@ -246,3 +247,19 @@ def describe_budgets(
             }
         )
     return described
+
+
+def allowance(decision: Decision, cap: int, reserved: int, price: Price | None) -> int | None:
+    """The output tokens an admitted request may carry: its reservation plus what its token
+    limits and budgets still allow after it, at most its own ``cap``; None when that is the
+    cap (nothing to hold it to)."""
+    more: list[int] = []
+    for state in decision.states:
+        if family(state.name) == "tokens":
+            more.append(state.remaining)
+        elif state.name == BUDGET and price is not None and price.output > 0:
+            more.append(state.remaining * _PER // price.output)
+    if not more:
+        return None
+    allowed = min(cap, reserved + min(more))
+    return allowed if allowed < cap else None

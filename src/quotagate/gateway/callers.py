@@ -65,6 +65,7 @@ class Tier:
     model_tokens: dict[str, tuple[Rate, ...]]
     budgets: tuple[Budget, ...] = ()  # micro-dollars per calendar period
     unpriced: str = "free"  # a model with no price: "free" or "refuse"
+    reserve: str = "max_tokens"  # or "estimate": the recent p95 of the client's answers
 
     @property
     def budget_rates(self) -> tuple[Rate, ...]:
@@ -87,6 +88,7 @@ class Tier:
             model_tokens={m: parse_rates(v.tokens) for m, v in tier.models.items() if v.tokens},
             budgets=parse_budgets(tier.budget) if tier.budget else (),
             unpriced=tier.unpriced,
+            reserve=tier.reserve,
         )
 
     def describe(self) -> str:

@@ -351,6 +351,9 @@ class TierConfig(_Section):
     models: dict[str, ModelLimits] = {}
     budget: BudgetText | None = None  # "$5/day; $50/month": USD per calendar period (UTC)
     unpriced: Literal["free", "refuse"] = "free"  # a model with no [prices] entry
+    # What a request reserves for its answer: its whole cap, or the recent p95 of its
+    # client's answers (what it may really generate is then enforced as it is produced).
+    reserve: Literal["max_tokens", "estimate"] = "max_tokens"
 
 
 class KeyConfig(_Section):

@@ -48,6 +48,7 @@ class Admission:
     queued_s: float = 0.0  # waited for a slot, in all (``x-quotagate-queue-ms``)
     price: Price | None = None  # its model's, when it has one
     money: int = 0  # micro-dollars reserved on the tier's budgets
+    allowance: int | None = None  # output tokens it may carry, when less than its cap
 
     def cost(self, used: Used | None) -> int:
         """Micro-dollars the answer cost (none: not served, or no price)."""

@@ -60,9 +60,13 @@ class SseRelay:
     counted only if the stream ends without usage (or past ``_COUNT_AT`` bytes of them).
     """
 
-    def __init__(self, prompt: int, client_wants_usage: bool) -> None:
+    def __init__(self, prompt: int, client_wants_usage: bool, limit: int | None = None) -> None:
         self.prompt = prompt
         self.client_wants_usage = client_wants_usage
+        #: Tokens the answer may carry (what the client's limits still allow); at that many the
+        #: relay ends the stream itself: ``cut``. None: no cut (every event counted lazily).
+        self.limit = limit
+        self.cut = False
         self.generated = 0
         self.usage: Any = None  # the usage of the stream's usage chunk, when it came
         self._buffer = b""
@@ -103,6 +107,8 @@ class SseRelay:
         return [out if self._renamed is None else self._renamed(out)]
 
     def _event(self, event: bytes) -> bytes | None:
+        if self.cut:
+            return None  # ended for the client: the rest (and the server's [DONE]) is not sent
         if event.startswith(b"data:") and b"\n" not in event:  # the common one-line event
             data = event[5:].lstrip()
         else:
@@ -111,6 +117,8 @@ class SseRelay:
             )
         if not data or data == b"[DONE]":
             return event + b"\n\n"
+        if self.limit is not None:
+            return self._limited(event, data)
         if not _has_usage(data):
             self._uncounted.append(data)
             self._uncounted_bytes += len(data)
@@ -128,6 +136,53 @@ class SseRelay:
                 if not choices and total is not None and not self.client_wants_usage:
                     return None
         return event + b"\n\n"
+
+    def _limited(self, event: bytes, data: bytes) -> bytes | None:
+        """An event of a stream with a ``limit``: counted now; the one that reaches the limit
+        goes out with the end of the stream after it."""
+        payload = _parsed(data)
+        if payload is None:
+            return event + b"\n\n"
+        total = usage_total(payload.get("usage"))
+        if total is not None:
+            self.usage = payload["usage"]
+        choices = payload.get("choices")
+        if isinstance(choices, list):
+            self.generated += _choices_tokens(choices, "delta")
+            if not choices and total is not None and not self.client_wants_usage:
+                return None
+        assert self.limit is not None
+        if self.generated < self.limit or self.usage is not None:
+            return event + b"\n\n"
+        self.cut = True
+        return event + b"\n\n" + self._ending(payload)
+
+    def _ending(self, last: dict[str, Any]) -> bytes:
+        """What a model server sends when an answer reaches its ``max_tokens``: a last chunk
+        with ``finish_reason: "length"``, the usage chunk when the client asked for one, then
+        ``[DONE]``."""
+        head: dict[str, Any] = {
+            k: last[k] for k in ("id", "object", "created", "model") if k in last
+        }
+        chat = head.get("object") == "chat.completion.chunk"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        events: list[dict[str, Any]] = [{**head, "choices": [choice]}]
+        if self.client_wants_usage:
+            used = self.used()
+            usage = {
+                "prompt_tokens": used.prompt,
+                "completion_tokens": used.completion,
+                "total_tokens": used.total,
+            }
+            events.append({**head, "choices": [], "usage": usage})
+        out = b"".join(
+            b"data: " + json.dumps(e, separators=(",", ":")).encode() + b"\n\n" for e in events
+        )
+        return out + b"data: [DONE]\n\n"
 
     def _count_uncounted(self) -> None:
         for data in self._uncounted:
