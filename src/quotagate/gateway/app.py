@@ -528,8 +528,8 @@ class Gateway:
         everything back when the request was not served (None); a stream's upstream is closed
         first, so the model server stops generating."""
         self._release(admission, pool, replica)
-        if used is not None:
-            caller = admission.caller
+        caller = admission.caller
+        if used is not None and caller.tier.reserve == "estimate":
             self.estimates.add(caller.client, caller.tier.name, admission.model, used.completion)
         await self.ledger.settle(
             admission, used, None if upstream is None else lambda: _close(upstream)

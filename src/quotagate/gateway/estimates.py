@@ -5,7 +5,8 @@ With ``[tiers.X] reserve = "estimate"`` a request reserves this many output toke
 its whole ``max_tokens`` (a 4096 cap over 200-token answers would hold twenty times what is
 used); what it may really generate is enforced while it is produced (``Gateway``: the stream
 cut, or ``max_tokens`` injected upstream). Bounded memory: the last ``window`` answers per
-entry, and at ``size`` entries the table starts again empty.
+entry (about 1 kB), and at ``size`` entries (20,000: some 20 MB) the table starts again empty;
+only the tiers that reserve so are recorded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ __all__ = ["Estimates"]
 
 
 class Estimates:
-    def __init__(self, window: int = 64, size: int = 100_000) -> None:
+    def __init__(self, window: int = 64, size: int = 20_000) -> None:
         self.window = window
         self.size = size
         self._seen: dict[tuple[str, str], deque[int]] = {}
