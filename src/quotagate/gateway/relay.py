@@ -126,23 +126,13 @@ class SseRelay:
                 self._count_uncounted()
             return event + b"\n\n"
         payload = _parsed(data)
-        if payload is not None:
-            total = usage_total(payload.get("usage"))
-            if total is not None:
-                self.usage = payload["usage"]
-            choices = payload.get("choices")
-            if isinstance(choices, list):
-                self.generated += _choices_tokens(choices, "delta")
-                if not choices and total is not None and not self.client_wants_usage:
-                    return None
+        if payload is not None and not self._count(payload):
+            return None
         return event + b"\n\n"
 
-    def _limited(self, event: bytes, data: bytes) -> bytes | None:
-        """An event of a stream with a ``limit``: counted now; the one that reaches the limit
-        goes out with the end of the stream after it."""
-        payload = _parsed(data)
-        if payload is None:
-            return event + b"\n\n"
+    def _count(self, payload: dict[str, Any]) -> bool:
+        """Take an event's usage and generated text into account; whether it is sent on (the
+        usage chunk only the gateway asked for is not)."""
         total = usage_total(payload.get("usage"))
         if total is not None:
             self.usage = payload["usage"]
@@ -150,7 +140,17 @@ class SseRelay:
         if isinstance(choices, list):
             self.generated += _choices_tokens(choices, "delta")
             if not choices and total is not None and not self.client_wants_usage:
-                return None
+                return False
+        return True
+
+    def _limited(self, event: bytes, data: bytes) -> bytes | None:
+        """An event of a stream with a ``limit``: counted now; the one that reaches the limit
+        goes out with the end of the stream after it."""
+        payload = _parsed(data)
+        if payload is None:
+            return event + b"\n\n"
+        if not self._count(payload):
+            return None
         assert self.limit is not None
         if self.generated < self.limit or self.usage is not None:
             return event + b"\n\n"
