@@ -121,20 +121,24 @@ import os
 import random
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from gateway import iter_body, read_head  # benchmarks/gateway.py: the same raw HTTP/1.1
-from quotagate.testing import ServerProcess, core_busy, http_status, process_cpu
+from gateway import (  # benchmarks/gateway.py: the same servers and raw HTTP/1.1
+    Server,
+    iter_body,
+    read_head,
+    terminate_as_interrupt,
+)
+from quotagate.testing import core_busy, process_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM_SEEDS = itertools.count()  # each stream draws its own answer lengths, repeatably
@@ -339,44 +343,6 @@ requests = "{TIER_REQUESTS}"
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-class Server(ServerProcess):
-    """A child process on a free loopback port, pinned to ``core`` when ``pin``, in a session of
-    its own (stopping it by its pid stops what it spawned, and nothing else), ready once
-    ``ready_path`` answers HTTP."""
-
-    def __init__(
-        self,
-        name: str,
-        command: Callable[[int], list[str]],
-        ready_path: str,
-        core: int | None,
-        log_file: Path,
-        env: dict[str, str],
-    ) -> None:
-        super().__init__(
-            [] if core is None else ["taskset", "-c", str(core)],
-            name=name,
-            env=env,
-            cwd=log_file.parent,
-            log=log_file,
-            startup_timeout=30.0,
-            port_retries=2,
-            new_session=True,
-            stop_timeout=10.0,
-        )
-        self.build = command
-        self.ready_path = ready_path
-
-    def command(self) -> list[str]:
-        return [*self.argv, *self.build(self.port)]
-
-    def ready(self) -> bool:
-        return http_status(self.port, self.ready_path) is not None
-
-    def log_tail(self, lines: int) -> str:
-        return "\n".join([line for line in self.output().splitlines() if line.strip()][-lines:])
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -864,6 +830,7 @@ class Bench:
             "/metrics",
             self.core(LOAD_CORE),
             self.workdir / f"{tag}-mock.log",
+            self.workdir,
             env,
         )
         servers = [mock]  # stopped in reverse
@@ -876,6 +843,7 @@ class Bench:
                 "/health",
                 self.core(GATEWAY_CORE),
                 self.workdir / f"{tag}-gateway.log",
+                self.workdir,
                 gateway_env,
             )
             servers.append(gateway)
@@ -1355,20 +1323,6 @@ RUNNERS: dict[str, Callable[[Bench, dict[str, Run]], Scenario]] = {
 
 
 # --- main --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that the finally blocks stop every server."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def source_state() -> dict[str, Any]:

@@ -236,23 +236,23 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class Server(ServerProcess):
-    """A server child process on a free loopback port, pinned to ``core`` (``taskset``), in a
-    session of its own (stopping it by its pid stops what it spawned, and nothing else), ready
-    once ``ready_path`` answers HTTP."""
+    """A server child process on a free loopback port, pinned to ``core`` (``taskset``; None:
+    not pinned), in a session of its own (stopping it by its pid stops what it spawned, and
+    nothing else), ready once ``ready_path`` answers HTTP."""
 
     def __init__(
         self,
         name: str,
         command: Callable[[int], list[str]],
         ready_path: str,
-        core: int,
+        core: int | None,
         log: Path,
         cwd: Path,
         env: dict[str, str],
         startup_timeout: float = 30.0,
     ) -> None:
         super().__init__(
-            ["taskset", "-c", str(core)],
+            [] if core is None else ["taskset", "-c", str(core)],
             name=name,
             env=env,
             cwd=cwd,

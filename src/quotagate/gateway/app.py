@@ -74,7 +74,7 @@ from .reload import reloaded_config
 from .responses import JSON_TYPE, Errors, stream_error_event
 from .schemas import validate_body
 from .tenants import Tenants, key_store
-from .tokens import output_cap, request_cost
+from .tokens import request_cost
 from .usage import UsageBook
 
 __all__ = ["Gateway", "create_app"]
@@ -293,15 +293,16 @@ class Gateway:
                 param="model",
             )
         cost = request_cost(route, body, tier.default_max_tokens)
-        cap = output_cap(body) or tier.default_max_tokens
-        estimated = tier.reserve == "estimate" and (body.get("n") or 1) == 1
+        choices = body.get("n") or 1
+        cap = cost.reserved // choices - cost.prompt  # the answer's cap, per choice
+        estimated = tier.reserve == "estimate" and choices == 1
         if estimated:  # the answer likely to come, not the whole cap
             likely = self.estimates.p95(caller.client, tier.name, model)
             out = min(cap, tier.default_max_tokens if likely is None else likely)
             cost = cost._replace(reserved=cost.prompt + out)
         money = 0
         if price is not None and tier.budgets:
-            prompts = cost.prompt * (body.get("n") or 1)  # as the token reservation counts
+            prompts = cost.prompt * choices  # as the token reservation counts
             money = price.cost(prompts, cost.reserved - prompts)
         plan = limits(tier, caller.client, model, cost.reserved, self.lease_ttl, money=money)
 

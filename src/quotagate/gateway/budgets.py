@@ -11,8 +11,8 @@ length (28 to 31 days for a month).
 
 from __future__ import annotations
 
-import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -173,11 +173,7 @@ def split(decision: Decision) -> tuple[Decision, tuple[LimitState, ...]]:
     others = tuple(s for s in decision.states if s.name != BUDGET)
     if decision.name != BUDGET:  # the pick is another limit's: it stays
         return decision._replace(states=others), spent
-    pick = min(
-        (s for s in others if s.limit > 0),
-        key=lambda s: (s.remaining / s.limit, -s.reset_after),
-        default=None,
-    )
+    pick = _tightest(s for s in others if s.limit > 0)
     if pick is None:
         shown = decision._replace(states=others, limit=0, remaining=0, reset_after=0.0)
     else:
@@ -187,12 +183,19 @@ def split(decision: Decision) -> tuple[Decision, tuple[LimitState, ...]]:
     return shown, spent
 
 
+def _tightest(states: Iterable[LimitState]) -> LimitState | None:
+    """The state with the least left of its limit (ties: the longer reset), as the engine
+    picks a decision's."""
+    return min(states, key=lambda s: (s.remaining / s.limit, -s.reset_after), default=None)
+
+
 def budget_headers(spent: tuple[LimitState, ...]) -> list[tuple[bytes, bytes]]:
     """``x-quotagate-budget-{limit,remaining,reset}`` of the tightest budget: USD, USD,
     seconds to its period's end."""
     if not spent:
         return []
-    tightest = min(spent, key=lambda s: (s.remaining / s.limit, -s.reset_after))
+    tightest = _tightest(spent)
+    assert tightest is not None
     return [
         (b"x-quotagate-budget-limit", usd_text(tightest.limit).encode()),
         (b"x-quotagate-budget-remaining", usd_text(tightest.remaining).encode()),
@@ -208,24 +211,20 @@ def budget_of(state: LimitState, budgets: tuple[Budget, ...]) -> Budget:
 def over_budget(decision: Decision, budgets: tuple[Budget, ...]) -> dict[str, object]:
     """The error fields of a request a budget refused: ``budget_exceeded`` until the period
     ends, or ``request_too_large`` when its cost bound is more than the whole budget."""
-    spent = [s for s in decision.states if s.name == BUDGET]
-    if decision.reason == "too_large":
-        state = next((s for s in spent if math.isinf(s.retry_after)), spent[0])
-        budget = budget_of(state, budgets)
-        return {
-            "error": "request_too_large",
-            "message": f"This request may cost more than the whole ${dollars(budget.amount)} "
-            f"{budget.adjective} budget: it can never pass. Ask for fewer tokens (max_tokens).",
-            "limit": BUDGET,
-        }
-    state = max(spent, key=lambda s: s.retry_after)
+    # The budget that refused: the one it waits longest for (forever: larger than all of it).
+    state = max((s for s in decision.states if s.name == BUDGET), key=lambda s: s.retry_after)
     budget = budget_of(state, budgets)
-    return {
-        "error": "budget_exceeded",
-        "message": f"The ${dollars(budget.amount)} {budget.adjective} budget is used up; "
-        f"it resets in {wait_text(state.retry_after)}.",
-        "limit": BUDGET,
-    }
+    if decision.reason == "too_large":
+        message = (
+            f"This request may cost more than the whole ${dollars(budget.amount)} "
+            f"{budget.adjective} budget: it can never pass. Ask for fewer tokens (max_tokens)."
+        )
+        return {"error": "request_too_large", "message": message, "limit": BUDGET}
+    message = (
+        f"The ${dollars(budget.amount)} {budget.adjective} budget is used up; "
+        f"it resets in {wait_text(state.retry_after)}."
+    )
+    return {"error": "budget_exceeded", "message": message, "limit": BUDGET}
 
 
 def describe_budgets(

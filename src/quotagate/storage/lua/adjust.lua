@@ -78,12 +78,7 @@ for i = 1, n do
       end
     end
   else
-    local window_end
-    if algorithm == 3 then
-      window_end = calendar_end(now, interval)
-    else
-      window_end = (math.floor(now / interval) + 1) * interval
-    end
+    local window_end = window_end_of(now, algorithm, interval)
     local used = 0
     local stored = redis.call("GET", key)
     if stored then

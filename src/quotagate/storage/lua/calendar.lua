@@ -36,3 +36,9 @@ local function calendar_end(now, code)
   end
   return days_from_civil(y + 1, 1, 1) * US_DAY
 end
+-- The end of the fixed window (algorithm 2: of length interval) or the calendar period
+-- (algorithm 3) holding now.
+local function window_end_of(now, algorithm, interval)
+  if algorithm == 3 then return calendar_end(now, interval) end
+  return (math.floor(now / interval) + 1) * interval
+end
