@@ -22,6 +22,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -56,7 +57,7 @@ MAX_TOKENS = 4096
 KEY = {"X-API-Key": "sk-bench-0001"}
 
 
-async def spend(reserve: str, answers: int, workers: int) -> dict[str, Any]:
+async def spend(reserve: str, answers: int, workers: int, stream: bool) -> dict[str, Any]:
     """Requests admitted until the budget refuses, and what was spent of it."""
     budget_micros = answers * ANSWER
     with tempfile.TemporaryDirectory() as workdir:
@@ -79,13 +80,15 @@ async def spend(reserve: str, answers: int, workers: int) -> dict[str, Any]:
                         "messages": [{"role": "user", "content": "hi"}],
                         "max_tokens": MAX_TOKENS,
                     }
+                    if stream:
+                        body |= {"stream": True, "stream_options": {"include_usage": True}}
                     while True:
                         in_flight += 1
                         answer = await client.post("/v1/chat/completions", json=body, headers=KEY)
                         in_flight -= 1
                         if answer.status_code == 200:
                             admitted += 1
-                            cut += answer.json()["usage"]["completion_tokens"] < ANSWER
+                            cut += completion_tokens(answer, stream) < ANSWER
                             continue
                         if not in_flight:  # refused with nothing held: the budget is spent
                             return
@@ -97,12 +100,20 @@ async def spend(reserve: str, answers: int, workers: int) -> dict[str, Any]:
     left = round(float(shown["remaining_usd"]) * 1_000_000)
     return {
         "reserve": reserve,
+        "stream": stream,
         "admitted": admitted,
         "cut": cut,
         "refused": refused,
         "budget_micro_usd": budget_micros,
         "spent_micro_usd": budget_micros - left,
     }
+
+
+def completion_tokens(answer: httpx.Response, stream: bool) -> int:
+    if not stream:
+        return int(answer.json()["usage"]["completion_tokens"])
+    events = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+    return int(json.loads(events[-2])["usage"]["completion_tokens"])  # the usage, [DONE]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,20 +126,25 @@ def main(argv: list[str] | None = None) -> int:
     overshoot = False
     print(f"answers of {ANSWER} tokens, max_tokens {MAX_TOKENS}, {args.workers} concurrent workers")
     print(
-        f"{'budget':>8} {'reserve':<11} {'admitted':>8} {'refused while held':>19} {'cut':>4} "
-        f"{'spent / budget (micro-USD)':>27}"
+        f"{'budget':>8} {'answers':<10} {'reserve':<11} {'admitted':>8} "
+        f"{'refused while held':>19} {'cut':>4} {'spent / budget (micro-USD)':>27}"
     )
     for answers in (int(a) for a in args.answers.split(",")):
-        rows = [asyncio.run(spend(r, answers, args.workers)) for r in ("max_tokens", "estimate")]
-        for row in rows:
-            spent = f"{row['spent_micro_usd']:,} / {row['budget_micro_usd']:,}"
-            print(
-                f"{answers:>8} {row['reserve']:<11} {row['admitted']:>8} {row['refused']:>19} "
-                f"{row['cut']:>4} {spent:>27}"
-            )
-            overshoot |= row["spent_micro_usd"] > row["budget_micro_usd"]
-        ratio = rows[1]["admitted"] / max(1, rows[0]["admitted"])
-        print(f"{'':>8} estimate admits {ratio:.2f}x the requests of max_tokens")
+        for stream in (True, False):
+            kind = "streamed" if stream else "completed"
+            rows = [
+                asyncio.run(spend(r, answers, args.workers, stream))
+                for r in ("max_tokens", "estimate")
+            ]
+            for row in rows:
+                spent = f"{row['spent_micro_usd']:,} / {row['budget_micro_usd']:,}"
+                print(
+                    f"{answers:>8} {kind:<10} {row['reserve']:<11} {row['admitted']:>8} "
+                    f"{row['refused']:>19} {row['cut']:>4} {spent:>27}"
+                )
+                overshoot |= row["spent_micro_usd"] > row["budget_micro_usd"]
+            ratio = rows[1]["admitted"] / max(1, rows[0]["admitted"])
+            print(f"{'':>8} {kind:<10} estimate admits {ratio:.2f}x the requests of max_tokens")
     print("overshoot: " + ("YES" if overshoot else "none (spent <= budget in every run)"))
     return 1 if overshoot else 0
 

@@ -5,11 +5,14 @@ SDK without an exception), a non-streamed request's ``max_tokens`` injected upst
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
+import pytest
 
 import quotagate as qg
 from helpers import (
@@ -23,6 +26,7 @@ from helpers import (
 )
 from quotagate.gateway.app import create_app
 from quotagate.gateway.backends.mock import MockBackend
+from support import RedisServer
 
 CONFIG = """
 [backend]
@@ -111,3 +115,129 @@ async def test_a_completion_gets_what_the_limits_allow_as_its_max_tokens(tmp_pat
     assert answer.status_code == 200
     assert upstream.bodies[-1]["max_tokens"] == 100 - PROMPT  # not 4096
     assert sample(metrics, "quotagate_allowance_cuts_total", tier="metered", how="max_tokens") == 1
+
+
+async def test_a_stream_that_outgrows_its_estimate_reserves_more_and_is_not_cut(
+    tmp_path: Path,
+) -> None:
+    """Room to spare: the answer runs to its end (500 tokens over a reservation of 30), the
+    reservation grown as it came, and settled on exactly what was generated."""
+    app = create_app(
+        config(tmp_path),
+        storage=qg.MemoryStorage(clock=qg.FakeClock()),
+        backend=MockBackend(output_tokens=500),
+    )
+    async with in_process(app) as client:
+        answer = await ask(client, stream=True, stream_options={"include_usage": True})
+        limits = (await client.get("/v1/ratelimit", headers=KEY)).json()["limits"]
+        metrics = metric_samples((await client.get("/metrics")).text)
+    events = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "stop"
+    assert chunks[-1]["usage"]["completion_tokens"] == 500
+    tokens = next(entry for entry in limits if entry["name"] == "tokens")
+    assert tokens["remaining"] == 100_000 - (PROMPT + 500)
+    assert sample(metrics, "quotagate_allowance_cuts_total", tier="metered", how="stream") == 0
+
+
+async def concurrent_streams(clients: list[httpx.AsyncClient], count: int) -> list[int]:
+    """``count`` streams at once, spread over ``clients``: each one's completion tokens."""
+
+    async def one(client: httpx.AsyncClient) -> int:
+        answer = await ask(client, stream=True, stream_options={"include_usage": True})
+        assert answer.status_code == 200, answer.text
+        events = [line[6:] for line in answer.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return int(json.loads(events[-2])["usage"]["completion_tokens"])
+
+    return await asyncio.gather(*(one(clients[i % len(clients)]) for i in range(count)))
+
+
+async def test_concurrent_streams_outgrowing_their_estimates_never_overshoot(
+    tmp_path: Path,
+) -> None:
+    """16 streams of 500 tokens admitted on reservations of 30 each against 1,000 tokens a
+    minute: together they generate at most what the limit holds, not 16 x what was left."""
+    app = create_app(
+        config(tmp_path, tokens=1000),
+        storage=qg.MemoryStorage(clock=qg.FakeClock()),
+        backend=MockBackend(tokens_per_second=5000, output_tokens=500),
+    )
+    async with in_process(app) as client:
+        completions = await concurrent_streams([client], 16)
+        limits = (await client.get("/v1/ratelimit", headers=KEY)).json()["limits"]
+    used = sum(completions) + 16 * PROMPT
+    assert used <= 1000
+    tokens = next(entry for entry in limits if entry["name"] == "tokens")
+    assert tokens["remaining"] == 1000 - used  # settled on exactly what was generated
+    assert min(completions) < 500  # held: they could not all have their answers
+
+
+BUDGET_CONFIG = """
+[backend]
+max_concurrency = 64
+
+[prices."quotagate-mock"]
+input = 0
+output = 1                       # a micro-dollar a generated token
+
+[tiers.metered]
+requests = "10000/minute"
+tokens = "100000000/minute"
+default_max_tokens = 30
+budget = "$0.002/day"
+reserve = "estimate"
+
+[[keys]]
+key = "sk-acme-0001"
+tier = "metered"
+"""
+
+
+@pytest.mark.redis
+async def test_streams_over_two_replicas_never_overshoot_a_budget_with_estimates(
+    tmp_path: Path, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """40 streams over two gateways on one Redis, each admitted on 30 micro-dollars and
+    answering 100 tokens (4,000 micro-dollars in all) against a $0.002 budget: what they are
+    charged together stays within the 2,000 the budget holds."""
+    gateways = []
+    for _ in range(2):
+        storage = qg.RedisStorage(redis_server.url, prefix=key_prefix, timeout=5.0)
+        backend = MockBackend(tokens_per_second=2000, output_tokens=100)
+        gateways.append(
+            create_app(config_from(tmp_path, BUDGET_CONFIG), storage=storage, backend=backend)
+        )
+    async with in_process(gateways[0]) as one, in_process(gateways[1]) as two:
+        completions = await concurrent_streams([one, two], 40)
+        budget = (await one.get("/v1/ratelimit", headers=KEY)).json()["budgets"][0]
+    spent = 2000 - round(float(budget["remaining_usd"]) * 1_000_000)
+    assert sum(completions) <= 2000
+    assert spent == sum(completions)  # charged exactly what was generated
+    assert min(completions) < 100
+
+
+async def test_concurrent_completions_reserve_what_they_may_use_and_never_overshoot(
+    tmp_path: Path,
+) -> None:
+    """A completion cannot be held as it grows: what its limits allow (up to its max_tokens) is
+    reserved before it is sent and is its max_tokens upstream, so 16 at once, each of which
+    would answer 500 tokens, generate at most the 1,000 tokens a minute between them; one that
+    finds nothing left is refused (with reserve = "max_tokens" every one would be: 4,096
+    tokens are more than the limit)."""
+    app = create_app(
+        config(tmp_path, tokens=1000),
+        storage=qg.MemoryStorage(clock=qg.FakeClock()),
+        backend=MockBackend(tokens_per_second=5000, output_tokens=500),
+    )
+    async with in_process(app) as client:
+        answers = await asyncio.gather(*(ask(client) for _ in range(16)))
+        limits = (await client.get("/v1/ratelimit", headers=KEY)).json()["limits"]
+    served = [answer.json()["usage"] for answer in answers if answer.status_code == 200]
+    assert {answer.status_code for answer in answers} == {200, 429}
+    used = sum(usage["total_tokens"] for usage in served)
+    assert used <= 1000
+    tokens = next(entry for entry in limits if entry["name"] == "tokens")
+    assert tokens["remaining"] == 1000 - used

@@ -54,7 +54,7 @@ from .backends import (
     backend_from_config,
 )
 from .body import read_json
-from .budgets import allowance, budget_headers, describe_budgets, over_budget, split
+from .budgets import budget_headers, describe_budgets, over_budget, room, split
 from .callers import Caller, Callers, Limits, Refusal, Tier, limits
 from .config import GatewayConfig, configured_storage, load_config
 from .dispatch import GatewayApp
@@ -296,6 +296,7 @@ class Gateway:
         choices = body.get("n") or 1
         cap = cost.reserved // choices - cost.prompt  # the answer's cap, per choice
         estimated = tier.reserve == "estimate" and choices == 1
+        out = cap
         if estimated:  # the answer likely to come, not the whole cap
             likely = self.estimates.p95(caller.client, tier.name, model)
             out = min(cap, tier.default_max_tokens if likely is None else likely)
@@ -319,8 +320,8 @@ class Gateway:
         admission = Admission(
             caller, plan, cost.reserved, cost.prompt, decision, model, price=price, money=money
         )
-        if estimated and decision.allowed:
-            admission.allowance = allowance(decision, cap, cost.reserved - cost.prompt, price)
+        if out < cap and decision.allowed and not tier.shadow and room(decision, price) is not None:
+            admission.allowance, admission.cap = out, cap  # held to it, more reserved as it grows
 
         pool = target.pool
         replica = await self._gate(admission, headers, pool)
@@ -328,12 +329,14 @@ class Gateway:
             return replica
         upstream_body = None if cost.capped else raw  # changed: serialised again
         if admission.allowance is not None and not body.get("stream"):
-            # What the limits still allow, as the model server's own cap on the answer.
-            body["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = (
-                admission.allowance
-            )
-            upstream_body = None
-            self._cut(admission, "max_tokens")
+            # An answer not streamed cannot be held as it grows: what its limits still allow
+            # is reserved now and made the model server's own cap on it.
+            want = min(cap - out, room(decision, price) or 0)
+            if not want or await self.ledger.extend(admission, want) < cap - out:
+                field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+                body[field] = admission.allowance
+                upstream_body = None
+                self._cut(admission, "max_tokens")
         renamed = target.upstream_model != model  # an alias: the upstream's own name goes on
         if renamed:
             body["model"] = target.upstream_model
@@ -580,11 +583,22 @@ class Gateway:
             return sent
         replica, (events, first), first_byte = sent
         streaming = time.perf_counter()
-        relay = SseRelay(admission.prompt, client_wants_usage, admission.allowance)
+        relay = SseRelay(admission.prompt, client_wants_usage, admission.allowance, admission.cap)
         if client_model is not None:
             relay.rename(str(body["model"]), client_model)
 
         controller = replica.controller
+
+        async def held(out: list[bytes]) -> list[bytes]:
+            """``out``, and the events a hold kept back once more is reserved (doubling what
+            the answer holds, up to its cap) or the stream's end when nothing more can be."""
+            while relay.held:
+                assert relay.limit is not None
+                more = await self.ledger.extend(
+                    admission, min(admission.cap - relay.limit, max(relay.limit, 16))
+                )
+                out += relay.grow(more) if more else relay.end()
+            return out
 
         async def body_iterator() -> AsyncIterator[bytes]:
             # The events of one upstream read go out in one write, not one write each.
@@ -592,12 +606,12 @@ class Gateway:
             timed = controller is None  # its time per token is told early, once
             events_seen = 0
             try:
-                if out := relay.feed(first):
+                if out := await held(relay.feed(first)):
                     yield b"".join(out)
                 async for chunk in events:
                     if relay.cut:
                         break  # ended for the client: the upstream is closed as it settles
-                    if out := relay.feed(chunk):
+                    if out := await held(relay.feed(chunk)):
                         if not timed:
                             events_seen += len(out)
                             if events_seen >= TPOT_EVENTS:
@@ -608,10 +622,10 @@ class Gateway:
                         yield b"".join(out)
                         if relay.cut:
                             break
+                if not relay.cut and (out := await held(relay.flush())):
+                    yield b"".join(out)
                 if relay.cut:
                     self._cut(admission, "stream")
-                elif out := relay.flush():
-                    yield b"".join(out)
             except UpstreamError as exc:
                 outcome = exc.outcome
                 pool.failed(replica, exc)

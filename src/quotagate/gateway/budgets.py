@@ -28,13 +28,13 @@ __all__ = [
     "PERIODS",
     "Budget",
     "Price",
-    "allowance",
     "budget_headers",
     "describe_budgets",
     "dollars",
     "over_budget",
     "parse_budgets",
     "period_bounds",
+    "room",
     "split",
     "usd",
     "usd_text",
@@ -248,17 +248,14 @@ def describe_budgets(
     return described
 
 
-def allowance(decision: Decision, cap: int, reserved: int, price: Price | None) -> int | None:
-    """The output tokens an admitted request may carry: its reservation plus what its token
-    limits and budgets still allow after it, at most its own ``cap``; None when that is the
-    cap (nothing to hold it to)."""
+def room(decision: Decision, price: Price | None) -> int | None:
+    """The output tokens a request's token limits and budgets still allow after ``decision``
+    (what is left of each; a budget's at its model's output price); None when none limits
+    them (nothing to hold an answer to)."""
     more: list[int] = []
     for state in decision.states:
         if family(state.name) == "tokens":
             more.append(state.remaining)
         elif state.name == BUDGET and price is not None and price.output > 0:
             more.append(state.remaining * _PER // price.output)
-    if not more:
-        return None
-    allowed = min(cap, reserved + min(more))
-    return allowed if allowed < cap else None
+    return min(more, default=None)

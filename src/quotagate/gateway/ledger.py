@@ -25,7 +25,7 @@ from ..decision import Decision
 from ..errors import StorageError
 from ..limiter import Hit, RateLimiter, Tally
 from ..metrics import PrometheusMetrics
-from .budgets import Price
+from .budgets import Price, room
 from .callers import Caller, Limits
 from .relay import Used
 from .usage import UsageBook
@@ -48,7 +48,10 @@ class Admission:
     queued_s: float = 0.0  # waited for a slot, in all (``x-quotagate-queue-ms``)
     price: Price | None = None  # its model's, when it has one
     money: int = 0  # micro-dollars reserved on the tier's budgets
-    allowance: int | None = None  # output tokens it may carry, when less than its cap
+    #: Output tokens reserved, which the answer is held to until more is (``Ledger.extend``),
+    #: up to ``cap``, its own ``max_tokens``. None: its whole cap was reserved.
+    allowance: int | None = None
+    cap: int = 0
 
     def cost(self, used: Used | None) -> int:
         """Micro-dollars the answer cost (none: not served, or no price)."""
@@ -97,8 +100,38 @@ class Ledger:
 
     async def undo(self, admission: Admission) -> None:
         """A request admitted but never served (backend full): give back all it took."""
-        refunds = [_recharged(hit, -hit.cost) for hit in admission.limits.hits]
+        limits = admission.limits
+        refunds = [_recharged(hit, -hit.cost) for hit in limits.requests]
+        refunds += (_recharged(hit, -admission.reserved) for hit in limits.tokens)
+        refunds += (_recharged(hit, -admission.money) for hit in limits.money)
         await self._settle(admission, refunds, "giving back a request")
+
+    async def extend(self, admission: Admission, tokens: int) -> int:
+        """Reserve ``tokens`` more output tokens for an answer that outgrew its reservation, on
+        its token limits and budgets, in one call; refused, what they still allow, in one more.
+        What was reserved (0: the answer ends where it is); settling reconciles it all."""
+        price = admission.price
+        limits = admission.limits
+        for _ in range(2):
+            money = price.cost(0, tokens) if price is not None and limits.money else 0
+            hits = [_recharged(hit, tokens) for hit in limits.tokens]
+            hits += (_recharged(hit, money) for hit in limits.money)
+            try:
+                decision = await self.limiter.hit_many(hits)
+            except StorageError as exc:
+                logger.error("quotagate: storage error while reserving more tokens: %s", exc)
+                return 0
+            if decision.allowed:
+                admission.reserved += tokens
+                admission.money += money
+                if admission.allowance is not None:
+                    admission.allowance += tokens
+                self.metrics.tokens(admission.caller.tier.name, "reserved", tokens)
+                return tokens
+            tokens = min(tokens - 1, room(decision, price) or 0)  # taken by others meanwhile
+            if tokens <= 0:
+                break
+        return 0
 
     async def settle(
         self,

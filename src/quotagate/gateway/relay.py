@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -60,16 +61,24 @@ class SseRelay:
     counted only if the stream ends without usage (or past ``_COUNT_AT`` bytes of them).
     """
 
-    def __init__(self, prompt: int, client_wants_usage: bool, limit: int | None = None) -> None:
+    def __init__(
+        self, prompt: int, client_wants_usage: bool, limit: int | None = None, cap: int = 0
+    ) -> None:
         self.prompt = prompt
         self.client_wants_usage = client_wants_usage
-        #: Tokens the answer may carry (what the client's limits still allow); at that many the
-        #: relay ends the stream itself: ``cut``. None: no cut (every event counted lazily).
+        #: Tokens the answer may carry as reserved so far; at that many (below its ``cap``, where
+        #: the model server stops by itself) the relay is ``held``: the events after wait until
+        #: the gateway reserves more (``grow``) or ends the stream (``end``: ``cut``). None: no
+        #: hold (every event counted lazily).
         self.limit = limit
+        self.cap = cap
+        self.held = False
         self.cut = False
         self.generated = 0
         self.usage: Any = None  # the usage of the stream's usage chunk, when it came
         self._buffer = b""
+        self._pending: deque[bytes] = deque()  # events not yet looked at (held)
+        self._last: dict[str, Any] = {}  # the event the hold came at
         self._uncounted: list[bytes] = []
         self._uncounted_bytes = 0
         self._renamed: Callable[[bytes], bytes] | None = None
@@ -95,16 +104,43 @@ class SseRelay:
         """The complete events in ``chunk`` (and what was buffered), to send on."""
         self._buffer += chunk.replace(b"\r\n", b"\n")
         *events, self._buffer = self._buffer.split(b"\n\n")
+        if self.limit is not None:
+            self._pending.extend(events)
+            return self._drain()
         out = [sent for event in events if (sent := self._event(event)) is not None]
         return out if self._renamed is None else [self._renamed(event) for event in out]
 
     def flush(self) -> list[bytes]:
         """The last event, when the stream ended without its blank line."""
         rest, self._buffer = self._buffer, b""
-        out = self._event(rest) if rest.strip() else None
-        if out is None:
-            return []
-        return [out if self._renamed is None else self._renamed(out)]
+        if rest.strip():
+            self._pending.append(rest)
+        return self._drain()
+
+    def grow(self, tokens: int) -> list[bytes]:
+        """``tokens`` more were reserved for the answer: the held events go on."""
+        assert self.limit is not None
+        self.limit += tokens
+        self.held = False
+        return self._drain()
+
+    def end(self) -> list[bytes]:
+        """No more could be reserved: the stream ends where it was held, as a model server
+        ends an answer at its ``max_tokens``."""
+        self.held = False
+        self.cut = True
+        self._pending.clear()
+        ending = self._ending(self._last)
+        return [ending if self._renamed is None else self._renamed(ending)]
+
+    def _drain(self) -> list[bytes]:
+        """The pending events to send on, up to a hold."""
+        out: list[bytes] = []
+        while self._pending and not self.held:
+            sent = self._event(self._pending.popleft())
+            if sent is not None:
+                out.append(sent if self._renamed is None else self._renamed(sent))
+        return out
 
     def _event(self, event: bytes) -> bytes | None:
         if self.cut:
@@ -145,17 +181,17 @@ class SseRelay:
 
     def _limited(self, event: bytes, data: bytes) -> bytes | None:
         """An event of a stream with a ``limit``: counted now; the one that reaches the limit
-        goes out with the end of the stream after it."""
+        holds the stream after it."""
         payload = _parsed(data)
         if payload is None:
             return event + b"\n\n"
         if not self._count(payload):
             return None
         assert self.limit is not None
-        if self.generated < self.limit or self.usage is not None:
-            return event + b"\n\n"
-        self.cut = True
-        return event + b"\n\n" + self._ending(payload)
+        if self.generated >= self.limit and self.limit < self.cap and self.usage is None:
+            self.held = True
+            self._last = payload
+        return event + b"\n\n"
 
     def _ending(self, last: dict[str, Any]) -> bytes:
         """What a model server sends when an answer reaches its ``max_tokens``: a last chunk
