@@ -241,3 +241,33 @@ async def test_concurrent_completions_reserve_what_they_may_use_and_never_oversh
     assert used <= 1000
     tokens = next(entry for entry in limits if entry["name"] == "tokens")
     assert tokens["remaining"] == 1000 - used
+
+
+@pytest.mark.redis
+async def test_replicas_on_one_redis_reserve_by_the_clients_answers_on_either(
+    tmp_path: Path, redis_server: RedisServer, key_prefix: str
+) -> None:
+    """A client's answers on one gateway are its p95 on the other once both have shared what
+    they saw (each does every second; here the same call, made at once)."""
+    clock = qg.FakeClock(1_000_000.0)
+    apps = []
+    for _ in range(2):
+        storage = qg.RedisStorage(redis_server.url, prefix=key_prefix, clock=clock, timeout=5.0)
+        apps.append(
+            create_app(config(tmp_path), storage=storage, backend=MockBackend(output_tokens=500))
+        )
+
+    async def share() -> None:
+        for app in apps:
+            gateway = app.state.gateway
+            await gateway.estimates.sync(gateway.limiter)
+
+    async with in_process(apps[0]) as one, in_process(apps[1]) as two:
+        for _ in range(3):  # 100-token answers on the first gateway
+            assert (await ask(one, max_tokens=100)).json()["usage"]["completion_tokens"] == 100
+        short = await ask(two, max_tokens=20)  # nothing shared yet: min(20, the tier's 30)
+        assert short.json()["usage"]["completion_tokens"] == 20
+        left = 100_000 - 3 * (PROMPT + 100) - (PROMPT + 20)
+        await share()
+        both = await ask(two)  # p95 of 100, 100, 100 and 20: 100, not this gateway's own 20
+        assert int(both.headers["x-ratelimit-remaining-tokens"]) == left - (PROMPT + 100)

@@ -87,6 +87,8 @@ _T = TypeVar("_T")
 #: its end: a long answer's end is many seconds after the batch it measured (slow start would
 #: have doubled the limit past the unloaded batch before any baseline was learnt).
 TPOT_EVENTS = 16
+#: How often a replica on a shared storage shares the answers it saw and reads back others'.
+ESTIMATES_SYNC_S = 1.0
 
 
 class Gateway:
@@ -122,6 +124,7 @@ class Gateway:
         self.estimates = Estimates()
         self.admin = Admin(self)
         self._probes: set[asyncio.Future[Any]] = set()
+        self._sharing: asyncio.Task[None] | None = None
 
     def _apply(self, config: GatewayConfig) -> None:
         """Take the parts of ``config`` that change without a restart."""
@@ -194,10 +197,22 @@ class Gateway:
                 admin.usage_retention_days, lambda: tenants.clock(), cluster=cluster
             )
         await self.fleet.start()
+        if not self.limiter.in_process:  # replicas may share it: and what answers cost
+            self.estimates.shared = True
+            self.estimates.clock = getattr(self.limiter.storage, "clock", None) or time.time
+            self._sharing = asyncio.get_running_loop().create_task(self._share_estimates())
         logger.info("%s", self.describe())
+
+    async def _share_estimates(self) -> None:
+        while True:
+            await asyncio.sleep(ESTIMATES_SYNC_S)
+            await self.estimates.sync(self.limiter)
 
     async def aclose(self) -> None:
         await self.ledger.drain()
+        if self._sharing is not None:
+            self._sharing.cancel()
+            await self.estimates.sync(self.limiter)  # what was seen since the last second
         for probes in list(self._probes):  # a reload's first probes, still running
             probes.cancel()
         await self.fleet.aclose()
