@@ -6,8 +6,8 @@ In process (the gateway app on the memory storage, the mock model answering 200 
 2,000 tokens a second, so 16 clients' requests overlap as they would on a server): a key with
 a daily budget worth 50, 200 or 1,000 answers sends from 16 concurrent workers, each request
 asking for ``max_tokens = 4096``, until the budget refuses it with nothing in flight (a refusal
-while others hold reservations is counted, and tried again when they end). The figures are
-counts, not timings, so one run on any machine says it.
+while others hold reservations is counted, and tried again when they end), streamed and not.
+The figures are counts, not timings, so one run on any machine says it.
 
 Run: .venv/bin/python benchmarks/budget_reserve.py [--answers 50,200,1000] [--workers 16]
 """
