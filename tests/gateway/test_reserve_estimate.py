@@ -271,3 +271,22 @@ async def test_replicas_on_one_redis_reserve_by_the_clients_answers_on_either(
         await share()
         both = await ask(two)  # p95 of 100, 100, 100 and 20: 100, not this gateway's own 20
         assert int(both.headers["x-ratelimit-remaining-tokens"]) == left - (PROMPT + 100)
+
+
+async def test_an_upstream_error_gives_back_what_was_reserved_since_admission(
+    tmp_path: Path,
+) -> None:
+    """A completion's reservation grown before it was sent, then a 500 upstream: every token of
+    it, the grown part too, is given back."""
+
+    async def failing(request: httpx.Request, body: dict[str, Any]) -> httpx.Response:
+        return httpx.Response(500, json={"error": {"message": "boom"}})
+
+    upstream = RecordingUpstream(failing)
+    app = gateway_app(config(tmp_path, tokens=1000), backend=upstream.backend())
+    async with in_process(app) as client:
+        assert (await ask(client)).status_code == 502
+        limits = (await client.get("/v1/ratelimit", headers=KEY)).json()["limits"]
+    assert upstream.bodies[-1]["max_tokens"] == 1000 - PROMPT  # all of it was reserved
+    tokens = next(entry for entry in limits if entry["name"] == "tokens")
+    assert tokens["remaining"] == 1000
