@@ -206,7 +206,10 @@ class Gateway:
     async def _share_estimates(self) -> None:
         while True:
             await asyncio.sleep(ESTIMATES_SYNC_S)
-            await self.estimates.sync(self.limiter)
+            try:
+                await self.estimates.sync(self.limiter)
+            except Exception:  # a bug must not stop the sharing for good; storage errors are
+                logger.exception("quotagate: sharing answer estimates failed")  # logged there
 
     async def aclose(self) -> None:
         await self.ledger.drain()
