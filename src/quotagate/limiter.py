@@ -17,11 +17,11 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 from ._types import Algorithm, Clock, Reason
 from .algorithms import Verdict
-from .algorithms.calendar import DAY, HOUR, MONTH, WEEK, YEAR
+from .algorithms.calendar import CODE_OF_SECONDS
 from .decision import Decision, Lease, LimitState
 from .errors import ConfigError
 from .keys import CONCURRENCY, hash_tagged
@@ -380,9 +380,9 @@ def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template
 
     A state is named by its period, not its amount, so a changed amount keeps what was counted
     (a second rate of the same period gets ``#2``)."""
-    if algorithm not in ("gcra", "fixed_window", "calendar"):
+    if algorithm not in get_args(Algorithm):
         raise ConfigError(
-            f"algorithm must be 'gcra', 'fixed_window' or 'calendar', got {algorithm!r}"
+            f"algorithm must be one of {list(get_args(Algorithm))}, got {algorithm!r}"
         )
     template = []
     seen: dict[str, int] = {}
@@ -398,12 +398,8 @@ def _template(rates: str | Rate | tuple[Rate, ...], algorithm: str) -> _Template
     return tuple(template)
 
 
-#: A rate's period in seconds -> its calendar period's code (a month is "N/month": 30 days).
-_CALENDAR_CODES = {3600: HOUR, 86400: DAY, 7 * 86400: WEEK, 30 * 86400: MONTH, 360 * 86400: YEAR}
-
-
 def _calendar_code(rate: Rate) -> int:
-    code = _CALENDAR_CODES.get(int(rate.period)) if rate.period == int(rate.period) else None
+    code = CODE_OF_SECONDS.get(int(rate.period)) if rate.period == int(rate.period) else None
     if code is None:
         raise ConfigError(
             f"a calendar limit's period is an hour, a day, a week, a month or a year (got {rate})"

@@ -9,11 +9,25 @@ period's boundary, whatever its length: a month is 28 to 31 days. The twin of
 
 from __future__ import annotations
 
-__all__ = ["DAY", "HOUR", "MONTH", "PERIOD_CODES", "WEEK", "YEAR", "calendar_bounds"]
+__all__ = [
+    "CODE_OF_SECONDS",
+    "DAY",
+    "HOUR",
+    "MONTH",
+    "PERIOD_CODES",
+    "PERIOD_SECONDS",
+    "WEEK",
+    "YEAR",
+    "calendar_bounds",
+]
 
 #: Period codes on the wire (the ``interval`` of a ``CALENDAR`` limit).
 HOUR, DAY, WEEK, MONTH, YEAR = 1, 2, 3, 4, 5
 PERIOD_CODES = {"hour": HOUR, "day": DAY, "week": WEEK, "month": MONTH, "year": YEAR}
+#: Each period as a rate's length ("N/month" is 30 days as a length, the calendar's month as
+#: a window), and back: a calendar limit's rate names its period by its length.
+PERIOD_SECONDS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2592000, "year": 31104000}
+CODE_OF_SECONDS = {PERIOD_SECONDS[name]: code for name, code in PERIOD_CODES.items()}
 
 _US_HOUR = 3_600_000_000
 _US_DAY = 24 * _US_HOUR

@@ -199,9 +199,14 @@ class Gateway:
         await self.fleet.start()
         if not self.limiter.in_process:  # replicas may share it: and what answers cost
             self.estimates.shared = True
-            self.estimates.clock = getattr(self.limiter.storage, "clock", None) or time.time
+            self.estimates.clock = self._storage_clock()
             self._sharing = asyncio.get_running_loop().create_task(self._share_estimates())
         logger.info("%s", self.describe())
+
+    def _storage_clock(self) -> Callable[[], float]:
+        """The storage's clock (a test's fake one), which periods and generations go by."""
+        clock: Callable[[], float] | None = getattr(self.limiter.storage, "clock", None)
+        return clock or time.time
 
     async def _share_estimates(self) -> None:
         while True:
@@ -338,8 +343,9 @@ class Gateway:
         admission = Admission(
             caller, plan, cost.reserved, cost.prompt, decision, model, price=price, money=money
         )
-        if out < cap and decision.allowed and not tier.shadow and room(decision, price) is not None:
-            admission.allowance, admission.cap = out, cap  # held to it, more reserved as it grows
+        left = room(decision, price) if out < cap and decision.allowed and not tier.shadow else None
+        if left is not None:
+            admission.cap = cap  # held to what it reserved, more reserved as it grows
 
         pool = target.pool
         replica = await self._gate(admission, headers, pool)
@@ -349,7 +355,7 @@ class Gateway:
         if admission.allowance is not None and not body.get("stream"):
             # An answer not streamed cannot be held as it grows: what its limits still allow
             # is reserved now and made the model server's own cap on it.
-            want = min(cap - out, room(decision, price) or 0)
+            want = min(cap - out, left or 0)
             if not want or await self.ledger.extend(admission, want) < cap - out:
                 field = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
                 body[field] = admission.allowance
@@ -706,8 +712,7 @@ class Gateway:
         ]
         answer: dict[str, Any] = {"tier": tier.name, "client": caller.display, "limits": described}
         if spent:
-            now = getattr(self.limiter.storage, "clock", None) or time.time  # the storage's
-            answer["budgets"] = describe_budgets(spent, tier.budgets, now())
+            answer["budgets"] = describe_budgets(spent, tier.budgets, self._storage_clock()())
         self.metrics.request(tier.name, "ratelimit", 200)
         return JSONResponse(answer)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 
-from ..algorithms.calendar import PERIOD_CODES, calendar_bounds
+from ..algorithms.calendar import PERIOD_CODES, PERIOD_SECONDS, calendar_bounds
 from ..decision import Decision, LimitState
 from ..errors import ConfigError
 from ..keys import BUDGET, family
@@ -44,9 +44,6 @@ __all__ = [
 #: Micro-dollars in a dollar.
 MICROS = 1_000_000
 _PER = 1_000_000  # prices are per million tokens
-#: A period as a rate's length (the engine maps it to its calendar period: a month is 30 days
-#: as a length, the calendar's month as a window).
-_PERIOD_SECONDS = {"hour": 3600, "day": 86400, "week": 604800, "month": 2592000, "year": 31104000}
 
 #: The calendar periods a budget may have, and what the message calls each.
 PERIODS = {"hour": "hourly", "day": "daily", "week": "weekly", "month": "monthly", "year": "yearly"}
@@ -118,7 +115,7 @@ class Budget:
     @property
     def rate(self) -> Rate:
         """As the engine counts it: ``amount`` per period, with ``algorithm="calendar"``."""
-        return Rate(self.amount, _PERIOD_SECONDS[self.period])
+        return Rate(self.amount, PERIOD_SECONDS[self.period])
 
     def __str__(self) -> str:
         return f"${dollars(self.amount)}/{self.period}"

@@ -60,10 +60,6 @@ def p95_of(counts: dict[int, int]) -> int | None:
     return None  # unreachable: the ranks add up to total
 
 
-async def _none() -> list[dict[str, int]]:
-    return []
-
-
 class Estimates:
     def __init__(
         self, window: int = 64, size: int = 20_000, clock: Callable[[], float] = time.time
@@ -116,6 +112,8 @@ class Estimates:
         clients asked about: the storage calls of a second, run together."""
         unsent, self._unsent = self._unsent, defaultdict(Counter)
         asked, self._asked = self._asked, set()
+        if not unsent and not asked:
+            return
         keep = 2 * GENERATION_S
         writes = [
             limiter.settle([], None, Tally(answers_key(who, gen), tuple(counts.items()), keep))
@@ -125,7 +123,7 @@ class Estimates:
         who_list = sorted(asked)
         keys = [answers_key(who, g) for who in who_list for g in (now, now - 1)]
         try:
-            done = await asyncio.gather(limiter.tallies(keys) if keys else _none(), *writes)
+            done = await asyncio.gather(limiter.tallies(keys), *writes)
         except StorageError as exc:  # the next request reserves by this replica's answers
             logger.warning("quotagate: storage error while sharing answer estimates: %s", exc)
             return

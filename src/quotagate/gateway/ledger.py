@@ -48,10 +48,15 @@ class Admission:
     queued_s: float = 0.0  # waited for a slot, in all (``x-quotagate-queue-ms``)
     price: Price | None = None  # its model's, when it has one
     money: int = 0  # micro-dollars reserved on the tier's budgets
-    #: Output tokens reserved, which the answer is held to until more is (``Ledger.extend``),
-    #: up to ``cap``, its own ``max_tokens``. None: its whole cap was reserved.
-    allowance: int | None = None
+    #: Set when the answer is held to its reservation (``allowance``): its own ``max_tokens``,
+    #: up to which more is reserved as it grows (``Ledger.extend``).
     cap: int = 0
+
+    @property
+    def allowance(self) -> int | None:
+        """Output tokens reserved, which the answer is held to; None: not held (its whole
+        cap was reserved)."""
+        return self.reserved - self.prompt if self.cap else None
 
     def cost(self, used: Used | None) -> int:
         """Micro-dollars the answer cost (none: not served, or no price)."""
@@ -124,8 +129,6 @@ class Ledger:
             if decision.allowed:
                 admission.reserved += tokens
                 admission.money += money
-                if admission.allowance is not None:
-                    admission.allowance += tokens
                 self.metrics.tokens(admission.caller.tier.name, "reserved", tokens)
                 return tokens
             tokens = min(tokens - 1, room(decision, price) or 0)  # taken by others meanwhile

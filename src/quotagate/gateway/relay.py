@@ -143,8 +143,6 @@ class SseRelay:
         return out
 
     def _event(self, event: bytes) -> bytes | None:
-        if self.cut:
-            return None  # ended for the client: the rest (and the server's [DONE]) is not sent
         if event.startswith(b"data:") and b"\n" not in event:  # the common one-line event
             data = event[5:].lstrip()
         else:

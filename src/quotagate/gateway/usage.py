@@ -18,6 +18,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 from ..limiter import Tally
+from .budgets import MICROS
 from .callers import Caller
 from .relay import Used
 
@@ -150,5 +151,5 @@ def rows(
 def _shown(counts: dict[str, int]) -> dict[str, object]:
     """A row's figures as the API gives them: money in USD (exact to the micro-dollar)."""
     shown: dict[str, object] = {k: v for k, v in counts.items() if k != "cost_micro_usd"}
-    shown["cost_usd"] = round(counts["cost_micro_usd"] / 1_000_000, 6)
+    shown["cost_usd"] = round(counts["cost_micro_usd"] / MICROS, 6)
     return shown
